@@ -1,0 +1,91 @@
+"""Choosing a Dask scheduler and computing with a progress bar in every mode."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import dask
+
+__all__ = ["compute", "dask_scheduler"]
+
+SCHEDULERS = ("threads", "processes", "synchronous", "local")
+
+
+@contextlib.contextmanager
+def dask_scheduler(
+    spec: str = "threads", *, n_workers: int | None = None, echo: bool = True
+) -> Iterator[Any]:
+    """Run the enclosed Dask work on the scheduler ``spec``.
+
+    Parameters
+    ----------
+    spec : str
+        ``"threads"`` (default), ``"processes"``, ``"synchronous"``, ``"local"`` (starts a
+        ``distributed.LocalCluster`` and prints its dashboard link) or the address of an existing
+        cluster (``"tcp://host:8786"``).
+    n_workers : int, optional
+        Workers for ``"local"`` (default: one per core).
+    echo : bool
+        Print the dashboard link.
+
+    Yields
+    ------
+    distributed.Client or None
+        The client for ``local`` and addresses; None for the single-machine schedulers.
+    """
+    if spec in ("threads", "processes", "synchronous"):
+        with dask.config.set(scheduler=spec):
+            yield None
+        return
+    if spec != "local" and "://" not in spec:
+        from agbcube.errors import ConfigError
+
+        raise ConfigError(
+            f"unknown scheduler {spec!r}: use one of {list(SCHEDULERS)} or a cluster address "
+            "such as tcp://10.0.0.5:8786"
+        )
+    from distributed import Client, LocalCluster
+
+    cluster = None
+    if spec == "local":
+        # Processes, one thread each: GDAL reads and numpy chunk math both hold the GIL in
+        # places, and a dying worker must not take the others with it.
+        cluster = LocalCluster(
+            n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0"
+        )
+        client = Client(cluster)
+    else:
+        client = Client(spec)
+    try:
+        if echo:
+            print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr, flush=True)
+        yield client
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def compute(*objs: Any, client: Any = None, progress: bool = True, label: str = "") -> tuple:
+    """``dask.compute`` with a progress bar, on ``client`` when given."""
+    if client is not None:
+        futures = client.compute(list(objs))
+        if progress:
+            from distributed import progress as dist_progress
+
+            if label:
+                print(label, file=sys.stderr, flush=True)
+            dist_progress(futures, notebook=False)
+            print(file=sys.stderr, flush=True)
+        return tuple(client.gather(futures))
+    if progress:
+        from dask.diagnostics import ProgressBar
+
+        if label:
+            print(label, file=sys.stderr, flush=True)
+        with ProgressBar(out=sys.stderr):
+            return dask.compute(*objs)
+    return dask.compute(*objs)

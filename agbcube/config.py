@@ -1,0 +1,408 @@
+"""The YAML configuration: one file, one section per stage.
+
+Sections are frozen pydantic models with ``extra="forbid"``, so a misspelt key fails when the file
+is loaded, with a "did you mean" hint and the key's full path. Relative paths resolve against the
+folder of the configuration file. The original pipeline's layout (``raster_pairs`` with
+``satellite_path``, ``biomass_path``, ``site_name``) is translated on load, with a warning for each
+setting that has no equivalent.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import warnings
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from agbcube.errors import ConfigError
+
+__all__ = [
+    "ChipsConfig",
+    "Config",
+    "CubeConfig",
+    "FoldsConfig",
+    "GridSpec",
+    "SiteConfig",
+    "config_reference",
+    "load_config",
+]
+
+_SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _resolve(value: Path | None, info: ValidationInfo) -> Path | None:
+    """Resolve a relative path against the config file's folder (passed as validation context)."""
+    if value is None:
+        return None
+    value = Path(value).expanduser()
+    base = (info.context or {}).get("base_dir")
+    if base is not None and not value.is_absolute():
+        value = Path(base) / value
+    return Path(str(value))
+
+
+class SiteConfig(_Section):
+    """One site: a multi-band satellite stack and a single-band AGB map."""
+
+    name: str = Field(description="Site name; becomes the Zarr group name.")
+    satellite: Path = Field(description="Multi-band satellite GeoTIFF (any CRS, grid and dtype).")
+    biomass: Path = Field(description="Single-band AGB GeoTIFF in Mg/ha.")
+    bands: list[str] | str | None = Field(
+        default=None,
+        description="Band names: a list, a preset name (e.g. 'multisensor-59'), or null to use "
+        "the file's band descriptions.",
+    )
+    satellite_nodata: float | None = Field(
+        default=None, description="Override of the satellite file's nodata value (e.g. -9999)."
+    )
+    biomass_nodata: float | None = Field(
+        default=None, description="Override of the AGB file's nodata value."
+    )
+    crs: str | None = Field(
+        default=None,
+        description="CRS to assume for rasters of this site that carry none (e.g. 'EPSG:4326').",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not _SITE_NAME.match(value):
+            raise ValueError(
+                f"site name {value!r} must start with a letter or digit and hold only letters, "
+                "digits, '_', '-' or '.' (it becomes a Zarr group and a file name)"
+            )
+        return value
+
+    @field_validator("satellite", "biomass", mode="after")
+    @classmethod
+    def _resolve_paths(cls, value: Path, info: ValidationInfo) -> Path:
+        return _resolve(value, info)
+
+
+class GridSpec(_Section):
+    """An explicit target grid: a CRS and a square pixel size in the CRS's units."""
+
+    crs: str = Field(description="Target CRS, e.g. 'EPSG:32643'.")
+    resolution: float = Field(gt=0, description="Pixel size in the target CRS's units.")
+
+
+class CubeConfig(_Section):
+    """How the sites become a Zarr cube."""
+
+    output: Path = Field(default=Path("cubes/cube.zarr"), description="Zarr store to write.")
+    grid: Literal["biomass", "satellite"] | GridSpec = Field(
+        default="biomass",
+        description="Target grid: each site's AGB grid ('biomass'), its satellite grid, or "
+        "{crs, resolution}.",
+    )
+    agb_range: tuple[float, float] = Field(
+        default=(0.0, 600.0),
+        description="Valid AGB (Mg/ha): values <= low (so 0 is missing), > high, or non-finite "
+        "become NaN.",
+    )
+    indices: Literal["auto", "none"] | list[str] = Field(
+        default="auto",
+        description="'auto': every index whose bands exist; 'none'; or a list of index families "
+        "('NDVI') or full names ('S2_NDVI_T1').",
+    )
+    chunks: int = Field(default=256, ge=16, description="Spatial chunk size (pixels) of the cube.")
+
+    @field_validator("output", mode="after")
+    @classmethod
+    def _resolve_output(cls, value: Path, info: ValidationInfo) -> Path:
+        return _resolve(value, info)
+
+    @field_validator("agb_range")
+    @classmethod
+    def _check_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not value[0] < value[1]:
+            raise ValueError(f"agb_range must be [low, high] with low < high, got {list(value)}")
+        return value
+
+
+class ChipsConfig(_Section):
+    """How each site's cube is cut into square chips."""
+
+    size: int = Field(default=24, ge=2, description="Chip side in pixels.")
+    overlap: float = Field(
+        default=0.1, ge=0.0, lt=1.0, description="Fraction of a chip shared with its neighbour."
+    )
+    min_valid_fraction: float = Field(
+        default=0.7, ge=0.0, le=1.0, description="Least fraction of valid AGB pixels in a chip."
+    )
+    max_nan_fraction: float = Field(
+        default=0.3, ge=0.0, le=1.0, description="Largest fraction of NaN feature values in a chip."
+    )
+
+
+class FoldsConfig(_Section):
+    """Hybrid site-spatial K-fold cross-validation."""
+
+    n_folds: int = Field(default=5, ge=2, description="Number of test folds.")
+    buffer_m: Literal["auto"] | Annotated[float, Field(ge=0)] = Field(
+        default="auto",
+        description="Gap (metres) between test footprints and train/val footprints; 'auto' uses "
+        "each site's AGB autocorrelation range from a fitted variogram.",
+    )
+    min_buffer_m: float = Field(
+        default=0.0, ge=0, description="Floor applied to the buffer ('auto' or not), metres."
+    )
+    validation_fraction: float = Field(
+        default=0.15, ge=0.0, lt=0.5, description="Share of each fold's training pool held out "
+        "as spatially separate validation clusters.",
+    )
+    clusters_per_fold: int = Field(
+        default=4, ge=1, description="Spatial clusters per fold and site (KMeans on chip centres)."
+    )
+    seed: int = Field(default=0, description="Random seed; equal seeds give equal folds.")
+    output: Path = Field(
+        default=Path("runs/folds.parquet"), description="GeoParquet of chips and fold roles."
+    )
+
+    @field_validator("output", mode="after")
+    @classmethod
+    def _resolve_output(cls, value: Path, info: ValidationInfo) -> Path:
+        return _resolve(value, info)
+
+
+class Config(_Section):
+    """A whole agbcube configuration."""
+
+    sites: list[SiteConfig] = Field(min_length=1, description="The sites to build.")
+    cube: CubeConfig = Field(default_factory=CubeConfig)
+    chips: ChipsConfig = Field(default_factory=ChipsConfig)
+    folds: FoldsConfig = Field(default_factory=FoldsConfig)
+    source: Path | None = Field(default=None, exclude=True, description="The file it came from.")
+
+    @model_validator(mode="after")
+    def _unique_sites(self) -> Config:
+        names = [site.name for site in self.sites]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"site names must be unique; repeated: {dupes}")
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a YAML configuration file.
+
+    Parameters
+    ----------
+    path : str or Path
+        The YAML file. Relative paths inside it resolve against its folder.
+
+    Returns
+    -------
+    Config
+
+    Raises
+    ------
+    ConfigError
+        The file is missing, is not YAML, or a key is unknown or has the wrong type.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist (check the path)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from err
+    return parse_config(raw, base_dir=path.resolve().parent, source=path)
+
+
+def parse_config(
+    raw: Any, *, base_dir: str | Path | None = None, source: str | Path | None = None
+) -> Config:
+    """Validate an already-parsed configuration mapping (see :func:`load_config`)."""
+    where = str(source) if source is not None else "config"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping of sections, got {type(raw).__name__}")
+    if _is_legacy(raw):
+        raw = _translate_legacy(raw, where)
+    raw = dict(raw)
+    if source is not None:
+        raw["source"] = str(Path(source).resolve())
+    try:
+        return Config.model_validate(raw, context={"base_dir": base_dir})
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, where)) from None
+
+
+def _format_errors(err: ValidationError, where: str) -> str:
+    lines = [f"{where}: {err.error_count()} invalid setting(s):"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not _is_union_tag(p))
+        if e["type"] == "extra_forbidden":
+            key = str(e["loc"][-1])
+            hint = _did_you_mean(key, e["loc"][:-1])
+            lines.append(f"  - {loc}: unknown key '{key}'.{hint}")
+        else:
+            lines.append(f"  - {loc}: {e['msg']} (got {_short(e.get('input'))})")
+    return "\n".join(lines)
+
+
+def _is_union_tag(part: Any) -> bool:
+    # pydantic puts the union member tried into the location (e.g. 'literal[...]', 'float').
+    return isinstance(part, str) and (
+        part.startswith(("literal[", "function-", "tuple[", "list["))
+        or part in {"float", "int", "str", "GridSpec", "constrained-float"}
+    )
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _did_you_mean(key: str, parent_loc: tuple) -> str:
+    model: type[BaseModel] | None = Config
+    for part in parent_loc:
+        if isinstance(part, int) or model is None:
+            continue
+        field = model.model_fields.get(str(part))
+        model = _model_of(field.annotation) if field else None
+    if model is None:
+        return ""
+    choices = [k for k in model.model_fields if k != "source"]
+    close = difflib.get_close_matches(key, choices, n=1, cutoff=0.5)
+    known = ", ".join(choices)
+    return (f" Did you mean '{close[0]}'?" if close else "") + f" Known keys: {known}."
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# the original pipeline's layout
+
+_LEGACY_CHIPS = {
+    "chip_size": "size",
+    "overlap": "overlap",
+    "min_valid_pixels": "min_valid_fraction",
+    "max_sat_nan_fraction": "max_nan_fraction",
+}
+
+
+def _is_legacy(raw: dict) -> bool:
+    pre = raw.get("preprocessing")
+    return "raster_pairs" in raw or (isinstance(pre, dict) and "raster_pairs" in pre)
+
+
+def _translate_legacy(raw: dict, where: str) -> dict:
+    """Map the original pipeline's ``preprocessing``/``training`` layout onto ours."""
+    pre = dict(raw.get("preprocessing", raw))
+    training = dict(raw.get("training") or {})
+    pairs = pre.pop("raster_pairs", None) or []
+    if not isinstance(pairs, list):
+        raise ConfigError(f"{where}: preprocessing.raster_pairs must be a list of mappings")
+    sites = []
+    for i, pair in enumerate(pairs):
+        missing = {"satellite_path", "biomass_path"} - set(pair or {})
+        if missing:
+            raise ConfigError(f"{where}: raster_pairs[{i}] lacks {sorted(missing)}")
+        sites.append(
+            {
+                "name": str(pair.get("site_name") or Path(pair["satellite_path"]).stem),
+                "satellite": pair["satellite_path"],
+                "biomass": pair["biomass_path"],
+            }
+        )
+    chips = {new: pre.pop(old) for old, new in _LEGACY_CHIPS.items() if old in pre}
+    folds: dict[str, Any] = {}
+    if "n_folds" in training:
+        folds["n_folds"] = training.pop("n_folds")
+    if "spatial_buffer" in training:
+        warnings.warn(
+            f"{where}: training.spatial_buffer={training.pop('spatial_buffer')} is in the "
+            "rasters' coordinate units (degrees on EPSG:4326) and was never applied by the "
+            "original pipeline; agbcube uses folds.buffer_m (metres, default 'auto' from a "
+            "variogram) instead.",
+            UserWarning,
+            stacklevel=3,
+        )
+    ignored = sorted(
+        [f"preprocessing.{k}" for k in pre if k not in {"preprocessing", "training"}]
+        + [f"training.{k}" for k in training]
+    )
+    if ignored:
+        warnings.warn(
+            f"{where}: original-pipeline settings with no agbcube equivalent were ignored: "
+            + ", ".join(ignored),
+            UserWarning,
+            stacklevel=3,
+        )
+    out: dict[str, Any] = {"sites": sites}
+    if chips:
+        out["chips"] = chips
+    if folds:
+        out["folds"] = folds
+    for section in ("cube",):
+        if section in raw:
+            out[section] = raw[section]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# reference documentation
+
+
+def config_reference() -> str:
+    """Markdown reference of every configuration key, generated from the models.
+
+    Keeping the README's reference generated from here means it cannot drift from the code.
+    """
+    sections = [
+        ("sites[]", SiteConfig),
+        ("cube", CubeConfig),
+        ("cube.grid (explicit)", GridSpec),
+        ("chips", ChipsConfig),
+        ("folds", FoldsConfig),
+    ]
+    out = []
+    for title, model in sections:
+        out.append(f"### `{title}`\n\n| key | default | description |\n|---|---|---|")
+        for name, field in model.model_fields.items():
+            if field.is_required():
+                default = "required"
+            elif field.default_factory is not None:
+                default = "(section defaults)"
+            else:
+                default = f"`{_yaml_scalar(field.default)}`"
+            out.append(f"| `{name}` | {default} | {field.description or ''} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _yaml_scalar(value: Any) -> str:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        value = list(value)
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()

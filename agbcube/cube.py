@@ -1,0 +1,667 @@
+"""Raster pairs → an aligned, lazily computed data cube → a Zarr store.
+
+A cube store holds one Zarr group per site, readable with ``xr.open_zarr(store, group=site)``
+or as a whole with ``xr.open_datatree(store, engine="zarr")``:
+
+* ``features (band, y, x)`` float32, ``band`` = raw band names, then index names;
+* ``agb (y, x)`` float32 in Mg/ha, NaN where missing;
+* ``spatial_ref`` with the CRS and transform (rioxarray / odc-geo conventions);
+* attrs ``site``, ``provenance`` (JSON: inputs with sizes and mtimes, settings, versions) and
+  ``stats`` (JSON: valid AGB pixels and their summary).
+
+Each site is written into a hidden temporary group and renamed into place when complete, so an
+interrupted build never leaves a site that looks finished. The root group's ``agbcube`` attribute
+lists the finished sites and says whether the whole build completed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+import xarray as xr
+from odc.geo.geobox import GeoBox
+from odc.geo.xr import xr_coords, xr_reproject
+from rasterio.errors import RasterioIOError
+
+from agbcube import __version__
+from agbcube._dask import compute, dask_scheduler
+from agbcube._io import output_lock, remove_path, replace_path, temporary_sibling
+from agbcube.bands import resolve_band_names
+from agbcube.config import CubeConfig, GridSpec, SiteConfig
+from agbcube.errors import (
+    CubeError,
+    GridError,
+    InputFileError,
+    MissingCRSError,
+    NoOverlapError,
+)
+from agbcube.indices import compute_indices, plan_indices
+
+__all__ = [
+    "RasterInfo",
+    "build_cube",
+    "build_site_cube",
+    "cube_sites",
+    "open_cube",
+    "open_cube_tree",
+    "probe_raster",
+    "target_geobox",
+]
+
+CUBE_FORMAT = 1
+_ZARR_FORMAT = 2  # read by zarr-python 2 and 3, GDAL and every xarray since 2023
+
+
+# --------------------------------------------------------------------------------------------
+# opening rasters
+
+
+@dataclass(frozen=True)
+class RasterInfo:
+    """What a raster's header says, read without touching pixel data."""
+
+    path: Path
+    count: int
+    dtype: str
+    nodata: float | None
+    geobox: GeoBox
+    descriptions: tuple[str | None, ...]
+    block_shape: tuple[int, int]
+
+
+def probe_raster(
+    path: str | Path, *, what: str = "raster", crs: str | None = None
+) -> RasterInfo:
+    """Read a raster's header and check it can be used.
+
+    Parameters
+    ----------
+    path : str or Path
+        The raster file.
+    what : str
+        Names the file's role in messages, e.g. ``"site 'betul' satellite"``.
+    crs : str, optional
+        CRS to assume when the file has none.
+
+    Raises
+    ------
+    InputFileError
+        Missing file or not a raster GDAL can read.
+    MissingCRSError
+        No CRS in the file and none given.
+    GridError
+        A rotated or sheared grid, or an empty raster.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputFileError(f"{what}: file {path} does not exist; check the path in the config")
+    try:
+        with rasterio.open(path) as src:
+            file_crs = src.crs
+            transform = src.transform
+            shape = (src.height, src.width)
+            count = src.count
+            dtype = src.dtypes[0] if count else "none"
+            nodata = src.nodata
+            descriptions = tuple(src.descriptions)
+            block = tuple(src.block_shapes[0]) if count else (shape[0], shape[1])
+    except RasterioIOError as err:
+        raise InputFileError(
+            f"{what}: {path} is not a raster GDAL can read ({err}); give a GeoTIFF or another "
+            "GDAL raster"
+        ) from err
+    if count == 0 or shape[0] == 0 or shape[1] == 0:
+        raise GridError(f"{what}: {path} holds no pixels ({count} bands, {shape[0]}x{shape[1]})")
+    if file_crs is None:
+        if crs is None:
+            raise MissingCRSError(
+                f"{what}: {path} has no CRS. Set `crs:` for this site in the config (e.g. "
+                "'EPSG:4326'), or write one into the file (gdal_edit.py -a_srs)."
+            )
+        file_crs = crs
+    if transform.b != 0 or transform.d != 0:
+        raise GridError(
+            f"{what}: {path} has a rotated or sheared grid ({transform}); warp it north-up "
+            "first (gdalwarp)"
+        )
+    return RasterInfo(
+        path=path,
+        count=count,
+        dtype=str(dtype),
+        nodata=None if nodata is None else float(nodata),
+        geobox=GeoBox(shape, transform, str(file_crs)),
+        descriptions=descriptions,
+        block_shape=block,  # type: ignore[arg-type]
+    )
+
+
+def _chunk_along(block: int, target: int, size: int) -> int:
+    """A chunk length that is a multiple of the file's block and close to ``target``."""
+    block = max(1, min(block, size))
+    return min(size, max(block, round(target / block) * block))
+
+
+def open_raster(
+    info: RasterInfo, *, nodata: float | None = None, chunk_px: int = 256
+) -> xr.DataArray:
+    """Open a raster lazily as float32 ``(band, y, x)`` with nodata turned into NaN.
+
+    The nodata value (``nodata`` or the file's tag) is masked in the file's own dtype, before the
+    cast to float32, so sentinel values such as -9999 or 65535 never leak into resampling.
+    """
+    import rioxarray
+
+    chunks = {
+        "band": 1,
+        "y": _chunk_along(info.block_shape[0], chunk_px, info.geobox.shape.y),
+        "x": _chunk_along(info.block_shape[1], chunk_px, info.geobox.shape.x),
+    }
+    da = rioxarray.open_rasterio(info.path, chunks=chunks, mask_and_scale=False, cache=False)
+    assert isinstance(da, xr.DataArray)  # one subdataset: always an array
+    if da.rio.crs is None:
+        da = da.rio.write_crs(info.geobox.crs.to_wkt())
+    fill = info.nodata if nodata is None else nodata
+    if fill is not None and not math.isnan(fill):
+        da = da.where(da != fill)
+    da = da.astype(np.float32)
+    da.attrs = {}
+    da.encoding = {}
+    return da
+
+
+# --------------------------------------------------------------------------------------------
+# grids and alignment
+
+
+def target_geobox(
+    satellite: GeoBox, biomass: GeoBox, grid: str | GridSpec = "biomass", *, site: str = ""
+) -> tuple[GeoBox, float]:
+    """The grid a site's cube is built on, cropped to where both rasters have data.
+
+    Parameters
+    ----------
+    satellite, biomass : GeoBox
+        The two rasters' grids.
+    grid : "biomass", "satellite" or GridSpec
+        Which grid to use, or an explicit CRS and resolution (then the AGB map's footprint).
+    site : str
+        Names the site in messages.
+
+    Returns
+    -------
+    geobox : GeoBox
+    overlap : float
+        Fraction of the AGB map's footprint that the satellite stack covers.
+
+    Raises
+    ------
+    NoOverlapError
+        The two footprints do not intersect.
+    """
+    if grid == "biomass":
+        full = biomass
+    elif grid == "satellite":
+        full = satellite
+    else:
+        assert isinstance(grid, GridSpec)
+        bbox = biomass.extent.to_crs(grid.crs).boundingbox
+        full = GeoBox.from_bbox(bbox, crs=grid.crs, resolution=grid.resolution)
+    crs = full.crs
+    sat_ext = satellite.extent.to_crs(crs)
+    agb_ext = biomass.extent.to_crs(crs)
+    common = sat_ext.intersection(agb_ext).intersection(full.extent)
+    overlap = 0.0 if common.is_empty else common.area / agb_ext.area
+    if common.is_empty or overlap < 1e-6:
+        raise NoOverlapError(
+            f"site '{site}': the satellite stack ({_bounds(satellite)}) and the AGB map "
+            f"({_bounds(biomass)}) do not overlap; check that both files cover the same area "
+            "and carry the right CRS"
+        )
+    if overlap < 0.999:
+        warnings.warn(
+            f"site '{site}': the satellite stack covers only {overlap:.1%} of the AGB map; the "
+            "cube is cropped to the overlap",
+            UserWarning,
+            stacklevel=2,
+        )
+    return _crop(full, common.boundingbox), overlap
+
+
+def _bounds(gbox: GeoBox) -> str:
+    b = gbox.boundingbox
+    return f"{gbox.crs} [{b.left:.6g}, {b.bottom:.6g}, {b.right:.6g}, {b.top:.6g}]"
+
+
+def _crop(gbox: GeoBox, bbox: Any) -> GeoBox:
+    """The pixels of ``gbox`` whose area intersects ``bbox`` (same CRS), by slicing."""
+    inv = ~gbox.affine
+    cols, rows = zip(
+        *(inv * (x, y) for x in (bbox.left, bbox.right) for y in (bbox.bottom, bbox.top)),
+        strict=True,
+    )
+    eps = 1e-6
+    r0 = max(0, math.floor(min(rows) + eps))
+    r1 = min(gbox.shape.y, math.ceil(max(rows) - eps))
+    c0 = max(0, math.floor(min(cols) + eps))
+    c1 = min(gbox.shape.x, math.ceil(max(cols) - eps))
+    return gbox[r0:r1, c0:c1]
+
+
+def _integer_offset(src: GeoBox, dst: GeoBox) -> tuple[int, int] | None:
+    """Pixel offset (row, col) of ``dst`` inside ``src`` when only a whole-pixel shift differs."""
+    if src.crs != dst.crs:
+        return None
+    a, b = src.affine, dst.affine
+    if not np.allclose([a.a, a.b, a.d, a.e], [b.a, b.b, b.d, b.e], rtol=1e-9, atol=0):
+        return None
+    col, row = ~a * (b.c, b.f)
+    if abs(col - round(col)) > 1e-6 or abs(row - round(row)) > 1e-6:
+        return None
+    return round(row), round(col)
+
+
+def _pixel_area(gbox: GeoBox, crs: Any) -> float:
+    ext = gbox.extent.to_crs(crs)
+    return ext.area / (gbox.shape.y * gbox.shape.x)
+
+
+def align(da: xr.DataArray, src: GeoBox, dst: GeoBox, *, resampling: str) -> xr.DataArray:
+    """Put a lazy ``(band, y, x)`` array onto ``dst``.
+
+    Identical grids pass through, whole-pixel shifts are sliced (no resampling), anything else is
+    reprojected chunk by chunk with odc-geo. ``resampling="bilinear"`` turns into ``"average"``
+    when the target pixels are more than 1.5 times larger than the source's (coarsening).
+    """
+    offset = _integer_offset(src, dst)
+    if offset is not None:
+        r, c = offset
+        ny, nx = dst.shape.yx
+        pad_y = (max(0, -r), max(0, r + ny - src.shape.y))
+        pad_x = (max(0, -c), max(0, c + nx - src.shape.x))
+        out = da.isel(
+            y=slice(max(0, r), min(src.shape.y, r + ny)),
+            x=slice(max(0, c), min(src.shape.x, c + nx)),
+        )
+        if any(pad_y + pad_x):
+            out = out.pad(y=pad_y, x=pad_x, constant_values=np.nan)
+        return _with_grid(out.drop_vars(["x", "y", "spatial_ref"], errors="ignore"), dst)
+    if resampling == "bilinear" and _pixel_area(dst, dst.crs) > 1.5 * _pixel_area(src, dst.crs):
+        resampling = "average"
+    out = xr_reproject(
+        da,
+        dst,
+        resampling=resampling,
+        src_nodata=np.nan,
+        dst_nodata=np.nan,
+        always_yx=True,
+        chunks=(min(512, dst.shape.y), min(512, dst.shape.x)),
+    )
+    return _with_grid(out.drop_vars(["x", "y", "spatial_ref"], errors="ignore"), dst)
+
+
+def _with_grid(da: xr.DataArray, gbox: GeoBox) -> xr.DataArray:
+    da = da.assign_coords(xr_coords(gbox, crs_coord_name="spatial_ref", always_yx=True))
+    da.attrs = {}
+    da.encoding = {}
+    return da
+
+
+# --------------------------------------------------------------------------------------------
+# one site
+
+
+def _file_facts(path: Path) -> dict[str, Any]:
+    st = path.stat()
+    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def site_provenance(site: SiteConfig, cube: CubeConfig) -> dict[str, Any]:
+    """What a site's cube depends on; its ``key`` changes when any input or setting does."""
+    deps = {
+        "format": CUBE_FORMAT,
+        "satellite": _file_facts(site.satellite),
+        "biomass": _file_facts(site.biomass),
+        "site": site.model_dump(mode="json"),
+        "cube": cube.model_dump(mode="json", exclude={"output"}),
+    }
+    key = hashlib.sha256(json.dumps(deps, sort_keys=True).encode()).hexdigest()[:16]
+    return {"key": key, **deps, "versions": _versions()}
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"agbcube": __version__}
+    for pkg in ("xarray", "zarr", "dask", "numpy", "rioxarray", "rasterio", "odc-geo"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:  # pragma: no cover - all are dependencies
+            continue
+    return out
+
+
+def build_site_cube(site: SiteConfig, cube: CubeConfig) -> xr.Dataset:
+    """Build one site's cube lazily: aligned features with indices and masked AGB.
+
+    Parameters
+    ----------
+    site : SiteConfig
+        The raster pair and its band names and nodata overrides.
+    cube : CubeConfig
+        Grid, AGB range, indices and chunking.
+
+    Returns
+    -------
+    xr.Dataset
+        ``features (band, y, x)`` float32 and ``agb (y, x)`` float32, chunked for writing;
+        nothing has been computed.
+
+    Raises
+    ------
+    InputFileError, MissingCRSError, GridError, NoOverlapError, BandError
+        Problems found from the file headers, before any pixel is read.
+    """
+    where = f"site '{site.name}'"
+    sat_info = probe_raster(site.satellite, what=f"{where} satellite", crs=site.crs)
+    agb_info = probe_raster(site.biomass, what=f"{where} biomass", crs=site.crs)
+    if agb_info.count != 1:
+        raise GridError(
+            f"{where} biomass: {site.biomass} has {agb_info.count} bands; the AGB map must be a "
+            "single band in Mg/ha"
+        )
+    names = resolve_band_names(
+        sat_info.count, sat_info.descriptions, site.bands, source=f"{where} ({site.satellite})"
+    )
+    specs = plan_indices(names, cube.indices, source=where)
+    gbox, overlap = target_geobox(sat_info.geobox, agb_info.geobox, cube.grid, site=site.name)
+
+    sat = open_raster(sat_info, nodata=site.satellite_nodata, chunk_px=cube.chunks)
+    sat = align(sat, sat_info.geobox, gbox, resampling="bilinear").assign_coords(band=names)
+
+    agb = open_raster(agb_info, nodata=site.biomass_nodata, chunk_px=cube.chunks)
+    lo, hi = cube.agb_range
+    agb = agb.where((agb > lo) & (agb <= hi))  # NaN compares False: non-finite goes too
+    agb = align(agb, agb_info.geobox, gbox, resampling="average").isel(band=0, drop=True)
+
+    index_layers = compute_indices(sat, specs)
+    features = sat if index_layers is None else xr.concat([sat, index_layers], dim="band")
+    features = features.astype(np.float32)
+    features = features.assign_coords(band=features["band"].astype(str))
+    chunks = {"y": cube.chunks, "x": cube.chunks}
+    ds = xr.Dataset(
+        {
+            "features": features.chunk({"band": -1, **chunks}),
+            "agb": agb.astype(np.float32).chunk(chunks),
+        }
+    )
+    ds["agb"].attrs.update(units="Mg ha-1", long_name="above-ground biomass")
+    ds["features"].attrs.update(long_name="satellite bands and derived indices")
+    ds = ds.rio.write_crs(gbox.crs.to_wkt(), grid_mapping_name="spatial_ref")
+    ds = ds.rio.write_transform(gbox.affine)
+    ds.attrs.update(
+        site=site.name,
+        n_raw_bands=len(names),
+        overlap_fraction=round(float(overlap), 6),
+        provenance=json.dumps(site_provenance(site, cube)),
+    )
+    return ds
+
+
+# --------------------------------------------------------------------------------------------
+# the store
+
+
+def _root_meta(store: Path) -> dict[str, Any] | None:
+    import zarr
+
+    try:
+        root = zarr.open_group(store, mode="r")
+    except (FileNotFoundError, ValueError, KeyError, OSError, TypeError):
+        return None
+    except Exception as err:  # zarr raises its own GroupNotFoundError (not an OSError)
+        if type(err).__name__.endswith("NotFoundError"):
+            return None
+        raise
+    meta = root.attrs.get("agbcube")
+    return dict(meta) if isinstance(meta, dict) else None
+
+
+def _write_root_meta(store: Path, meta: dict[str, Any]) -> None:
+    import zarr
+
+    root = zarr.open_group(store, mode="a", zarr_format=_ZARR_FORMAT)
+    root.attrs["agbcube"] = meta
+    zarr.consolidate_metadata(store)
+
+
+def _encoding(ds: xr.Dataset) -> dict[str, dict[str, Any]]:
+    from numcodecs import Blosc
+
+    # lz4 + byte shuffle: fast to decompress, which is what chip streaming pays for.
+    codec = Blosc(cname="lz4", clevel=5, shuffle=Blosc.SHUFFLE)
+    import zarr
+
+    key = {"compressor": codec} if zarr.__version__.startswith("2.") else {"compressors": (codec,)}
+    return {name: {**key, "chunks": ds[name].data.chunksize} for name in ("features", "agb")}
+
+
+def _agb_stats(agb: xr.DataArray) -> dict[str, Any]:
+    valid = np.isfinite(agb)
+    return {
+        "n_valid_agb": valid.sum(),
+        "agb_min": agb.min(),
+        "agb_mean": agb.mean(),
+        "agb_max": agb.max(),
+    }
+
+
+def write_site(
+    ds: xr.Dataset,
+    store: str | Path,
+    *,
+    client: Any = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Compute a site's lazy cube into ``store/<site>`` atomically.
+
+    The data goes to a hidden temporary group, which is renamed into place only once every chunk
+    is written; an existing group of the same name is replaced only then.
+
+    Returns
+    -------
+    dict
+        Summary statistics of the site's valid AGB, also stored in the group's ``stats`` attr.
+    """
+    import zarr
+
+    store = Path(store)
+    site = ds.attrs["site"]
+    tmp = temporary_sibling(store / site, "tmp")
+    try:
+        delayed = ds.to_zarr(
+            tmp,
+            mode="w",
+            compute=False,
+            consolidated=False,
+            zarr_format=_ZARR_FORMAT,
+            encoding=_encoding(ds),
+        )
+        stats = _agb_stats(ds["agb"])
+        _, *values = compute(
+            delayed,
+            *stats.values(),
+            client=client,
+            progress=progress,
+            label=f"building site '{site}'",
+        )
+        stats = {k: _jsonable(v) for k, v in zip(stats, values, strict=True)}
+        group = zarr.open_group(tmp, mode="a", zarr_format=_ZARR_FORMAT)
+        group.attrs["stats"] = json.dumps(stats)
+        zarr.consolidate_metadata(tmp)
+        replace_path(tmp, store / site)
+    finally:
+        remove_path(tmp)
+    return stats
+
+
+def _jsonable(value: Any) -> Any:
+    value = np.asarray(value).item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def build_cube(
+    sites: list[SiteConfig],
+    cube: CubeConfig,
+    *,
+    overwrite: bool = False,
+    scheduler: str = "threads",
+    progress: bool = True,
+    echo: Any = None,
+) -> dict[str, dict[str, Any]]:
+    """Build (or bring up to date) the Zarr cube of every site.
+
+    Sites whose inputs and settings are unchanged since they were built are skipped unless
+    ``overwrite``; each site is validated from its file headers before any site is computed.
+
+    Parameters
+    ----------
+    sites : list of SiteConfig
+    cube : CubeConfig
+    overwrite : bool
+        Rebuild every site even when it is up to date.
+    scheduler : str
+        Dask scheduler (see :func:`agbcube._dask.dask_scheduler`).
+    progress : bool
+        Show a progress bar per site.
+    echo : callable, optional
+        Called with one line of text per site (the CLI prints them).
+
+    Returns
+    -------
+    dict
+        Per site: ``status`` ("built" or "up to date"), ``shape``, ``bands``, and AGB stats.
+
+    Raises
+    ------
+    CubeError
+        ``cube.output`` exists and is not an agbcube cube.
+    """
+    store = Path(cube.output)
+    say = echo or (lambda _msg: None)
+    # Validate everything first: a bad third site must not fail after an hour on the first two.
+    planned = {site.name: build_site_cube(site, cube) for site in sites}
+    with output_lock(store, what="cube"):
+        meta = _root_meta(store)
+        if store.exists() and meta is None:
+            if any(store.iterdir()) if store.is_dir() else True:
+                raise CubeError(
+                    f"cube.output {store} exists and is not an agbcube cube; choose another "
+                    "path or remove it"
+                )
+        if meta is None or overwrite:
+            meta = {"format": CUBE_FORMAT, "sites": {}}
+        _remove_leftovers(store)
+        meta["complete"] = False
+        meta["expected_sites"] = [s.name for s in sites]
+        _write_root_meta(store, meta)
+        results: dict[str, dict[str, Any]] = {}
+        with dask_scheduler(scheduler) as client:
+            for name, ds in planned.items():
+                key = json.loads(ds.attrs["provenance"])["key"]
+                summary = {
+                    "shape": [int(ds.sizes["y"]), int(ds.sizes["x"])],
+                    "bands": int(ds.sizes["band"]),
+                    "indices": int(ds.sizes["band"]) - int(ds.attrs["n_raw_bands"]),
+                    "overlap": ds.attrs["overlap_fraction"],
+                }
+                if not overwrite and meta["sites"].get(name) == key and (store / name).is_dir():
+                    stats = json.loads(_site_attrs(store, name).get("stats", "{}"))
+                    results[name] = {"status": "up to date", **summary, **stats}
+                    say(f"site '{name}': up to date, skipped (--overwrite rebuilds)")
+                    continue
+                stats = write_site(ds, store, client=client, progress=progress)
+                meta["sites"][name] = key
+                _write_root_meta(store, meta)
+                results[name] = {"status": "built", **summary, **stats}
+                say(f"site '{name}': built {summary['shape']} px, {summary['bands']} bands")
+        for stale in set(meta["sites"]) - set(planned):
+            remove_path(store / stale)
+            meta["sites"].pop(stale)
+            say(f"site '{stale}': not in the config any more, removed from the cube")
+        meta["complete"] = True
+        _write_root_meta(store, meta)
+    return results
+
+
+def _remove_leftovers(store: Path) -> None:
+    """Delete temporary groups left by an interrupted build."""
+    if store.is_dir():
+        for child in store.iterdir():
+            if child.name.startswith(".") and (".tmp-" in child.name or ".old-" in child.name):
+                remove_path(child)
+
+
+def _site_attrs(store: Path, site: str) -> dict[str, Any]:
+    import zarr
+
+    return dict(zarr.open_group(store / site, mode="r").attrs)
+
+
+def cube_sites(store: str | Path) -> list[str]:
+    """The sites of a complete cube, in build order.
+
+    Raises
+    ------
+    CubeError
+        Missing store, not an agbcube cube, or an unfinished build.
+    """
+    store = Path(store)
+    if not store.exists():
+        raise CubeError(f"cube {store} does not exist; run `agbcube build-cube <config>` first")
+    meta = _root_meta(store)
+    if meta is None:
+        raise CubeError(f"{store} is not an agbcube cube (no 'agbcube' attribute in its root)")
+    if not meta.get("complete"):
+        raise CubeError(
+            f"cube {store} is incomplete (its build was interrupted); re-run "
+            "`agbcube build-cube <config>` to finish it"
+        )
+    return [s for s in meta.get("expected_sites", []) if s in meta["sites"]]
+
+
+def open_cube(store: str | Path, site: str) -> xr.Dataset:
+    """Open one site of a cube lazily.
+
+    Parameters
+    ----------
+    store : str or Path
+        The Zarr store written by :func:`build_cube`.
+    site : str
+        The site's name.
+
+    Returns
+    -------
+    xr.Dataset
+        ``features (band, y, x)``, ``agb (y, x)``, with the CRS (``ds.rio.crs``).
+    """
+    names = cube_sites(store)
+    if site not in names:
+        raise CubeError(f"cube {store} has no site {site!r}; its sites: {names}")
+    ds = xr.open_zarr(Path(store), group=site, consolidated=True, zarr_format=_ZARR_FORMAT)
+    return ds
+
+
+def open_cube_tree(store: str | Path) -> xr.DataTree:
+    """Open a whole cube as a DataTree with one child per site."""
+    cube_sites(store)
+    return xr.open_datatree(Path(store), engine="zarr", consolidated=True)

@@ -1,0 +1,70 @@
+"""Exceptions raised by agbcube.
+
+Every exception subclasses :class:`AgbcubeError` *and* the matching built-in, so callers can
+catch either ``except agbcube.AgbcubeError`` or ``except ValueError`` (the pattern of
+``rioxarray.exceptions`` and ``torchgeo.datasets.errors``). Messages name the site, file, band
+or configuration key, the value found, and what to do about it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AgbcubeError",
+    "BandError",
+    "ConfigError",
+    "CubeError",
+    "FoldError",
+    "GridError",
+    "InputFileError",
+    "MissingCRSError",
+    "NoOverlapError",
+    "OutputLockedError",
+    "TrainingError",
+]
+
+
+class AgbcubeError(Exception):
+    """Base class of every error agbcube raises on purpose."""
+
+
+class ConfigError(AgbcubeError, ValueError):
+    """The YAML configuration is invalid: unknown key, wrong type or inconsistent values."""
+
+
+class InputFileError(AgbcubeError, FileNotFoundError):
+    """An input raster is missing or cannot be read as a raster."""
+
+
+class MissingCRSError(AgbcubeError, ValueError):
+    """An input raster has no coordinate reference system."""
+
+
+class GridError(AgbcubeError, ValueError):
+    """A raster grid cannot be used (empty, rotated, wrong band count for the role)."""
+
+
+class NoOverlapError(GridError):
+    """The satellite stack and the AGB map do not overlap."""
+
+
+class BandError(AgbcubeError, KeyError):
+    """A band name is missing, duplicated, or band count and names disagree."""
+
+    def __str__(self) -> str:  # KeyError would otherwise repr() the message with quotes
+        return str(self.args[0]) if self.args else ""
+
+
+class CubeError(AgbcubeError, ValueError):
+    """A cube store is missing, incomplete, or was built from other inputs than expected."""
+
+
+class FoldError(AgbcubeError, ValueError):
+    """Chips cannot be split into the requested folds (too few chips, empty training set)."""
+
+
+class OutputLockedError(AgbcubeError, RuntimeError):
+    """Another agbcube process is writing the same output."""
+
+
+class TrainingError(AgbcubeError, RuntimeError):
+    """Training cannot continue (diverged loss, out of memory, incompatible checkpoint)."""
