@@ -256,6 +256,8 @@ def _format_errors(err: ValidationError, where: str) -> str:
             key = str(e["loc"][-1])
             hint = _did_you_mean(key, e["loc"][:-1])
             lines.append(f"  - {loc}: unknown key '{key}'.{hint}")
+        elif e["type"] == "missing":
+            lines.append(f"  - {loc}: required key is missing")
         else:
             lines.append(f"  - {loc}: {e['msg']} (got {_short(e.get('input'))})")
     return "\n".join(lines)
