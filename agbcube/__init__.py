@@ -4,16 +4,16 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from agbcube.bands import BAND_PRESETS, resolve_band_names  # noqa: E402
-from agbcube.config import Config, config_reference, load_config, parse_config  # noqa: E402
-from agbcube.cube import (  # noqa: E402
+from agbcube.bands import BAND_PRESETS, resolve_band_names
+from agbcube.config import Config, config_reference, load_config, parse_config
+from agbcube.cube import (
     build_cube,
     build_site_cube,
     cube_sites,
     open_cube,
     open_cube_tree,
 )
-from agbcube.errors import (  # noqa: E402
+from agbcube.errors import (
     AgbcubeError,
     BandError,
     ConfigError,
@@ -26,7 +26,7 @@ from agbcube.errors import (  # noqa: E402
     OutputLockedError,
     TrainingError,
 )
-from agbcube.indices import compute_indices, plan_indices  # noqa: E402
+from agbcube.indices import compute_indices, plan_indices
 
 __all__ = [
     "BAND_PRESETS",

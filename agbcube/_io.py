@@ -118,4 +118,3 @@ def _read_holder(lock: Path) -> dict | None:
         return json.loads(lock.read_text())
     except (OSError, ValueError):
         return None
-

@@ -33,11 +33,11 @@ SchedulerOpt = Annotated[
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     console.print(f"[yellow]warning:[/] {message}")
 
 
-def _run(func, *args, **kwargs):  # noqa: ANN001, ANN202
+def _run(func, *args, **kwargs):
     """Call into the library; turn agbcube errors into a one-line message and exit code 2."""
     warnings.showwarning = _show_warning
     try:

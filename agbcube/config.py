@@ -105,7 +105,9 @@ class GridSpec(_Section):
 class CubeConfig(_Section):
     """How the sites become a Zarr cube."""
 
-    output: Path = Field(default=Path("cubes/cube.zarr"), description="Zarr store to write.")
+    output: Path = Field(
+        default=Path("cubes/cube.zarr"), validate_default=True, description="Zarr store to write."
+    )
     grid: Literal["biomass", "satellite"] | GridSpec = Field(
         default="biomass",
         description="Target grid: each site's AGB grid ('biomass'), its satellite grid, or "
@@ -164,7 +166,10 @@ class FoldsConfig(_Section):
         default=0.0, ge=0, description="Floor applied to the buffer ('auto' or not), metres."
     )
     validation_fraction: float = Field(
-        default=0.15, ge=0.0, lt=0.5, description="Share of each fold's training pool held out "
+        default=0.15,
+        ge=0.0,
+        lt=0.5,
+        description="Share of each fold's training pool held out "
         "as spatially separate validation clusters.",
     )
     clusters_per_fold: int = Field(
@@ -172,7 +177,9 @@ class FoldsConfig(_Section):
     )
     seed: int = Field(default=0, description="Random seed; equal seeds give equal folds.")
     output: Path = Field(
-        default=Path("runs/folds.parquet"), description="GeoParquet of chips and fold roles."
+        default=Path("runs/folds.parquet"),
+        validate_default=True,
+        description="GeoParquet of chips and fold roles.",
     )
 
     @field_validator("output", mode="after")
@@ -189,6 +196,14 @@ class Config(_Section):
     chips: ChipsConfig = Field(default_factory=ChipsConfig)
     folds: FoldsConfig = Field(default_factory=FoldsConfig)
     source: Path | None = Field(default=None, exclude=True, description="The file it came from.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_sections(cls, data: Any) -> Any:
+        # Validate omitted sections too, so their default paths resolve against the config.
+        if isinstance(data, dict):
+            data = {"cube": {}, "chips": {}, "folds": {}, **data}
+        return data
 
     @model_validator(mode="after")
     def _unique_sites(self) -> Config:

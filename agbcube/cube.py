@@ -77,9 +77,7 @@ class RasterInfo:
     block_shape: tuple[int, int]
 
 
-def probe_raster(
-    path: str | Path, *, what: str = "raster", crs: str | None = None
-) -> RasterInfo:
+def probe_raster(path: str | Path, *, what: str = "raster", crs: str | None = None) -> RasterInfo:
     """Read a raster's header and check it can be used.
 
     Parameters
@@ -244,7 +242,7 @@ def _crop(gbox: GeoBox, bbox: Any) -> GeoBox:
     """The pixels of ``gbox`` whose area intersects ``bbox`` (same CRS), by slicing."""
     inv = ~gbox.affine
     cols, rows = zip(
-        *(inv * (x, y) for x in (bbox.left, bbox.right) for y in (bbox.bottom, bbox.top)),
+        *(inv @ (x, y) for x in (bbox.left, bbox.right) for y in (bbox.bottom, bbox.top)),
         strict=True,
     )
     eps = 1e-6
@@ -262,7 +260,7 @@ def _integer_offset(src: GeoBox, dst: GeoBox) -> tuple[int, int] | None:
     a, b = src.affine, dst.affine
     if not np.allclose([a.a, a.b, a.d, a.e], [b.a, b.b, b.d, b.e], rtol=1e-9, atol=0):
         return None
-    col, row = ~a * (b.c, b.f)
+    col, row = ~a @ (b.c, b.f)
     if abs(col - round(col)) > 1e-6 or abs(row - round(row)) > 1e-6:
         return None
     return round(row), round(col)
@@ -450,7 +448,10 @@ def _encoding(ds: xr.Dataset) -> dict[str, dict[str, Any]]:
     import zarr
 
     key = {"compressor": codec} if zarr.__version__.startswith("2.") else {"compressors": (codec,)}
-    return {name: {**key, "chunks": ds[name].data.chunksize} for name in ("features", "agb")}
+    return {
+        name: {**ds[name].encoding, **key, "chunks": ds[name].data.chunksize}
+        for name in ("features", "agb")
+    }
 
 
 def _agb_stats(agb: xr.DataArray) -> dict[str, Any]:
@@ -562,12 +563,11 @@ def build_cube(
     planned = {site.name: build_site_cube(site, cube) for site in sites}
     with output_lock(store, what="cube"):
         meta = _root_meta(store)
-        if store.exists() and meta is None:
-            if any(store.iterdir()) if store.is_dir() else True:
-                raise CubeError(
-                    f"cube.output {store} exists and is not an agbcube cube; choose another "
-                    "path or remove it"
-                )
+        if meta is None and store.exists() and (not store.is_dir() or any(store.iterdir())):
+            raise CubeError(
+                f"cube.output {store} exists and is not an agbcube cube; choose another "
+                "path or remove it"
+            )
         if meta is None or overwrite:
             meta = {"format": CUBE_FORMAT, "sites": {}}
         _remove_leftovers(store)
@@ -657,8 +657,10 @@ def open_cube(store: str | Path, site: str) -> xr.Dataset:
     names = cube_sites(store)
     if site not in names:
         raise CubeError(f"cube {store} has no site {site!r}; its sites: {names}")
+    import rioxarray  # noqa: F401  (registers the .rio accessor users expect on the result)
+
     ds = xr.open_zarr(Path(store), group=site, consolidated=True, zarr_format=_ZARR_FORMAT)
-    return ds
+    return ds.set_coords([v for v in ("spatial_ref",) if v in ds.data_vars])
 
 
 def open_cube_tree(store: str | Path) -> xr.DataTree:

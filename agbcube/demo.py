@@ -27,7 +27,14 @@ import yaml
 from pyproj import Transformer
 from rasterio.transform import from_origin
 
-__all__ = ["DEMO_BANDS", "config_yaml", "demo_config", "make_demo_sites", "synthetic_stack", "write_demo"]
+__all__ = [
+    "DEMO_BANDS",
+    "config_yaml",
+    "demo_config",
+    "make_demo_sites",
+    "synthetic_stack",
+    "write_demo",
+]
 
 #: The demo stack's bands: two Sentinel-2 seasons, Sentinel-1, PALSAR-2, terrain and height.
 DEMO_BANDS: tuple[str, ...] = (

@@ -55,12 +55,11 @@ _SENSORS: dict[str, tuple[re.Pattern[str], dict[str, str]]] = {
 
 def _ratio(a: xr.DataArray, b: xr.DataArray) -> xr.DataArray:
     """(a - b) / (a + b), NaN where the denominator vanishes."""
-    den = a + b
-    return ((a - b) / den).where(np.abs(den) > 1e-9)
+    return _safe_div(a - b, a + b)
 
 
 def _safe_div(num: xr.DataArray, den: xr.DataArray) -> xr.DataArray:
-    return (num / den).where(np.abs(den) > 1e-9)
+    return num / den.where(np.abs(den) > 1e-9)  # mask first: no 0/0 warnings
 
 
 def _s2_scale(da: xr.DataArray) -> xr.DataArray:

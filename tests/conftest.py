@@ -1,0 +1,86 @@
+"""Shared fixtures: tiny synthetic rasters written to tmp_path, and the demo sites."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.transform import from_origin
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "benchmark"
+
+
+def write_raster(
+    path: Path,
+    data: np.ndarray,
+    *,
+    crs: str | None = "EPSG:4326",
+    transform=None,
+    nodata: float | None = None,
+    descriptions: list[str] | None = None,
+    dtype: str | None = None,
+) -> Path:
+    """Write a (band, y, x) array as a tiled GeoTIFF."""
+    data = np.asarray(data)
+    if data.ndim == 2:
+        data = data[None]
+    transform = transform or from_origin(80.0, 22.0, 0.0004, 0.0004)
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        height=data.shape[1],
+        width=data.shape[2],
+        count=data.shape[0],
+        dtype=dtype or data.dtype,
+        crs=crs,
+        transform=transform,
+        nodata=nodata,
+    ) as dst:
+        dst.write(data.astype(dtype or data.dtype))
+        for i, name in enumerate(descriptions or [], start=1):
+            dst.set_band_description(i, name)
+    return path
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(42)
+
+
+@pytest.fixture
+def simple_site(tmp_path: Path, rng: np.random.Generator) -> dict:
+    """A 4-band stack (B4, B8 for T1; VV, VH) and an AGB map on the same 40x48 grid."""
+    shape = (40, 48)
+    red = rng.uniform(200, 1200, shape)
+    nir = rng.uniform(1500, 4000, shape)
+    vv = rng.uniform(-14, -6, shape)
+    vh = rng.uniform(-22, -12, shape)
+    stack = np.stack([red, nir, vv, vh]).astype("float32")
+    agb = rng.uniform(10, 400, shape).astype("float32")
+    agb[:3] = 0.0  # outside the footprint
+    agb[5, 5] = 1e6  # absurd outlier
+    agb[6, 6] = -5.0
+    sat = write_raster(
+        tmp_path / "sat.tif", stack, descriptions=["B4_T1", "B8_T1", "VV_T1", "VH_T1"]
+    )
+    bio = write_raster(tmp_path / "agb.tif", agb)
+    return {"name": "simple", "satellite": sat, "biomass": bio, "stack": stack, "agb": agb}
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo sites (small) and their config, written once per test session."""
+    from agbcube.demo import write_demo
+
+    out = tmp_path_factory.mktemp("demo")
+    write_demo(out, size_px=96)
+    return out
+
+
+def requires_benchmark(func):
+    return pytest.mark.skipif(
+        not (SHARED / "raw").is_dir(), reason="../shared/benchmark is not present"
+    )(pytest.mark.benchmark_data(func))

@@ -1,0 +1,134 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from agbcube.config import GridSpec, config_reference, load_config, parse_config
+from agbcube.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write(tmp_path: Path, cfg: dict) -> Path:
+    path = tmp_path / "cfg" / "site.yaml"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+BASE = {"sites": [{"name": "a", "satellite": "s.tif", "biomass": "b.tif"}]}
+
+
+def test_relative_paths_resolve_against_config_folder(tmp_path):
+    cfg = load_config(_write(tmp_path, {**BASE, "cube": {"output": "out/c.zarr"}}))
+    assert cfg.sites[0].satellite == tmp_path / "cfg" / "s.tif"
+    assert cfg.cube.output == tmp_path / "cfg" / "out" / "c.zarr"
+    assert cfg.folds.output == tmp_path / "cfg" / "runs" / "folds.parquet"
+
+
+def test_defaults():
+    cfg = parse_config(BASE)
+    assert cfg.cube.grid == "biomass"
+    assert cfg.cube.agb_range == (0.0, 600.0)
+    assert cfg.cube.indices == "auto"
+    assert (cfg.chips.size, cfg.chips.overlap) == (24, 0.1)
+    assert (cfg.folds.n_folds, cfg.folds.buffer_m) == (5, "auto")
+
+
+def test_unknown_key_has_did_you_mean_hint_and_path():
+    raw = {"sites": [{"name": "a", "satelite": "s.tif", "biomass": "b.tif"}]}
+    with pytest.raises(
+        ConfigError,
+        match=r"sites\.0\.satelite: unknown key 'satelite'\. "
+        r"Did you mean 'satellite'\?",
+    ):
+        parse_config(raw)
+    with pytest.raises(ConfigError, match=r"cube\.chunk: unknown key .*Did you mean 'chunks'"):
+        parse_config({**BASE, "cube": {"chunk": 256}})
+    with pytest.raises(ConfigError, match=r"unknown key 'fold'.*Did you mean 'folds'"):
+        parse_config({**BASE, "fold": {}})
+
+
+def test_wrong_types_name_the_key_path():
+    with pytest.raises(ConfigError, match=r"cube\.chunks: .*integer.*'big'"):
+        parse_config({**BASE, "cube": {"chunks": "big"}})
+    with pytest.raises(ConfigError, match=r"folds\.n_folds"):
+        parse_config({**BASE, "folds": {"n_folds": 1}})
+    with pytest.raises(ConfigError, match=r"cube\.agb_range: .*low < high"):
+        parse_config({**BASE, "cube": {"agb_range": [5, 1]}})
+    with pytest.raises(ConfigError, match=r"sites: .*at least 1"):
+        parse_config({"sites": []})
+
+
+def test_grid_spec_and_bad_grid():
+    cfg = parse_config({**BASE, "cube": {"grid": {"crs": "EPSG:32643", "resolution": 30}}})
+    assert cfg.cube.grid == GridSpec(crs="EPSG:32643", resolution=30)
+    with pytest.raises(ConfigError, match=r"cube\.grid"):
+        parse_config({**BASE, "cube": {"grid": "sattelite"}})
+
+
+def test_duplicate_and_bad_site_names():
+    site = BASE["sites"][0]
+    with pytest.raises(ConfigError, match="repeated: \\['a'\\]"):
+        parse_config({"sites": [site, site]})
+    with pytest.raises(ConfigError, match="site name"):
+        parse_config({"sites": [{**site, "name": "a/b"}]})
+
+
+def test_missing_and_non_yaml_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sites: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    assert issubclass(ConfigError, ValueError)
+
+
+def test_original_pipeline_layout_is_translated(tmp_path):
+    legacy = {
+        "preprocessing": {
+            "raster_pairs": [
+                {"satellite_path": "sat/x.tif", "biomass_path": "bio/x.tif", "site_name": "X"}
+            ],
+            "chip_size": 32,
+            "overlap": 0.2,
+            "min_valid_pixels": 0.6,
+            "max_sat_nan_fraction": 0.25,
+            "processed_dir": "data/processed",
+        },
+        "training": {"n_folds": 4, "spatial_buffer": 20, "batch_size": 16},
+    }
+    with pytest.warns(UserWarning) as record:
+        cfg = load_config(_write(tmp_path, legacy))
+    messages = " ".join(str(w.message) for w in record)
+    assert "spatial_buffer=20" in messages and "degrees" in messages
+    assert "preprocessing.processed_dir" in messages
+    assert cfg.sites[0].name == "X"
+    assert cfg.sites[0].satellite == tmp_path / "cfg" / "sat" / "x.tif"
+    assert (cfg.chips.size, cfg.chips.overlap) == (32, 0.2)
+    assert (cfg.chips.min_valid_fraction, cfg.chips.max_nan_fraction) == (0.6, 0.25)
+    assert cfg.folds.n_folds == 4
+
+
+def test_original_reference_config_loads():
+    ref = ROOT.parent / "shared" / "reference" / "original-pipeline_config.yaml"
+    if not ref.exists():
+        pytest.skip("../shared/reference is not present")
+    with pytest.warns(UserWarning):
+        cfg = load_config(ref)
+    assert [s.name for s in cfg.sites][:2] == ["Yellapur", "Betul"]
+
+
+@pytest.mark.parametrize("name", ["benchmark.yaml", "demo.yaml"])
+def test_shipped_configs_load(name):
+    cfg = load_config(ROOT / "configs" / name)
+    assert len(cfg.sites) == 3
+
+
+def test_config_reference_lists_every_key():
+    text = config_reference()
+    for key in ("satellite_nodata", "agb_range", "min_valid_fraction", "buffer_m", "resolution"):
+        assert f"`{key}`" in text

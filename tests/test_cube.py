@@ -1,0 +1,396 @@
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import dask
+import numpy as np
+import pytest
+import rasterio
+import xarray as xr
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from odc.geo.geobox import GeoBox
+from pyproj import Transformer
+from rasterio.transform import from_origin
+
+from agbcube.bands import BAND_PRESETS
+from agbcube.config import CubeConfig, SiteConfig
+from agbcube.cube import (
+    align,
+    build_cube,
+    build_site_cube,
+    cube_sites,
+    open_cube,
+    open_cube_tree,
+    target_geobox,
+)
+from agbcube.errors import (
+    BandError,
+    CubeError,
+    GridError,
+    InputFileError,
+    MissingCRSError,
+    NoOverlapError,
+    OutputLockedError,
+)
+from tests.conftest import write_raster
+
+
+def _site(d: dict, **kw) -> SiteConfig:
+    return SiteConfig(name=d["name"], satellite=d["satellite"], biomass=d["biomass"], **kw)
+
+
+def _cube(tmp_path: Path, **kw) -> CubeConfig:
+    return CubeConfig(output=tmp_path / "cube.zarr", chunks=32, **kw)
+
+
+class _RaiseIfComputes:
+    """Fail if dask computes anything (the check of xarray's own test-suite)."""
+
+    def __enter__(self):
+        def scheduler(dsk, keys, **kwargs):
+            raise RuntimeError("dask computed something while building the lazy cube")
+
+        self._cm = dask.config.set(scheduler=scheduler)
+        self._cm.__enter__()
+
+    def __exit__(self, *exc):
+        self._cm.__exit__(*exc)
+
+
+def test_same_grid_values_equal_the_rasters(simple_site, tmp_path):
+    cube = _cube(tmp_path)
+    build_cube([_site(simple_site)], cube, progress=False)
+    ds = open_cube(cube.output, "simple").load()
+    raw = ["B4_T1", "B8_T1", "VV_T1", "VH_T1"]
+    assert list(ds.band.values[:4]) == raw
+    np.testing.assert_array_equal(ds.features.sel(band=raw).values, simple_site["stack"])
+    # AGB: 0, negative and > 600 become NaN, the rest is kept exactly
+    agb = simple_site["agb"]
+    valid = (agb > 0) & (agb <= 600)
+    np.testing.assert_array_equal(np.isnan(ds.agb.values), ~valid)
+    np.testing.assert_array_equal(ds.agb.values[valid], agb[valid])
+    assert ds.agb.attrs["units"] == "Mg ha-1"
+    assert ds.features.dtype == np.float32 and ds.agb.dtype == np.float32
+    ndvi = ds.features.sel(band="S2_NDVI_T1").values
+    assert np.nanmin(ndvi) >= -1 and np.nanmax(ndvi) <= 1
+    assert "S1_RVI_T1" in ds.band.values
+    assert ds.rio.crs.to_epsg() == 4326
+    with rasterio.open(simple_site["satellite"]) as src:
+        assert ds.rio.transform() == src.transform
+
+
+def test_build_is_lazy(simple_site, tmp_path):
+    with _RaiseIfComputes():
+        ds = build_site_cube(_site(simple_site), _cube(tmp_path))
+    assert ds.features.chunks is not None
+    assert ds.features.data.chunksize == (ds.sizes["band"], 32, 32)
+
+
+def test_reprojected_float64_stack_with_sentinel_nodata_and_preset(tmp_path):
+    """UTM 30 m float64 stack, nodata -9999, no descriptions -> EPSG:4326 ~40 m AGB grid.
+
+    Each band is a plane in UTM metres, so the expected value at any target pixel is that
+    plane evaluated at the pixel centre projected to UTM: an independent computation.
+    """
+    utm = "EPSG:32644"
+    to_utm = Transformer.from_crs("EPSG:4326", utm, always_xy=True)
+    lon0, lat0, res_deg = 81.0, 22.0, 0.00036
+    x0, y1 = to_utm.transform(lon0 - 0.003, lat0 + 0.003)
+    n = 90
+    xs = x0 + (np.arange(n) + 0.5) * 30.0
+    ys = y1 - (np.arange(n) + 0.5) * 30.0
+    gx, gy = np.meshgrid(xs, ys)
+    slopes = np.linspace(0.05, 0.5, 59)
+    planes = np.stack([100 + s * (gx - x0) - 0.5 * s * (y1 - gy) + i for i, s in enumerate(slopes)])
+    planes[:, 40:43, 40:43] = -9999.0
+    write_raster(
+        tmp_path / "sat.tif",
+        planes,
+        crs=utm,
+        transform=from_origin(x0, y1, 30, 30),
+        nodata=-9999.0,
+        dtype="float64",
+    )
+    agb = np.full((50, 50), 150.0, dtype="float32")
+    write_raster(tmp_path / "agb.tif", agb, transform=from_origin(lon0, lat0, res_deg, res_deg))
+    site = SiteConfig(
+        name="utm",
+        satellite=tmp_path / "sat.tif",
+        biomass=tmp_path / "agb.tif",
+        bands="multisensor-59",
+    )
+    cube = _cube(tmp_path, indices="none")
+    build_cube([site], cube, progress=False)
+    ds = open_cube(cube.output, "utm")
+    assert list(ds.band.values) == list(BAND_PRESETS["multisensor-59"])
+    assert ds.rio.crs.to_epsg() == 4326 and ds.sizes == {"band": 59, "y": 50, "x": 50}
+    feats = ds.features.values
+    lon, lat = np.meshgrid(ds.x.values, ds.y.values)
+    px, py = to_utm.transform(lon, lat)
+    # where the 40 m pixel's footprint is far from the -9999 hole, the result is the plane
+    hole_x, hole_y = xs[41], ys[41]
+    far = np.hypot(px - hole_x, py - hole_y) > 150
+    for i in (0, 30, 58):
+        expected = 100 + slopes[i] * (px - x0) - 0.5 * slopes[i] * (y1 - py) + i
+        # average resampling of a plane over a ~40 m footprint of 30 m pixels: error bounded by
+        # half a source pixel of gradient
+        tol = 15 * 1.5 * slopes[i] + 1e-3
+        np.testing.assert_allclose(feats[i][far], expected[far], atol=tol)
+    assert np.isnan(feats[:, ~far]).any()  # the sentinel became NaN, never a -9999 average
+    assert np.nanmin(feats) > -1000  # planes reach -575; any -9999 blend would go far below
+
+
+def test_explicit_grid_and_coarsening(simple_site, tmp_path):
+    from agbcube.config import GridSpec
+
+    cube = _cube(tmp_path, grid=GridSpec(crs="EPSG:4326", resolution=0.0008))
+    ds = build_site_cube(_site(simple_site), cube)
+    assert ds.sizes["y"] == 20 and ds.sizes["x"] == 24
+    # 2x2 average of the AGB (NaN excluded) and of a band
+    agb = simple_site["agb"].astype("float64")
+    agb[(agb <= 0) | (agb > 600)] = np.nan
+    block = np.nanmean(agb[:2, 2:4])
+    assert np.isnan(block) or ds.agb.values[0, 1] == pytest.approx(block, rel=1e-5)
+    red = simple_site["stack"][0, 10:12, 10:12].mean()
+    assert ds.features.sel(band="B4_T1").values[5, 5] == pytest.approx(red, rel=1e-5)
+
+
+def test_nodata_overrides_for_integer_stacks(tmp_path, rng):
+    stack = rng.integers(1, 3000, (2, 20, 20)).astype("uint16")
+    stack[0, :2] = 65535
+    stack[1, 5, :] = 0
+    write_raster(tmp_path / "s.tif", stack, descriptions=["B4", "B8"])  # untagged
+    write_raster(tmp_path / "b.tif", rng.uniform(10, 100, (20, 20)).astype("float32"))
+    for nodata, masked_rows in ((65535, [0, 1]), (0, [5])):
+        site = SiteConfig(
+            name=f"n{nodata}",
+            satellite=tmp_path / "s.tif",
+            biomass=tmp_path / "b.tif",
+            satellite_nodata=nodata,
+        )
+        ds = build_site_cube(site, _cube(tmp_path)).compute()
+        raw = ds.features.sel(band=["B4", "B8"]).values
+        rows_nan = sorted(set(np.where(np.isnan(raw).any(axis=(0, 2)))[0]))
+        assert rows_nan == masked_rows
+    # a tagged nodata needs no override
+    write_raster(tmp_path / "t.tif", stack, descriptions=["B4", "B8"], nodata=65535)
+    site = SiteConfig(name="t", satellite=tmp_path / "t.tif", biomass=tmp_path / "b.tif")
+    raw = build_site_cube(site, _cube(tmp_path)).features.sel(band="B4").values
+    assert np.isnan(raw[:2]).all() and not np.isnan(raw[2:]).any()
+
+
+def test_partial_overlap_warns_and_crops(simple_site, tmp_path):
+    with rasterio.open(simple_site["satellite"]) as src:
+        t = src.transform
+    half = simple_site["stack"][:, :, 24:]
+    write_raster(
+        tmp_path / "half.tif",
+        half,
+        transform=from_origin(t.c + 24 * t.a, t.f, t.a, -t.e),
+        descriptions=["B4_T1", "B8_T1", "VV_T1", "VH_T1"],
+    )
+    site = SiteConfig(name="half", satellite=tmp_path / "half.tif", biomass=simple_site["biomass"])
+    with pytest.warns(UserWarning, match=r"covers only 50\.0% of the AGB map"):
+        ds = build_site_cube(site, _cube(tmp_path))
+    assert ds.sizes["x"] == 24
+    np.testing.assert_array_equal(ds.features.isel(band=0).values, half[0])
+
+
+def test_no_overlap_is_an_error(simple_site, tmp_path):
+    write_raster(
+        tmp_path / "far.tif",
+        simple_site["stack"],
+        transform=from_origin(10.0, 50.0, 0.0004, 0.0004),
+        descriptions=["a", "b", "c", "d"],
+    )
+    site = SiteConfig(name="far", satellite=tmp_path / "far.tif", biomass=simple_site["biomass"])
+    with pytest.raises(NoOverlapError, match="site 'far'.*do not overlap"):
+        build_site_cube(site, _cube(tmp_path))
+
+
+def test_bad_inputs_fail_before_compute(simple_site, tmp_path):
+    with pytest.raises(InputFileError, match="site 'simple' satellite: file .*nope.tif"):
+        build_site_cube(_site({**simple_site, "satellite": tmp_path / "nope.tif"}), _cube(tmp_path))
+    junk = tmp_path / "junk.tif"
+    junk.write_text("not a raster")
+    with pytest.raises(InputFileError, match="not a raster GDAL can read"):
+        build_site_cube(_site({**simple_site, "biomass": junk}), _cube(tmp_path))
+    nocrs = write_raster(tmp_path / "nocrs.tif", simple_site["agb"], crs=None)
+    with pytest.raises(MissingCRSError, match="has no CRS. Set `crs:`"):
+        build_site_cube(_site({**simple_site, "biomass": nocrs}), _cube(tmp_path))
+    ds = build_site_cube(_site({**simple_site, "biomass": nocrs}, crs="EPSG:4326"), _cube(tmp_path))
+    assert ds.sizes["y"] == 40
+    two = write_raster(tmp_path / "two.tif", np.stack([simple_site["agb"]] * 2))
+    with pytest.raises(GridError, match="has 2 bands; the AGB map must be a single band"):
+        build_site_cube(_site({**simple_site, "biomass": two}), _cube(tmp_path))
+    with pytest.raises(BandError, match="has 4 bands but `bands:` in the config gives 2"):
+        build_site_cube(_site(simple_site, bands=["a", "b"]), _cube(tmp_path))
+    with pytest.raises(BandError, match=r"needs band\(s\) \['B11_T1'\]"):
+        build_site_cube(_site(simple_site), _cube(tmp_path, indices=["S2_NDMI_T1"]))
+
+
+def test_single_band_stack_builds(simple_site, tmp_path):
+    one = write_raster(tmp_path / "one.tif", simple_site["stack"][:1], descriptions=["CH"])
+    ds = build_site_cube(_site({**simple_site, "satellite": one}), _cube(tmp_path))
+    assert list(ds.band.values) == ["CH"]
+
+
+def test_resume_skips_unchanged_sites_and_rebuilds_changed(simple_site, tmp_path):
+    cube = _cube(tmp_path)
+    site = _site(simple_site)
+    first = build_cube([site], cube, progress=False)
+    assert first["simple"]["status"] == "built"
+    group = cube.output / "simple"
+    stamp = (group / ".zattrs").stat().st_mtime_ns
+    again = build_cube([site], cube, progress=False)
+    assert again["simple"]["status"] == "up to date"
+    assert (group / ".zattrs").stat().st_mtime_ns == stamp
+    assert again["simple"]["n_valid_agb"] == first["simple"]["n_valid_agb"]
+    os.utime(simple_site["biomass"], ns=(1, 1))  # input changed
+    assert build_cube([site], cube, progress=False)["simple"]["status"] == "built"
+    assert build_cube([site], cube, overwrite=True, progress=False)["simple"]["status"] == "built"
+    # a different setting rebuilds too
+    cube2 = cube.model_copy(update={"agb_range": (0.0, 300.0)})
+    assert build_cube([site], cube2, progress=False)["simple"]["status"] == "built"
+
+
+def test_interrupted_build_never_looks_complete(simple_site, tmp_path, monkeypatch):
+    import agbcube.cube as cube_mod
+
+    cube = _cube(tmp_path)
+    site_a = _site(simple_site)
+    site_b = _site({**simple_site, "name": "other"})
+    build_cube([site_a], cube, progress=False)
+    before = open_cube(cube.output, "simple").load()
+
+    calls = {"n": 0}
+    real = cube_mod.compute
+
+    def failing_compute(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # die while writing the second site
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cube_mod, "compute", failing_compute)
+    with pytest.raises(KeyboardInterrupt):
+        build_cube([site_a, site_b], cube, overwrite=True, progress=False)
+    monkeypatch.undo()
+    with pytest.raises(CubeError, match="incomplete"):
+        cube_sites(cube.output)
+    assert not (cube.output / "other").exists()
+    assert not [p for p in cube.output.iterdir() if ".tmp-" in p.name]
+    result = build_cube([site_a, site_b], cube, progress=False)
+    assert result["simple"]["status"] == "up to date"  # finished work was kept
+    assert result["other"]["status"] == "built"
+    xr.testing.assert_identical(open_cube(cube.output, "simple").load(), before)
+    assert cube_sites(cube.output) == ["simple", "other"]
+    tree = open_cube_tree(cube.output)
+    assert set(tree.children) == {"simple", "other"}
+    # a site dropped from the config is dropped from the cube
+    build_cube([site_b], cube, progress=False)
+    assert cube_sites(cube.output) == ["other"] and not (cube.output / "simple").exists()
+
+
+def test_leftover_temporaries_are_cleaned(simple_site, tmp_path):
+    cube = _cube(tmp_path)
+    build_cube([_site(simple_site)], cube, progress=False)
+    junk = cube.output / ".simple.tmp-deadbeef"
+    junk.mkdir()
+    build_cube([_site(simple_site)], cube, progress=False)
+    assert not junk.exists()
+
+
+def test_refuses_foreign_output_and_second_writer(simple_site, tmp_path):
+    out = tmp_path / "data"
+    out.mkdir()
+    (out / "precious.txt").write_text("x")
+    with pytest.raises(CubeError, match="not an agbcube cube"):
+        build_cube([_site(simple_site)], CubeConfig(output=out), progress=False)
+    assert (out / "precious.txt").exists()
+    cube = _cube(tmp_path)
+    lock = cube.output.with_name(f".{cube.output.name}.lock")
+    lock.write_text('{"host": "elsewhere", "pid": 1, "started": 0}')
+    with pytest.raises(OutputLockedError, match="being written by process 1 on elsewhere"):
+        build_cube([_site(simple_site)], cube, progress=False)
+    lock.write_text(f'{{"host": "{os.uname().nodename}", "pid": 999999999, "started": 0}}')
+    build_cube([_site(simple_site)], cube, progress=False)  # stale lock taken over
+    assert not lock.exists()
+
+
+def test_open_cube_errors(tmp_path):
+    with pytest.raises(CubeError, match="does not exist; run `agbcube build-cube"):
+        open_cube(tmp_path / "none.zarr", "a")
+
+
+# --- alignment properties -----------------------------------------------------------------
+
+
+def _grid_da(data: np.ndarray, gbox: GeoBox) -> xr.DataArray:
+    from odc.geo.xr import xr_coords
+
+    return xr.DataArray(data[None], dims=("band", "y", "x")).assign_coords(
+        xr_coords(gbox, crs_coord_name="spatial_ref", always_yx=True)
+    )
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    ny=st.integers(3, 30),
+    nx=st.integers(3, 30),
+    res=st.sampled_from([10.0, 30.0, 0.0004]),
+    seed=st.integers(0, 1000),
+)
+def test_align_onto_own_grid_is_identity(ny, nx, res, seed):
+    crs = "EPSG:4326" if res < 1 else "EPSG:32643"
+    gbox = GeoBox(
+        (ny, nx),
+        from_origin(500000.0 if res > 1 else 80.0, 2400000.0 if res > 1 else 22.0, res, res),
+        crs,
+    )
+    data = np.random.default_rng(seed).normal(size=(ny, nx)).astype("float32")
+    out = align(_grid_da(data, gbox), gbox, gbox, resampling="bilinear")
+    np.testing.assert_array_equal(out.values[0], data)
+
+
+@settings(max_examples=25, deadline=None)
+@given(dy=st.integers(-5, 5), dx=st.integers(-5, 5), seed=st.integers(0, 1000))
+def test_shifted_copy_aligns_back(dy, dx, seed):
+    res = 30.0
+    gbox = GeoBox((20, 24), from_origin(500000.0, 2400000.0, res, res), "EPSG:32643")
+    data = np.random.default_rng(seed).normal(size=(20, 24)).astype("float32")
+    shifted = gbox.translate_pix(dx, dy)  # the same pixels, another origin
+    moved = _grid_da(data, gbox).pipe(align, gbox, shifted, resampling="bilinear")
+    back = align(moved, shifted, gbox, resampling="bilinear").values[0]
+    keep = np.zeros_like(data, bool)
+    keep[max(0, dy) : 20 + min(0, dy), max(0, dx) : 24 + min(0, dx)] = True
+    np.testing.assert_array_equal(back[keep], data[keep])
+    assert np.isnan(back[~keep]).all()
+
+
+def test_target_geobox_for_grids(simple_site):
+    from agbcube.cube import probe_raster
+
+    sat = probe_raster(simple_site["satellite"]).geobox
+    bio = probe_raster(simple_site["biomass"]).geobox
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no partial-overlap warning
+        gbox, overlap = target_geobox(sat, bio, "satellite")
+    assert gbox == sat and overlap == pytest.approx(1.0)
+
+
+def test_zarr_round_trip_keeps_crs_and_attrs(simple_site, tmp_path):
+    cube = _cube(tmp_path)
+    lazy = build_site_cube(_site(simple_site), cube)
+    build_cube([_site(simple_site)], cube, progress=False)
+    ds = open_cube(cube.output, "simple")
+    xr.testing.assert_allclose(ds.features.load(), lazy.features.compute())
+    assert ds.attrs["site"] == "simple" and "provenance" in ds.attrs
+    import json
+
+    prov = json.loads(ds.attrs["provenance"])
+    assert prov["satellite"]["path"].endswith("sat.tif") and "zarr" in prov["versions"]
+    assert ds.rio.crs == lazy.rio.crs
