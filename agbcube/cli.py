@@ -125,6 +125,48 @@ def demo_cmd(
     console.print(_cube_table(results))
 
 
+def _folds_table(folds) -> Table:
+    import pandas as pd
+
+    audit = folds.attrs["agbcube"]["audit"]
+    table = Table(title="leakage audit (chips per role; distances in m)")
+    cols = ["fold", "site", "train", "val", "test", "buffer", "min train–test", "median test→train"]
+    for col in cols:
+        table.add_column(col, justify="left" if col == "site" else "right")
+    for r in audit["folds"]:
+        q = r["test_nn_train_m"]
+        table.add_row(
+            str(r["fold"]),
+            r["site"],
+            *(str(r[f"n_{role}"]) for role in ("train", "val", "test", "buffer")),
+            "–" if r["min_train_test_m"] is None else f"{r['min_train_test_m']:.0f}",
+            "–" if q is None else f"{q[len(q) // 2]:.0f}",
+        )
+    per_site = pd.Series(folds["site"]).value_counts()
+    table.caption = (
+        f"every chip tested exactly once: {audit['tested_once']}; chips per site: "
+        + ", ".join(f"{s} {n}" for s, n in per_site.items())
+    )
+    return table
+
+
+@app.command("folds")
+def folds_cmd(
+    config: ConfigArg,
+    maps: Annotated[bool, typer.Option(help="Write a PNG map per site.")] = True,
+) -> None:
+    """Cut the cube into chips, split them into honest spatial folds, audit for leakage."""
+    from agbcube.config import load_config
+    from agbcube.folds import make_folds, write_folds
+
+    cfg = _run(load_config, config)
+    folds = _run(make_folds, cfg, echo=console.print)
+    paths = _run(write_folds, folds, cfg.folds.output, maps=maps)
+    console.print(_folds_table(folds))
+    for path in paths:
+        console.print(f"wrote {path}")
+
+
 @app.command("config-reference")
 def config_reference_cmd() -> None:
     """Print the reference of every configuration key (Markdown)."""

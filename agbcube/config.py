@@ -10,6 +10,7 @@ setting that has no equivalent.
 from __future__ import annotations
 
 import difflib
+import os
 import re
 import warnings
 from pathlib import Path
@@ -54,7 +55,7 @@ def _resolve(value: Path | None, info: ValidationInfo) -> Path | None:
     base = (info.context or {}).get("base_dir")
     if base is not None and not value.is_absolute():
         value = Path(base) / value
-    return Path(str(value))
+    return Path(os.path.normpath(value))
 
 
 class SiteConfig(_Section):
@@ -164,6 +165,14 @@ class FoldsConfig(_Section):
     )
     min_buffer_m: float = Field(
         default=0.0, ge=0, description="Floor applied to the buffer ('auto' or not), metres."
+    )
+    min_train_fraction: float = Field(
+        default=0.1,
+        gt=0,
+        lt=1,
+        description="With buffer_m 'auto': the buffer shrinks below the variogram range (never "
+        "below min_buffer_m, with a warning) until every fold keeps this share of a site's "
+        "non-test chips for training.",
     )
     validation_fraction: float = Field(
         default=0.15,

@@ -66,6 +66,7 @@ TEMPLATE_AGB = Path("/work/shared/benchmark/raw/biomass/achanakmar_biomass.tif")
 CHUNKS = 256
 SIZES = ("small", "medium", "large")
 PAGE = os.sysconf("SC_PAGE_SIZE")
+ENV_KEYS = ("GDAL_CACHEMAX", "GDAL_NUM_THREADS", "DASK_NUM_WORKERS", "OMP_NUM_THREADS")
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,7 +203,8 @@ def child_main(spec_path: str) -> None:
     import zarr  # noqa: F401
 
     rss_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    out = _child_build(spec) if spec["mode"] == "build" else _child_copy(spec)
+    steps = {"prepare": _child_prepare, "build": _child_build, "copy": _child_copy}
+    out = steps[spec["mode"]](spec)
     out["rss_after_imports"] = rss_imports
     Path(spec_path).with_suffix(".out.json").write_text(json.dumps(out, default=str))
 
@@ -267,30 +269,50 @@ def _du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def bench_size(size: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Measure the plain copy, then build-cube, for one size."""
-    workdir: Path = args.workdir
-    if size == "small":
-        from agbcube.config import load_config
+def _child_prepare(spec: dict[str, Any]) -> dict[str, Any]:
+    """The sites of a size (generating them if needed), their chunking and input bytes."""
+    from agbcube.config import load_config
 
+    if spec["size"] == "small":
         cfg = load_config(BENCHMARK_CONFIG)
         sites = [
             {"name": s.name, "satellite": str(s.satellite), "biomass": str(s.biomass)}
             for s in cfg.sites
         ]
-        build_spec: dict[str, Any] = {"config_path": str(BENCHMARK_CONFIG)}
-        label = f"small ({BENCHMARK_CONFIG.relative_to(REPO)}, {len(sites)} sites)"
         chunks = cfg.cube.chunks
+    else:
+        workdir, px = Path(spec["workdir"]), spec["px"]
+        sites = [generate_site(workdir, f"gen{px}", px, spec["compress"])]
+        chunks = CHUNKS
+    return {
+        "sites": sites,
+        "chunks": chunks,
+        "input_bytes": satellite_bytes([s["satellite"] for s in sites]),
+    }
+
+
+def bench_size(size: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Measure the plain copy, then build-cube, for one size."""
+    workdir: Path = args.workdir
+    prep_spec: dict[str, Any] = {"mode": "prepare", "size": size, "workdir": str(workdir)}
+    if size == "small":
+        build_spec: dict[str, Any] = {"config_path": str(BENCHMARK_CONFIG)}
+        label = f"small ({BENCHMARK_CONFIG.relative_to(REPO)}, 3 sites)"
     else:
         px = args.large_px if size == "large" else args.large_px // 2
         print(f"[{size}] generating a {px} x {px} px site", flush=True)
-        sites = [generate_site(workdir, f"gen{px}", px, args.compress)]
-        build_spec = {"config": {"sites": sites, "cube": {"output": "unused", "chunks": CHUNKS}}}
+        prep_spec.update(px=px, compress=args.compress)
         label = f"{size} (generated {px} x {px} px)"
-        chunks = CHUNKS
-    assert chunks == CHUNKS, "the copy baseline uses the cube's chunking"
+    # Everything that imports numpy, rasterio or agbcube runs in a child: a child's ru_maxrss
+    # starts at its parent's peak RSS (Linux carries it over exec), so the parent stays small.
+    prep = run_step(prep_spec, workdir, args.max_rss_gb * 1e9)
+    if "error" in prep:
+        raise RuntimeError(f"[{size}] preparing the inputs {prep['error']}")
+    sites, in_bytes = prep["sites"], prep["input_bytes"]
+    assert prep["chunks"] == CHUNKS, "the copy baseline uses the cube's chunking"
+    if size != "small":
+        build_spec = {"config": {"sites": sites, "cube": {"output": "unused", "chunks": CHUNKS}}}
     sats = [s["satellite"] for s in sites]
-    in_bytes = satellite_bytes(sats)
     out_dir = workdir / "outputs" / size
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
@@ -315,6 +337,7 @@ def bench_size(size: str, args: argparse.Namespace) -> dict[str, Any]:
     row: dict[str, Any] = {
         "size": size,
         "label": label,
+        "sites": sites,
         "input_bytes": in_bytes,
         "cube_feature_bytes": cube_bytes,
         "build": build,
@@ -347,6 +370,18 @@ def _table_row(row: dict[str, Any]) -> dict[str, str]:
         "copy peak RSS GB": f"{c['peak_rss'] / 1e9:.2f}",
         "% of copy": f"{row['pct_of_copy']:.0f} %" if "pct_of_copy" in row else "-",
     }
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("agbcube", "dask", "xarray", "zarr", "numcodecs", "rioxarray", "rasterio", "numpy"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            continue
+    return out
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
@@ -397,6 +432,9 @@ def main(argv: list[str] | None = None) -> None:
             "platform": platform.platform(),
             "python": platform.python_version(),
         },
+        "versions": _versions(),
+        "env": {k: os.environ[k] for k in ENV_KEYS if k in os.environ},
+        "parent_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "rows": rows,
         "table": table,
     }

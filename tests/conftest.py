@@ -84,3 +84,14 @@ def requires_benchmark(func):
     return pytest.mark.skipif(
         not (SHARED / "raw").is_dir(), reason="../shared/benchmark is not present"
     )(pytest.mark.benchmark_data(func))
+
+
+@pytest.fixture(scope="session")
+def demo_config(demo_dir: Path):
+    """The demo config with its cube built (once per session)."""
+    from agbcube.config import load_config
+    from agbcube.cube import build_cube
+
+    cfg = load_config(demo_dir / "demo.yaml")
+    build_cube(cfg.sites, cfg.cube, progress=False)
+    return cfg

@@ -1,0 +1,156 @@
+"""Cube → chips: square windows of a site's cube, indexed as a GeoDataFrame.
+
+A chip is a ``size × size`` pixel window at pixel offset ``(row, col)`` of its site's cube. Its
+row in the GeoDataFrame holds ``chip_id``, ``site``, ``row``, ``col``, ``agb_mean`` (mean of the
+valid AGB pixels, Mg/ha), ``valid_fraction`` (valid AGB pixels / all), ``nan_fraction`` (NaN
+feature values / all) and the footprint ``geometry`` (EPSG:4326, so that sites on different CRSs
+share one table). Windows are slices of the cube, never copies.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import shapely
+import xarray as xr
+from pyproj import CRS, Transformer
+
+__all__ = ["CHIP_COLUMNS", "chip_origins", "local_metric_crs", "make_chips", "to_local_metric"]
+
+CHIP_COLUMNS = ("chip_id", "site", "row", "col", "agb_mean", "valid_fraction", "nan_fraction")
+CHIP_CRS = "EPSG:4326"
+
+
+def chip_origins(n_y: int, n_x: int, *, size_px: int, overlap: float) -> tuple[np.ndarray, ...]:
+    """Pixel offsets (rows, cols) of every chip that fits in an ``n_y × n_x`` grid.
+
+    The stride is ``round(size_px * (1 - overlap))`` pixels (at least 1).
+    """
+    stride = max(1, round(size_px * (1.0 - overlap)))
+    rows = np.arange(0, n_y - size_px + 1, stride)
+    cols = np.arange(0, n_x - size_px + 1, stride)
+    rr, cc = np.meshgrid(rows, cols, indexing="ij")
+    return rr.ravel(), cc.ravel()
+
+
+def _window_sums(grid: np.ndarray, rows: np.ndarray, cols: np.ndarray, size: int) -> np.ndarray:
+    """Sum of ``grid`` over each ``size × size`` window, via an integral image (no loop)."""
+    ii = np.zeros((grid.shape[0] + 1, grid.shape[1] + 1), dtype=np.float64)
+    ii[1:, 1:] = grid.cumsum(0).cumsum(1)
+    r1, c1 = rows + size, cols + size
+    return ii[r1, c1] - ii[rows, c1] - ii[r1, cols] + ii[rows, cols]
+
+
+def make_chips(
+    ds: xr.Dataset,
+    *,
+    size_px: int = 24,
+    overlap: float = 0.1,
+    min_valid_fraction: float = 0.7,
+    max_nan_fraction: float = 0.3,
+    site: str | None = None,
+) -> tuple[gpd.GeoDataFrame, dict[str, Any]]:
+    """Cut one site's cube into chips and keep those that pass the validity thresholds.
+
+    Parameters
+    ----------
+    ds : xr.Dataset
+        A site's cube: ``features (band, y, x)``, ``agb (y, x)``, with a CRS (``ds.rio.crs``).
+    size_px : int
+        Chip side, pixels.
+    overlap : float
+        Fraction of a chip shared with its neighbour, in [0, 1).
+    min_valid_fraction : float
+        Least fraction of valid AGB pixels.
+    max_nan_fraction : float
+        Largest fraction of NaN feature values.
+    site : str, optional
+        Site name (default: ``ds.attrs["site"]``).
+
+    Returns
+    -------
+    chips : gpd.GeoDataFrame
+        One row per kept chip, footprints in EPSG:4326.
+    summary : dict
+        ``candidates``, ``kept``, and the counts dropped for too few valid AGB pixels or too
+        many NaN features.
+    """
+    import dask
+
+    site = site or str(ds.attrs.get("site", "site"))
+    n_y, n_x = ds.sizes["y"], ds.sizes["x"]
+    rows, cols = chip_origins(n_y, n_x, size_px=size_px, overlap=overlap)
+    # One pass over the cube: per-pixel counts, then window sums for every chip at once.
+    agb = ds["agb"]
+    valid = np.isfinite(agb)
+    nan_count = ds["features"].isnull().sum("band")
+    valid_px, agb_filled, nan_px = dask.compute(valid, agb.where(valid, 0.0), nan_count)
+    n_px = size_px * size_px
+    n_valid = _window_sums(valid_px.values.astype(np.float64), rows, cols, size_px)
+    agb_sum = _window_sums(agb_filled.values.astype(np.float64), rows, cols, size_px)
+    n_nan = _window_sums(nan_px.values.astype(np.float64), rows, cols, size_px)
+    valid_fraction = n_valid / n_px
+    nan_fraction = n_nan / (n_px * ds.sizes["band"])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        agb_mean = np.where(n_valid > 0, agb_sum / np.maximum(n_valid, 1), np.nan)
+
+    too_few = valid_fraction < min_valid_fraction
+    too_nan = ~too_few & (nan_fraction > max_nan_fraction)
+    keep = ~(too_few | too_nan)
+    summary = {
+        "site": site,
+        "candidates": int(rows.size),
+        "kept": int(keep.sum()),
+        "dropped_low_valid_agb": int(too_few.sum()),
+        "dropped_nan_features": int(too_nan.sum()),
+    }
+    rows, cols = rows[keep], cols[keep]
+    chips = pd.DataFrame(
+        {
+            "chip_id": [f"{site}:{r}:{c}" for r, c in zip(rows, cols, strict=True)],
+            "site": site,
+            "row": rows.astype(np.int64),
+            "col": cols.astype(np.int64),
+            "agb_mean": agb_mean[keep].astype(np.float64),
+            "valid_fraction": valid_fraction[keep],
+            "nan_fraction": nan_fraction[keep],
+        }
+    )
+    geometry = _footprints(ds, rows, cols, size_px)
+    gdf = gpd.GeoDataFrame(chips, geometry=geometry, crs=ds.rio.crs).to_crs(CHIP_CRS)
+    return gdf, summary
+
+
+def _footprints(ds: xr.Dataset, rows: np.ndarray, cols: np.ndarray, size: int) -> np.ndarray:
+    a = ds.rio.transform()
+    x0 = a.c + cols * a.a
+    x1 = a.c + (cols + size) * a.a
+    y0 = a.f + rows * a.e
+    y1 = a.f + (rows + size) * a.e
+    return shapely.box(
+        np.minimum(x0, x1), np.minimum(y0, y1), np.maximum(x0, x1), np.maximum(y0, y1)
+    )
+
+
+def local_metric_crs(gdf: gpd.GeoSeries | gpd.GeoDataFrame) -> CRS:
+    """A metric CRS for distances among these geometries: their UTM zone."""
+    crs = gdf.estimate_utm_crs()
+    assert crs is not None
+    return crs
+
+
+def to_local_metric(gdf: gpd.GeoDataFrame, crs: CRS | None = None) -> gpd.GeoDataFrame:
+    """Reproject to ``crs`` (default: :func:`local_metric_crs`), for distances in metres."""
+    return gdf.to_crs(crs or local_metric_crs(gdf))
+
+
+def pixel_centres_m(ds: xr.Dataset, rows: np.ndarray, cols: np.ndarray, crs: CRS) -> np.ndarray:
+    """Projected (x, y) metres of pixel centres ``(rows, cols)`` of a site's cube."""
+    a = ds.rio.transform()
+    x = a.c + (cols + 0.5) * a.a
+    y = a.f + (rows + 0.5) * a.e
+    tr = Transformer.from_crs(ds.rio.crs, crs, always_xy=True)
+    return np.column_stack(tr.transform(x, y))

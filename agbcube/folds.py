@@ -1,0 +1,724 @@
+"""Honest hybrid site-spatial K-fold cross-validation of chips.
+
+Within every site, chips are clustered spatially (KMeans on footprint centres, in metres in the
+site's UTM zone) into more clusters than folds, and whole clusters are dealt to folds so that each
+fold holds a balanced share of every site's chips. That makes the folds a **true partition**: every
+chip is tested exactly once.
+
+For fold ``k``, a chip that is not tested but whose footprint lies within ``buffer_m`` metres of a
+test footprint gets the role ``buffer`` and is used for nothing (overlapping chips are always
+within the buffer). From the remaining pool, whole clusters are drawn per site as a spatially
+separate **validation** set for early stopping, and pool chips within the buffer of a validation
+chip are buffered too. Everything left is ``train``.
+
+``buffer_m: auto`` takes each site's AGB autocorrelation range from an empirical variogram (an
+exponential model fitted to sampled pixel pairs), the distance beyond which residuals of a model
+stop sharing information [Roberts_etal2017]_.
+
+References
+----------
+.. [Roberts_etal2017] Roberts, D. R. et al. (2017). Cross-validation strategies for data with
+   temporal, spatial, hierarchical, or phylogenetic structure. Ecography 40, 913–929.
+.. [Mila_etal2022] Milà, C. et al. (2022). Nearest neighbour distance matching Leave-One-Out
+   Cross-Validation for map validation. Methods in Ecology and Evolution 13, 1304–1316.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+import zlib
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import shapely
+import xarray as xr
+from sklearn.model_selection import BaseCrossValidator
+
+from agbcube.chips import make_chips, pixel_centres_m
+from agbcube.errors import FoldError
+
+__all__ = [
+    "ROLES",
+    "HybridSiteSpatialKFold",
+    "estimate_range_m",
+    "leakage_audit",
+    "make_folds",
+    "read_folds",
+    "write_folds",
+]
+
+ROLES = ("train", "val", "test", "buffer")
+_QUANTILES = np.linspace(0, 1, 21)
+
+
+# --------------------------------------------------------------------------------------------
+# variogram
+
+
+def _exponential_drift(
+    h: np.ndarray, nugget: float, psill: float, range_m: float, drift: float
+) -> np.ndarray:
+    # Exponential model in its "practical range" form (95 % of the sill at range_m) plus a
+    # linear term: site-scale AGB trends make empirical variograms keep rising, and a plain
+    # exponential would then report the trend's scale (the site's size) as the range.
+    return nugget + psill * (1.0 - np.exp(-3.0 * h / range_m)) + drift * h
+
+
+def estimate_range_m(
+    ds: xr.Dataset, *, n_samples: int = 2000, n_bins: int = 20, random_state: int = 0
+) -> dict[str, Any]:
+    """Estimate the AGB autocorrelation range of a site from an empirical variogram.
+
+    Parameters
+    ----------
+    ds : xr.Dataset
+        A site's cube with ``agb (y, x)`` and a CRS.
+    n_samples : int
+        Valid AGB pixels sampled (all pairs among them are used).
+    n_bins : int
+        Distance bins of the empirical variogram, up to half the site's extent.
+    random_state : int
+        Seed of the pixel sample.
+
+    Returns
+    -------
+    dict
+        ``range_m`` (practical range of the fitted exponential part), ``nugget``, ``psill``,
+        ``drift_per_m``, ``model``, and the empirical ``bins_m`` / ``gamma`` / ``n_pairs``.
+    """
+    from scipy.optimize import curve_fit
+    from scipy.spatial.distance import pdist
+
+    from agbcube.chips import local_metric_crs
+
+    agb = ds["agb"].values
+    rows, cols = np.nonzero(np.isfinite(agb))
+    if rows.size < 10:
+        raise FoldError(
+            f"site '{ds.attrs.get('site')}': only {rows.size} valid AGB pixels, too few for a "
+            "variogram; set folds.buffer_m to a number of metres"
+        )
+    rng = np.random.default_rng(random_state)
+    pick = rng.choice(rows.size, size=min(n_samples, rows.size), replace=False)
+    rows, cols = rows[pick], cols[pick]
+    bounds = gpd.GeoSeries([shapely.box(*ds.rio.bounds())], crs=ds.rio.crs).to_crs(4326)
+    xy = pixel_centres_m(ds, rows, cols, local_metric_crs(bounds))
+    values = agb[rows, cols].astype(np.float64)
+    dist = pdist(xy)
+    half_sq = 0.5 * pdist(values[:, None], "sqeuclidean")
+    max_d = 0.5 * dist.max()
+    edges = np.linspace(0.0, max_d, n_bins + 1)
+    which = np.digitize(dist, edges) - 1
+    ok = (which >= 0) & (which < n_bins)
+    n_pairs = np.bincount(which[ok], minlength=n_bins)
+    gamma = np.bincount(which[ok], weights=half_sq[ok], minlength=n_bins) / np.maximum(n_pairs, 1)
+    centres = 0.5 * (edges[1:] + edges[:-1])
+    use = n_pairs >= 30
+    h, g = centres[use], gamma[use]
+    var = float(values.var())
+    try:
+        (nugget, psill, range_m, drift), _ = curve_fit(
+            _exponential_drift,
+            h,
+            g,
+            p0=(0.1 * var, 0.9 * var, max_d / 4, 0.0),
+            bounds=([0, 0, h.min() if h.size else 1.0, 0], [var * 2, var * 4, max_d, var / max_d]),
+            sigma=1.0 / np.sqrt(n_pairs[use]),
+            maxfev=20000,
+        )
+        model = "exponential+drift"
+    except (RuntimeError, ValueError):  # no convergence: first bin reaching 95 % of the plateau
+        plateau = np.median(g[-max(3, g.size // 3) :]) if g.size else var
+        reach = np.nonzero(g >= 0.95 * plateau)[0]
+        range_m = float(h[reach[0]]) if reach.size else float(max_d)
+        nugget, psill, model = float(g[0]) if g.size else 0.0, plateau, "empirical"
+        drift = 0.0
+    return {
+        "range_m": float(range_m),
+        "nugget": float(nugget),
+        "psill": float(psill),
+        "drift_per_m": float(drift),
+        "model": model,
+        "n_samples": int(rows.size),
+        "bins_m": centres.round(1).tolist(),
+        "gamma": gamma.round(3).tolist(),
+        "n_pairs": n_pairs.tolist(),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# the splitter
+
+
+class HybridSiteSpatialKFold(BaseCrossValidator):
+    """Hybrid site-spatial K-fold over a chips GeoDataFrame: a true partition with buffers.
+
+    Parameters
+    ----------
+    n_splits : int
+        Number of folds.
+    buffer_m : float or mapping of site to float
+        Gap in metres between test footprints and the footprints used for training or validation.
+    validation_fraction : float
+        Share of each site's training pool drawn (as whole clusters) for validation.
+    clusters_per_fold : int
+        KMeans clusters per fold and site; more clusters balance folds better, fewer make test
+        regions more compact.
+    random_state : int
+        Seed; equal seeds give equal folds.
+
+    Notes
+    -----
+    ``split`` yields ``(train, test)`` integer positions (train excludes validation and buffer
+    chips); :meth:`split_with_validation` also yields the validation positions; :meth:`assign`
+    returns the ``fold`` and ``role_k`` columns.
+
+    Examples
+    --------
+    >>> cv = HybridSiteSpatialKFold(n_splits=5, buffer_m=1000, random_state=0)  # doctest: +SKIP
+    >>> for train, test in cv.split(chips):  # doctest: +SKIP
+    ...     model.fit(X[train], y[train])
+    """
+
+    def __init__(
+        self,
+        n_splits: int = 5,
+        *,
+        buffer_m: float | Mapping[str, float] = 0.0,
+        validation_fraction: float = 0.15,
+        clusters_per_fold: int = 4,
+        random_state: int = 0,
+    ) -> None:
+        self.n_splits = n_splits
+        self.buffer_m = buffer_m
+        self.validation_fraction = validation_fraction
+        self.clusters_per_fold = clusters_per_fold
+        self.random_state = random_state
+
+    def get_n_splits(self, X: Any = None, y: Any = None, groups: Any = None) -> int:
+        return self.n_splits
+
+    def _iter_test_indices(self, X: Any = None, y: Any = None, groups: Any = None):
+        roles = self.assign(X, groups=groups)
+        for k in range(self.n_splits):
+            yield np.flatnonzero(roles["fold"].to_numpy() == k)
+
+    def split(
+        self, X: gpd.GeoDataFrame, y: Any = None, groups: Any = None
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield ``(train, test)`` positions for each fold."""
+        for train, _, test in self.split_with_validation(X, y, groups):
+            yield train, test
+
+    def split_with_validation(
+        self, X: gpd.GeoDataFrame, y: Any = None, groups: Any = None
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Yield ``(train, val, test)`` positions for each fold."""
+        roles = self.assign(X, groups=groups)
+        for k in range(self.n_splits):
+            role = roles[f"role_{k}"].to_numpy()
+            yield (
+                np.flatnonzero(role == "train"),
+                np.flatnonzero(role == "val"),
+                np.flatnonzero(role == "test"),
+            )
+
+    # -- the work ----------------------------------------------------------------------------
+
+    def _buffer_for(self, site: str) -> float:
+        if isinstance(self.buffer_m, Mapping):
+            if site not in self.buffer_m:
+                raise FoldError(f"buffer_m has no value for site '{site}'")
+            return float(self.buffer_m[site])
+        return float(self.buffer_m)
+
+    def assign(self, X: gpd.GeoDataFrame, *, groups: Any = None) -> pd.DataFrame:
+        """Test fold and per-fold role of every chip.
+
+        Parameters
+        ----------
+        X : gpd.GeoDataFrame
+            Chips with footprint geometries (any CRS) and a ``site`` column unless ``groups``.
+        groups : array-like, optional
+            Site label per chip (overrides ``X["site"]``).
+
+        Returns
+        -------
+        pd.DataFrame
+            Indexed like ``X``: ``fold`` (0…K−1), ``cluster`` and ``role_0`` … ``role_{K-1}``.
+
+        Raises
+        ------
+        FoldError
+            A site has fewer chips than folds, or a buffer empties a site's training set.
+        """
+        if not isinstance(X, gpd.GeoDataFrame) or X.crs is None:
+            raise FoldError("X must be a GeoDataFrame of chip footprints with a CRS")
+        if self.n_splits < 2:
+            raise FoldError(f"n_splits must be at least 2, got {self.n_splits}")
+        sites = np.asarray(groups if groups is not None else X["site"]).astype(str)
+        n = len(X)
+        fold = np.full(n, -1, dtype=np.int64)
+        cluster = np.full(n, -1, dtype=np.int64)
+        metric = _metric_geometries(X, sites)
+        for site in pd.unique(sites):
+            idx = np.flatnonzero(sites == site)
+            f, c = self._deal_site(site, metric[idx])
+            fold[idx], cluster[idx] = f, c
+        out = pd.DataFrame({"fold": fold, "cluster": cluster}, index=X.index)
+        for k in range(self.n_splits):
+            out[f"role_{k}"] = self._roles_for_fold(k, fold, cluster, sites, metric)
+        return out
+
+    def _deal_site(self, site: str, geoms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """KMeans clusters of a site's chips, dealt to folds as compact, balanced regions."""
+        from sklearn.cluster import KMeans
+
+        n = len(geoms)
+        if n < self.n_splits:
+            raise FoldError(
+                f"site '{site}' has {n} chips, fewer than n_folds={self.n_splits}: lower "
+                "folds.n_folds, use smaller or more overlapping chips, or drop the site"
+            )
+        n_clusters = min(n, self.n_splits * self.clusters_per_fold)
+        centres = shapely.get_coordinates(shapely.centroid(geoms))
+        km = KMeans(n_clusters=n_clusters, n_init=10, random_state=self.random_state)
+        labels = km.fit_predict(centres)
+        sizes = np.bincount(labels, minlength=n_clusters).astype(np.float64)
+        where = np.array([centres[labels == c].mean(0) for c in range(n_clusters)])
+        rng = _site_rng(self.random_state, site)
+        # Seeds: farthest-point sampling from a random cluster, so regions start far apart.
+        seeds = [int(rng.integers(n_clusters))]
+        d = np.linalg.norm(where - where[seeds[0]], axis=1)
+        for _ in range(1, self.n_splits):
+            seeds.append(int(np.argmax(d)))
+            d = np.minimum(d, np.linalg.norm(where - where[seeds[-1]], axis=1))
+        cluster_fold = np.full(n_clusters, -1, dtype=np.int64)
+        fold_chips = np.zeros(self.n_splits)
+        for k, c in enumerate(rng.permutation(seeds)):
+            cluster_fold[c] = k
+            fold_chips[k] += sizes[c]
+        # Grow: the fold with the fewest chips takes the unassigned cluster nearest to its own
+        # clusters. Folds stay balanced and each fold's test region stays compact, which keeps
+        # the buffer ring around it (and the training chips it costs) small.
+        while (cluster_fold < 0).any():
+            k = int(np.argmin(fold_chips))
+            free = np.flatnonzero(cluster_fold < 0)
+            mine = where[cluster_fold == k]
+            gap = np.linalg.norm(where[free, None, :] - mine[None], axis=2).min(1)
+            c = free[int(np.argmin(gap))]
+            cluster_fold[c] = k
+            fold_chips[k] += sizes[c]
+        return cluster_fold[labels], labels
+
+    def _roles_for_fold(
+        self,
+        k: int,
+        fold: np.ndarray,
+        cluster: np.ndarray,
+        sites: np.ndarray,
+        metric: np.ndarray,
+    ) -> np.ndarray:
+        role = np.full(len(fold), "train", dtype=object)
+        test = fold == k
+        role[test] = "test"
+        near_test = _within(metric, test, ~test, sites, self._buffer_for)
+        role[near_test] = "buffer"
+        if self.validation_fraction > 0:
+            val = np.zeros(len(fold), dtype=bool)
+            for site in pd.unique(sites):
+                pool = (sites == site) & (role == "train")
+                candidates = np.unique(cluster[pool])
+                if candidates.size < 2:
+                    continue  # always leave one cluster to train on
+                # Nearest clusters to the test region first: their own buffer ring then falls
+                # largely inside the test's ring, which costs the fewest training chips.
+                site_test = metric[(sites == site) & test]
+                gap = np.array(
+                    [
+                        _nn_distance(metric[pool & (cluster == c)], site_test).min()
+                        for c in candidates
+                    ]
+                )
+                jitter = _site_rng(self.random_state, site, k).random(candidates.size)
+                want = self.validation_fraction * pool.sum()
+                taken = 0
+                for c in candidates[np.lexsort((jitter, gap))][:-1]:
+                    if taken >= want:
+                        break
+                    members = pool & (cluster == c)
+                    val |= members
+                    taken += members.sum()
+            role[val] = "val"
+            near_val = _within(metric, val, role == "train", sites, self._buffer_for)
+            role[near_val] = "buffer"
+        for site in pd.unique(sites):
+            in_site = sites == site
+            if (in_site & test).any() and not (in_site & (role == "train")).any():
+                counts = {r: int((in_site & (role == r)).sum()) for r in ROLES}
+                raise FoldError(
+                    f"site '{site}', fold {k}: the buffer of {self._buffer_for(site):.0f} m "
+                    f"leaves no training chips ({counts}); set a smaller folds.buffer_m, use "
+                    "fewer folds, or smaller chips"
+                )
+        return role.astype(str)
+
+
+def _site_rng(seed: int, site: str, *more: int) -> np.random.Generator:
+    """A generator per (seed, site, ...): a site's folds do not depend on the other sites."""
+    return np.random.default_rng([seed, zlib.crc32(site.encode()), *more])
+
+
+def _metric_geometries(X: gpd.GeoDataFrame, sites: np.ndarray) -> np.ndarray:
+    """Footprints in metres: each site in its own UTM zone."""
+    out = np.empty(len(X), dtype=object)
+    geo = X.geometry.to_crs(4326) if not X.crs.is_projected else X.geometry
+    for site in pd.unique(sites):
+        idx = np.flatnonzero(sites == site)
+        part = geo.iloc[idx]
+        if not X.crs.is_projected:
+            part = part.to_crs(part.estimate_utm_crs())
+        out[idx] = part.to_numpy()
+    return out
+
+
+def _within(
+    metric: np.ndarray,
+    source: np.ndarray,
+    candidates: np.ndarray,
+    sites: np.ndarray,
+    buffer_for: Any,
+) -> np.ndarray:
+    """Candidates whose footprint is within the site's buffer of a source footprint.
+
+    Overlapping footprints count as within any buffer; with a zero buffer, only overlap counts.
+    Distances are compared within a site (sites are kilometres to continents apart).
+    """
+    hit = np.zeros(len(metric), dtype=bool)
+    for site in pd.unique(sites):
+        src = np.flatnonzero(source & (sites == site))
+        cand = np.flatnonzero(candidates & (sites == site))
+        if src.size == 0 or cand.size == 0:
+            continue
+        tree = shapely.STRtree(metric[cand])
+        buffer = buffer_for(site)
+        if buffer > 0:
+            _, j = tree.query(metric[src], predicate="dwithin", distance=buffer)
+            hit[cand[np.unique(j)]] = True
+        else:
+            i, j = tree.query(metric[src], predicate="intersects")
+            area = shapely.area(shapely.intersection(metric[src][i], metric[cand][j]))
+            hit[cand[np.unique(j[area > 0])]] = True
+    return hit
+
+
+# --------------------------------------------------------------------------------------------
+# audit
+
+
+def _nn_distance(
+    geoms_from: np.ndarray, geoms_to: np.ndarray, *, exclusive: bool = False
+) -> np.ndarray:
+    """Distance (m) from each footprint in ``geoms_from`` to its nearest in ``geoms_to``.
+
+    ``exclusive`` skips a footprint's own equal geometry (nearest *other* chip).
+    """
+    if len(geoms_from) == 0 or len(geoms_to) == 0:
+        return np.array([])
+    tree = shapely.STRtree(geoms_to)
+    i, j = tree.query_nearest(geoms_from, all_matches=False, exclusive=exclusive)
+    d = np.full(len(geoms_from), np.inf)
+    d[i] = shapely.distance(geoms_from[i], geoms_to[j])
+    return d
+
+
+def _quantiles(d: np.ndarray) -> list[float] | None:
+    return np.quantile(d, _QUANTILES).round(1).tolist() if d.size else None
+
+
+def leakage_audit(folds: gpd.GeoDataFrame, n_folds: int) -> dict[str, Any]:
+    """Check a folds table for leakage.
+
+    For every fold and site: chips per role, the minimum footprint distance between test and
+    train (and test and validation) chips, and the distribution of nearest-training-chip distances
+    of the test chips, beside the nearest-other-chip distance of every chip of the site (the
+    distances a model trained on all chips meets when mapping the sampled area; see NNDM,
+    [Mila_etal2022]_).
+
+    Returns
+    -------
+    dict
+        ``folds`` (a list of per fold and site records), ``sites`` (per site: chip spacing
+        quantiles), ``tested_once`` (every chip in exactly one test fold), ``quantiles``.
+    """
+    sites = folds["site"].to_numpy().astype(str)
+    metric = _metric_geometries(folds, sites)
+    records = []
+    site_info = {}
+    for site in pd.unique(sites):
+        in_site = sites == site
+        g = metric[in_site]
+        spacing = _nn_distance(g, g, exclusive=True)
+        site_info[site] = {"n_chips": int(in_site.sum()), "chip_nn_m": _quantiles(spacing)}
+        for k in range(n_folds):
+            role = folds[f"role_{k}"].to_numpy()[in_site]
+            counts = {r: int((role == r).sum()) for r in ROLES}
+            test, train, val = g[role == "test"], g[role == "train"], g[role == "val"]
+            d_train = _nn_distance(test, train)
+            d_val = _nn_distance(test, val)
+            d_tv = _nn_distance(val, train)
+            records.append(
+                {
+                    "fold": k,
+                    "site": site,
+                    **{f"n_{r}": c for r, c in counts.items()},
+                    "min_train_test_m": float(d_train.min()) if d_train.size else None,
+                    "min_val_test_m": float(d_val.min()) if d_val.size else None,
+                    "min_train_val_m": float(d_tv.min()) if d_tv.size else None,
+                    "test_nn_train_m": _quantiles(d_train),
+                }
+            )
+    tested = np.stack([folds[f"role_{k}"].to_numpy() == "test" for k in range(n_folds)])
+    return {
+        "n_folds": n_folds,
+        "tested_once": bool((tested.sum(0) == 1).all()),
+        "quantiles": _QUANTILES.round(2).tolist(),
+        "folds": records,
+        "sites": site_info,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# the stage: cube -> chips -> folds
+
+
+def make_folds(config: Any, *, echo: Any = None) -> gpd.GeoDataFrame:
+    """Chips of every site of a built cube, with their folds and roles.
+
+    Parameters
+    ----------
+    config : agbcube.config.Config
+        Uses ``cube.output``, ``chips`` and ``folds``.
+    echo : callable, optional
+        Receives progress lines.
+
+    Returns
+    -------
+    gpd.GeoDataFrame
+        The chip columns, ``cluster``, ``fold`` and ``role_0`` … ``role_{K-1}``;
+        ``attrs["agbcube"]`` holds the per-site chip summary, buffers, variograms and the audit.
+    """
+    from agbcube.cube import cube_sites, open_cube
+
+    say = echo or (lambda _msg: None)
+    chips_cfg, folds_cfg = config.chips, config.folds
+    parts, summaries, buffers, variograms = [], {}, {}, {}
+    for site in cube_sites(config.cube.output):
+        ds = open_cube(config.cube.output, site)
+        gdf, summary = make_chips(
+            ds,
+            size_px=chips_cfg.size,
+            overlap=chips_cfg.overlap,
+            min_valid_fraction=chips_cfg.min_valid_fraction,
+            max_nan_fraction=chips_cfg.max_nan_fraction,
+            site=site,
+        )
+        summaries[site] = summary
+        if summary["kept"] == 0:
+            warnings.warn(f"site '{site}' has no valid chips and is left out", stacklevel=2)
+            continue
+        if folds_cfg.buffer_m == "auto":
+            variograms[site] = estimate_range_m(ds, random_state=folds_cfg.seed)
+            buffers[site] = _auto_buffer(gdf, variograms[site]["range_m"], folds_cfg)
+        else:
+            buffers[site] = max(float(folds_cfg.buffer_m), folds_cfg.min_buffer_m)
+        say(
+            f"site '{site}': {summary['kept']} chips of {summary['candidates']} "
+            f"(dropped {summary['dropped_low_valid_agb']} for AGB, "
+            f"{summary['dropped_nan_features']} for NaN features); buffer {buffers[site]:.0f} m"
+        )
+        parts.append(gdf)
+    if not parts:
+        raise FoldError("no site has a valid chip: check chips.min_valid_fraction and the cube")
+    chips = pd.concat(parts, ignore_index=True)
+    cv = HybridSiteSpatialKFold(
+        folds_cfg.n_folds,
+        buffer_m=buffers,
+        validation_fraction=folds_cfg.validation_fraction,
+        clusters_per_fold=folds_cfg.clusters_per_fold,
+        random_state=folds_cfg.seed,
+    )
+    roles = cv.assign(chips)
+    out = gpd.GeoDataFrame(pd.concat([chips, roles], axis=1), geometry="geometry", crs=chips.crs)
+    out.attrs["agbcube"] = {
+        "n_folds": folds_cfg.n_folds,
+        "chips": chips_cfg.model_dump(mode="json"),
+        "folds": folds_cfg.model_dump(mode="json"),
+        "buffer_m": buffers,
+        "variograms": variograms,
+        "chip_summary": summaries,
+        "audit": leakage_audit(out, folds_cfg.n_folds),
+    }
+    return out
+
+
+def _train_share(chips: gpd.GeoDataFrame, buffer_m: float, folds_cfg: Any) -> float:
+    """Smallest share, over folds, of a site's non-test chips left for training (0 if none)."""
+    cv = HybridSiteSpatialKFold(
+        folds_cfg.n_folds,
+        buffer_m=buffer_m,
+        validation_fraction=folds_cfg.validation_fraction,
+        clusters_per_fold=folds_cfg.clusters_per_fold,
+        random_state=folds_cfg.seed,
+    )
+    try:
+        roles = cv.assign(chips)
+    except FoldError:
+        return 0.0
+    shares = [
+        (roles[f"role_{k}"] == "train").sum() / max(1, (roles["fold"] != k).sum())
+        for k in range(folds_cfg.n_folds)
+    ]
+    return float(min(shares))
+
+
+def _auto_buffer(chips: gpd.GeoDataFrame, range_m: float, folds_cfg: Any) -> float:
+    """The variogram range, or the largest smaller buffer that keeps enough training chips.
+
+    A range comparable to the site's size would buffer away every training chip; then the
+    buffer is shrunk (never below ``min_buffer_m``) until every fold keeps
+    ``min_train_fraction`` of the site's non-test chips, with a warning that says so.
+    """
+    site = str(chips["site"].iloc[0])
+    floor = folds_cfg.min_buffer_m
+    want = max(range_m, floor)
+    if _train_share(chips, want, folds_cfg) >= folds_cfg.min_train_fraction:
+        return want
+    if _train_share(chips, floor, folds_cfg) < folds_cfg.min_train_fraction:
+        raise FoldError(
+            f"site '{site}': even the minimum buffer of {floor:.0f} m leaves a fold with less "
+            f"than {folds_cfg.min_train_fraction:.0%} of the site's chips to train on; lower "
+            "folds.min_buffer_m or folds.n_folds, or use smaller chips"
+        )
+    lo, hi = floor, want
+    for _ in range(10):
+        mid = 0.5 * (lo + hi)
+        if _train_share(chips, mid, folds_cfg) >= folds_cfg.min_train_fraction:
+            lo = mid
+        else:
+            hi = mid
+    warnings.warn(
+        f"site '{site}': its AGB autocorrelation range ({range_m:.0f} m) would leave a fold "
+        f"with less than {folds_cfg.min_train_fraction:.0%} of the chips to train on; the "
+        f"buffer is {lo:.0f} m instead. Test chips closer than the range to training chips may "
+        "give optimistic estimates at this site.",
+        UserWarning,
+        stacklevel=3,
+    )
+    return lo
+
+
+def _sidecar(path: Path, suffix: str) -> Path:
+    return path.with_name(f"{path.stem}_{suffix}")
+
+
+def write_folds(folds: gpd.GeoDataFrame, path: str | Path, *, maps: bool = True) -> list[Path]:
+    """Write the folds GeoParquet, its leakage audit (JSON) and a PNG map per site, atomically.
+
+    Returns the paths written.
+    """
+    from agbcube._io import atomic_path, write_json_atomic
+
+    path = Path(path)
+    meta = folds.attrs.get("agbcube", {})
+    with atomic_path(path) as tmp:
+        table = folds.copy()
+        table.attrs = {}
+        table.to_parquet(tmp, index=False, schema_version="1.0.0", write_covering_bbox=False)
+        _add_parquet_metadata(tmp, {"agbcube": json.dumps(meta, default=str)})
+    written = [path]
+    audit_path = _sidecar(path, "audit.json")
+    write_json_atomic(audit_path, meta)
+    written.append(audit_path)
+    if maps:
+        n_folds = int(meta.get("n_folds", _n_folds(folds)))
+        for site in pd.unique(folds["site"]):
+            png = _sidecar(path, f"map_{site}.png")
+            with atomic_path(png) as tmp:
+                plot_fold_map(folds, site, n_folds, tmp, buffer_m=meta.get("buffer_m", {}))
+            written.append(png)
+    return written
+
+
+def _add_parquet_metadata(path: Path, extra: dict[str, str]) -> None:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    meta = dict(table.schema.metadata or {})
+    meta.update({k.encode(): v.encode() for k, v in extra.items()})
+    pq.write_table(table.replace_schema_metadata(meta), path)
+
+
+def _n_folds(folds: pd.DataFrame) -> int:
+    return sum(1 for c in folds.columns if c.startswith("role_"))
+
+
+def read_folds(path: str | Path) -> gpd.GeoDataFrame:
+    """Read a folds GeoParquet written by :func:`write_folds` (metadata in ``attrs``)."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if not path.exists():
+        raise FoldError(f"folds file {path} does not exist; run `agbcube folds <config>` first")
+    gdf = gpd.read_parquet(path)
+    meta = pq.read_schema(path).metadata or {}
+    if b"agbcube" in meta:
+        gdf.attrs["agbcube"] = json.loads(meta[b"agbcube"])
+    return gdf
+
+
+_ROLE_COLOURS = {"train": "#4c72b0", "val": "#dd8452", "test": "#c44e52", "buffer": "#cccccc"}
+
+
+def plot_fold_map(
+    folds: gpd.GeoDataFrame,
+    site: str,
+    n_folds: int,
+    path: str | Path,
+    *,
+    buffer_m: Mapping[str, float] | None = None,
+) -> None:
+    """A PNG per site: chips coloured by test fold, then the roles of each fold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    sub = folds[folds["site"] == site]
+    sub = sub.to_crs(sub.estimate_utm_crs())
+    n = n_folds + 1
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.6), squeeze=False)
+    axes = axes[0]
+    sub.plot(column="fold", categorical=True, cmap="tab10", ax=axes[0], edgecolor="none")
+    axes[0].set_title(f"{site}: test fold")
+    for k in range(n_folds):
+        colours = sub[f"role_{k}"].map(_ROLE_COLOURS)
+        sub.plot(color=colours, ax=axes[k + 1], edgecolor="none")
+        axes[k + 1].set_title(f"fold {k} roles")
+    for ax in axes:
+        ax.set_axis_off()
+        ax.set_aspect("equal")
+    handles = [Patch(color=c, label=r) for r, c in _ROLE_COLOURS.items()]
+    buf = (buffer_m or {}).get(site)
+    title = f"{site}: {len(sub)} chips" + (f", buffer {buf:.0f} m" if buf is not None else "")
+    fig.suptitle(title)
+    fig.legend(handles=handles, loc="lower center", ncol=4, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 0.95))
+    fig.savefig(path, dpi=90, format="png")
+    plt.close(fig)
