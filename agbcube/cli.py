@@ -167,6 +167,67 @@ def folds_cmd(
         console.print(f"wrote {path}")
 
 
+@app.command("train")
+def train_cmd(
+    config: ConfigArg,
+    device: Annotated[
+        str, typer.Option(help="auto (GPU when present), cpu, cuda or cuda:N.")
+    ] = "auto",
+    epochs: Annotated[
+        int | None, typer.Option(help="Maximum epochs (overrides train.epochs).")
+    ] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing run.")
+    ] = False,
+    output: Annotated[
+        Path | None, typer.Option(help="Run directory (overrides train.output).")
+    ] = None,
+) -> None:
+    """Cross-validate the model over the folds (making them if missing); write the run."""
+    from agbcube.config import load_config
+    from agbcube.train import run_cv
+
+    cfg = _run(load_config, config)
+    metrics = _run(
+        run_cv,
+        cfg,
+        device=device,
+        epochs=epochs,
+        resume=resume,
+        overwrite=overwrite,
+        output=output,
+        echo=lambda line: console.print(line, markup=False, highlight=False),
+    )
+    console.print(_metrics_table(metrics))
+    console.print(f"run written to [bold]{output or cfg.train.output}[/]")
+
+
+def _metrics_table(metrics: dict) -> Table:
+    table = Table(title="cross-validated accuracy (pooled over test folds)")
+    for col in ("model", "site", "chip R²", "chip RMSE", "pixel R²", "pixel RMSE", "bias"):
+        table.add_column(col, justify="left" if col in ("model", "site") else "right")
+
+    def fmt(value, spec: str) -> str:
+        return "–" if value is None else format(value, spec)
+
+    for model, m in metrics["models"].items():
+        chip, pix = m["chip"]["mg_ha"], m["pixel"]["mg_ha"]
+        for site in [*chip["per_site"], "overall"]:
+            c = chip["overall"] if site == "overall" else chip["per_site"][site]
+            p = pix["overall"] if site == "overall" else pix["per_site"][site]
+            table.add_row(
+                model,
+                site,
+                fmt(c["r2"], ".3f"),
+                fmt(c["rmse"], ".1f"),
+                fmt(p["r2"], ".3f"),
+                fmt(p["rmse"], ".1f"),
+                fmt(c["bias"], "+.1f"),
+            )
+    return table
+
+
 @app.command("config-reference")
 def config_reference_cmd() -> None:
     """Print the reference of every configuration key (Markdown)."""

@@ -36,6 +36,7 @@ __all__ = [
     "FoldsConfig",
     "GridSpec",
     "SiteConfig",
+    "TrainConfig",
     "config_reference",
     "load_config",
 ]
@@ -197,6 +198,84 @@ class FoldsConfig(_Section):
         return _resolve(value, info)
 
 
+class TrainConfig(_Section):
+    """Model training under the folds (defaults follow the original pipeline)."""
+
+    model: Literal["cnn-coordinate", "hgb-pixel"] = Field(
+        default="cnn-coordinate",
+        description="'cnn-coordinate' (the CNN) or 'hgb-pixel' (HistGradientBoosting on pixels).",
+    )
+    baseline: Literal["hgb-pixel", "none"] = Field(
+        default="hgb-pixel",
+        description="Also fit this baseline on the same folds, reported side by side.",
+    )
+    head: Literal["chip", "dense"] = Field(
+        default="chip",
+        description="'chip': one AGB value per chip (its mean); 'dense': an AGB map per chip, "
+        "loss over every valid pixel.",
+    )
+    coordinates: Literal["none", "geographic"] = Field(
+        default="geographic",
+        description="Extra input channels with each pixel's lon/lat (standardised), or none.",
+    )
+    bands: list[str] | None = Field(
+        default=None, description="Feature bands to use (default: all bands of the cube)."
+    )
+    log_target: bool = Field(default=True, description="Train on log(AGB).")
+    loss: Literal["mse", "huber", "spatial"] = Field(default="huber", description="Loss.")
+    huber_delta: float = Field(default=1.0, gt=0, description="Huber delta (target units).")
+    spatial_loss_weight: float = Field(
+        default=0.2, ge=0, description="Weight of the residual-autocorrelation penalty."
+    )
+    conv_channels: list[int] = Field(
+        default=[32, 64, 128], min_length=1, description="Output channels of the conv blocks."
+    )
+    fc_units: list[int] = Field(default=[128, 64], description="Fully connected layers.")
+    norm: Literal["instance", "batch", "none"] = Field(
+        default="instance", description="Normalisation after each convolution."
+    )
+    dropout: float = Field(default=0.2, ge=0, lt=1, description="Dropout probability.")
+    batch_size: int = Field(default=16, ge=1, description="Chips per batch.")
+    epochs: int = Field(default=100, ge=1, description="Maximum epochs per fold.")
+    learning_rate: float = Field(default=1e-3, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(default=5e-3, ge=0, description="AdamW weight decay.")
+    patience: int = Field(default=20, ge=1, description="Early-stopping patience (epochs).")
+    augment: bool = Field(default=True, description="Random flips and 90° rotations.")
+    spectral_augment: bool = Field(default=True, description="Per-band multiplicative jitter.")
+    spectral_jitter: float = Field(default=0.05, ge=0, description="Jitter s.d. (std units).")
+    aug_probability: float = Field(default=0.7, ge=0, le=1, description="Augmentation chance.")
+    hard_negative_mining: bool = Field(default=True, description="Oversample hard chips.")
+    hnm_start_epoch: int = Field(default=20, ge=0, description="First epoch of mining.")
+    oversampling_factor: float = Field(
+        default=2.0, ge=1, description="Weight of the hardest chip relative to an easy one."
+    )
+    tta: bool = Field(default=True, description="Test-time augmentation.")
+    tta_rotations: int = Field(default=4, ge=1, le=8, description="Dihedral transforms averaged.")
+    hgb_max_pixels: int = Field(
+        default=60000, ge=100, description="Training pixels sampled for the hgb-pixel model."
+    )
+    data_path: Literal["auto", "device", "stream"] = Field(
+        default="auto",
+        description="'device': load the fold's chips once into device memory; 'stream': read "
+        "with prefetching workers; 'auto': device when they fit.",
+    )
+    num_workers: int = Field(default=2, ge=0, description="Loader workers when streaming.")
+    amp: bool = Field(default=True, description="Mixed precision on GPU.")
+    device: str = Field(default="auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
+    seed: int = Field(default=0, description="Seed of initialisation, sampling, augmentation.")
+    max_bad_steps: int = Field(
+        default=20, ge=1, description="Consecutive non-finite losses before training stops."
+    )
+    output: Path = Field(
+        default=Path("runs/train"), validate_default=True, description="Run directory."
+    )
+
+    @field_validator("output", mode="after")
+    @classmethod
+    def _resolve_output(cls, value: Path, info: ValidationInfo) -> Path:
+        return _resolve(value, info)
+
+
 class Config(_Section):
     """A whole agbcube configuration."""
 
@@ -204,6 +283,7 @@ class Config(_Section):
     cube: CubeConfig = Field(default_factory=CubeConfig)
     chips: ChipsConfig = Field(default_factory=ChipsConfig)
     folds: FoldsConfig = Field(default_factory=FoldsConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
     source: Path | None = Field(default=None, exclude=True, description="The file it came from.")
 
     @model_validator(mode="before")
@@ -211,7 +291,7 @@ class Config(_Section):
     def _fill_sections(cls, data: Any) -> Any:
         # Validate omitted sections too, so their default paths resolve against the config.
         if isinstance(data, dict):
-            data = {"cube": {}, "chips": {}, "folds": {}, **data}
+            data = {"cube": {}, "chips": {}, "folds": {}, "train": {}, **data}
         return data
 
     @model_validator(mode="after")
@@ -336,6 +416,25 @@ _LEGACY_CHIPS = {
 }
 
 
+_LEGACY_TRAIN = {
+    "batch_size": "batch_size",
+    "num_epochs": "epochs",
+    "base_learning_rate": "learning_rate",
+    "weight_decay": "weight_decay",
+    "early_stopping_patience": "patience",
+    "loss_function": "loss",
+    "huber_delta": "huber_delta",
+    "spatial_loss_weight": "spatial_loss_weight",
+    "use_geometric_aug": "augment",
+    "use_spectral_aug": "spectral_augment",
+    "aug_probability": "aug_probability",
+    "use_hard_negative_mining": "hard_negative_mining",
+    "hard_negative_start_epoch": "hnm_start_epoch",
+    "oversampling_factor": "oversampling_factor",
+    "use_test_time_augmentation": "tta",
+}
+
+
 def _is_legacy(raw: dict) -> bool:
     pre = raw.get("preprocessing")
     return "raster_pairs" in raw or (isinstance(pre, dict) and "raster_pairs" in pre)
@@ -373,6 +472,14 @@ def _translate_legacy(raw: dict, where: str) -> dict:
             UserWarning,
             stacklevel=3,
         )
+    train = {new: training.pop(old) for old, new in _LEGACY_TRAIN.items() if old in training}
+    if "tta_samples" in training:  # augmented copies besides the original
+        train["tta_rotations"] = min(8, int(training.pop("tta_samples")) + 1)
+    if "use_log_transform" in pre:
+        train["log_target"] = bool(pre.pop("use_log_transform"))
+    if training.get("model_type") == "cnn_coordinate":
+        training.pop("model_type")
+        train["model"] = "cnn-coordinate"
     ignored = sorted(
         [f"preprocessing.{k}" for k in pre if k not in {"preprocessing", "training"}]
         + [f"training.{k}" for k in training]
@@ -389,6 +496,8 @@ def _translate_legacy(raw: dict, where: str) -> dict:
         out["chips"] = chips
     if folds:
         out["folds"] = folds
+    if train:
+        out["train"] = train
     for section in ("cube",):
         if section in raw:
             out[section] = raw[section]
@@ -410,6 +519,7 @@ def config_reference() -> str:
         ("cube.grid (explicit)", GridSpec),
         ("chips", ChipsConfig),
         ("folds", FoldsConfig),
+        ("train", TrainConfig),
     ]
     out = []
     for title, model in sections:

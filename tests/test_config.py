@@ -99,7 +99,17 @@ def test_original_pipeline_layout_is_translated(tmp_path):
             "max_sat_nan_fraction": 0.25,
             "processed_dir": "data/processed",
         },
-        "training": {"n_folds": 4, "spatial_buffer": 20, "batch_size": 16},
+        "training": {
+            "n_folds": 4,
+            "spatial_buffer": 20,
+            "batch_size": 32,
+            "num_epochs": 150,
+            "loss_function": "mse",
+            "use_test_time_augmentation": True,
+            "tta_samples": 3,
+            "model_type": "cnn_coordinate",
+            "cv_dir": "results/cv_results",
+        },
     }
     with pytest.warns(UserWarning) as record:
         cfg = load_config(_write(tmp_path, legacy))
@@ -111,6 +121,9 @@ def test_original_pipeline_layout_is_translated(tmp_path):
     assert (cfg.chips.size, cfg.chips.overlap) == (32, 0.2)
     assert (cfg.chips.min_valid_fraction, cfg.chips.max_nan_fraction) == (0.6, 0.25)
     assert cfg.folds.n_folds == 4
+    assert (cfg.train.batch_size, cfg.train.epochs, cfg.train.loss) == (32, 150, "mse")
+    assert cfg.train.tta and cfg.train.tta_rotations == 4
+    assert "training.cv_dir" in messages
 
 
 def test_original_reference_config_loads():

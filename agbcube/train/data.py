@@ -1,0 +1,371 @@
+"""From the cube to batches ready for the model.
+
+Chips are cut from each site's cube with **xbatcher** (a ``BatchGenerator`` whose windows are the
+chip grid, restricted to the chips asked for). Two paths deliver batches:
+
+* **device-resident** (:class:`DeviceChips`): the fold's chips are read once, standardised,
+  and kept on the training device; every batch is a gather plus an on-device augmentation.
+* **streaming** (:class:`StreamingChips`): a torch ``Dataset`` reading each chip lazily from the
+  Zarr store, batched by a ``DataLoader`` with prefetching workers, for cubes that do not fit.
+
+Both use the same index order, the same standardisation and the same augmentation generator,
+so they give the same batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from agbcube.errors import BandError
+
+__all__ = [
+    "ChipSet",
+    "DeviceChips",
+    "Standardiser",
+    "StreamSource",
+    "StreamingChips",
+    "chip_windows",
+    "make_target",
+    "read_chips",
+]
+
+
+@dataclass
+class ChipSet:
+    """Raw chips in host memory, in the order of the chips table they were read for.
+
+    Attributes
+    ----------
+    x : np.ndarray, (n, band, size, size) float32
+        Features, NaN where missing.
+    agb : np.ndarray, (n, size, size) float32
+        AGB in Mg/ha, NaN where missing.
+    lonlat : np.ndarray, (n, 2, size, size) float32
+        Longitude and latitude of every pixel centre.
+    bands : list of str
+    """
+
+    x: np.ndarray
+    agb: np.ndarray
+    lonlat: np.ndarray
+    bands: list[str]
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+
+def _select_bands(ds: xr.Dataset, bands: Sequence[str] | None, site: str) -> xr.Dataset:
+    if bands is None:
+        return ds
+    have = [str(b) for b in ds["band"].values]
+    missing = [b for b in bands if b not in have]
+    if missing:
+        raise BandError(
+            f"site '{site}': train.bands lists {missing}, which the cube lacks; its bands: {have}"
+        )
+    return ds.sel(band=list(bands))
+
+
+def chip_windows(ds: xr.Dataset, *, size_px: int, stride_px: int) -> Any:
+    """An xbatcher ``BatchGenerator`` whose patches are the chip grid of a site's cube."""
+    import xbatcher
+
+    return xbatcher.BatchGenerator(
+        ds,
+        input_dims={"y": size_px, "x": size_px},
+        input_overlap={"y": size_px - stride_px, "x": size_px - stride_px},
+        preload_batch=True,
+    )
+
+
+def _patch_index(bgen: Any, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Map chip pixel offsets to the generator's patch numbers (from its window selectors)."""
+    lookup = {}
+    for i, selectors in bgen._batch_selectors.selectors.items():
+        sel = selectors[0]
+        lookup[(sel["y"].start, sel["x"].start)] = i
+    try:
+        return np.array([lookup[(int(r), int(c))] for r, c in zip(rows, cols, strict=True)])
+    except KeyError as err:
+        raise ValueError(
+            f"chip at pixel offset {err.args[0]} is not on the chip grid; were the folds made "
+            "with other chips settings than this config's?"
+        ) from None
+
+
+def _lonlat_grid(ds: xr.Dataset) -> np.ndarray:
+    """(2, y, x) longitude/latitude of every pixel centre of a site's cube."""
+    from pyproj import Transformer
+
+    xx, yy = np.meshgrid(ds["x"].values, ds["y"].values)
+    crs = ds.rio.crs
+    if crs.is_geographic:
+        return np.stack([xx, yy]).astype(np.float32)
+    lon, lat = Transformer.from_crs(crs, "EPSG:4326", always_xy=True).transform(xx, yy)
+    return np.stack([lon, lat]).astype(np.float32)
+
+
+def read_chips(
+    store: str | Path,
+    chips: pd.DataFrame,
+    *,
+    size_px: int,
+    stride_px: int,
+    bands: Sequence[str] | None = None,
+    load_limit_bytes: float = 4e9,
+) -> ChipSet:
+    """Read chips from a cube with xbatcher, in the order of ``chips``.
+
+    Parameters
+    ----------
+    store : str or Path
+        The cube.
+    chips : pd.DataFrame
+        Rows with ``site``, ``row`` and ``col``.
+    size_px, stride_px : int
+        Chip size and grid stride (from the chips settings the folds were made with).
+    bands : list of str, optional
+        Feature bands to keep (default all).
+    load_limit_bytes : float
+        A site whose cube is smaller is read whole first (one sequential read), so xbatcher
+        slices memory instead of issuing a small read per chip.
+
+    Returns
+    -------
+    ChipSet
+    """
+    from agbcube.cube import open_cube
+
+    n = len(chips)
+    parts: dict[str, Any] = {}
+    out_x = out_agb = out_ll = None
+    names: list[str] = []
+    positions = np.arange(n)
+    for site in pd.unique(chips["site"]):
+        mask = (chips["site"] == site).to_numpy()
+        ds = _select_bands(open_cube(store, site)[["features", "agb"]], bands, site)
+        names = [str(b) for b in ds["band"].values]
+        if ds.nbytes <= load_limit_bytes:
+            ds = ds.load()
+        bgen = chip_windows(ds, size_px=size_px, stride_px=stride_px)
+        index = _patch_index(bgen, chips["row"].to_numpy()[mask], chips["col"].to_numpy()[mask])
+        lonlat = _lonlat_grid(ds)
+        if out_x is None:
+            out_x = np.empty((n, len(names), size_px, size_px), np.float32)
+            out_agb = np.empty((n, size_px, size_px), np.float32)
+            out_ll = np.empty((n, 2, size_px, size_px), np.float32)
+        elif out_x.shape[1] != len(names):
+            raise BandError(
+                f"site '{site}' has {len(names)} feature bands, the first site "
+                f"{out_x.shape[1]}; use train.bands to pick a common set"
+            )
+        for pos, i in zip(positions[mask], index, strict=True):
+            patch = bgen[int(i)]
+            out_x[pos] = patch["features"].values
+            out_agb[pos] = patch["agb"].values
+            sel = bgen._batch_selectors.selectors[int(i)][0]
+            out_ll[pos] = lonlat[:, sel["y"], sel["x"]]
+        parts[site] = int(mask.sum())
+    assert out_x is not None and out_agb is not None and out_ll is not None
+    return ChipSet(out_x, out_agb, out_ll, names)
+
+
+@dataclass
+class Standardiser:
+    """Per-channel mean and scale fitted on training chips only.
+
+    NaN features are imputed with the training mean (0 after standardisation).
+    """
+
+    mean: np.ndarray
+    std: np.ndarray
+
+    @classmethod
+    def fit(cls, x: np.ndarray) -> Standardiser:
+        """Fit on ``(n, channel, h, w)`` arrays, ignoring NaN (float64 sums: exact, stable)."""
+        flat = np.moveaxis(x, 1, 0).reshape(x.shape[1], -1).astype(np.float64)
+        mean = np.nanmean(flat, axis=1)
+        std = np.nanstd(flat, axis=1)
+        mean = np.where(np.isfinite(mean), mean, 0.0)
+        std = np.where(np.isfinite(std) & (std > 1e-12), std, 1.0)
+        return cls(mean.astype(np.float32), std.astype(np.float32))
+
+    def apply(self, x: Any) -> Any:
+        """Standardise a numpy array or torch tensor ``(n, channel, h, w)``; NaN → 0."""
+        if isinstance(x, np.ndarray):
+            out = (x - self.mean[None, :, None, None]) / self.std[None, :, None, None]
+            return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
+        import torch
+
+        mean = torch.as_tensor(self.mean, device=x.device)[None, :, None, None]
+        std = torch.as_tensor(self.std, device=x.device)[None, :, None, None]
+        return torch.nan_to_num((x - mean) / std, nan=0.0, posinf=0.0, neginf=0.0)
+
+    def to_dict(self) -> dict[str, list[float]]:
+        return {"mean": self.mean.tolist(), "std": self.std.tolist()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, list[float]]) -> Standardiser:
+        return cls(np.asarray(d["mean"], np.float32), np.asarray(d["std"], np.float32))
+
+
+def model_inputs(chipset: ChipSet, *, coordinates: bool) -> np.ndarray:
+    """Features, plus lon/lat channels when ``coordinates``: ``(n, channel, h, w)``."""
+    if not coordinates:
+        return chipset.x
+    return np.concatenate([chipset.x, chipset.lonlat], axis=1)
+
+
+class DeviceChips:
+    """A fold's chips resident on the training device, standardised once.
+
+    Parameters
+    ----------
+    inputs : np.ndarray, (n, channel, h, w)
+        Raw model inputs (features and, optionally, coordinate channels).
+    target : np.ndarray, (n,) or (n, h, w)
+        The (possibly log-transformed) target per chip or per pixel, NaN where missing.
+    standardiser : Standardiser
+    device : torch.device or str
+    """
+
+    def __init__(
+        self, inputs: np.ndarray, target: np.ndarray, standardiser: Standardiser, device: Any
+    ) -> None:
+        import torch
+
+        self.x = torch.from_numpy(standardiser.apply(inputs)).to(device)
+        self.y = torch.from_numpy(np.ascontiguousarray(target, dtype=np.float32)).to(device)
+        self.device = self.x.device
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def iterate(self, order: Any, batch_size: int) -> Iterator[tuple[Any, Any, Any]]:
+        """Yield ``(x, y, index)`` batches in ``order`` (a CPU tensor of positions)."""
+        order = order.to(self.device)
+        for start in range(0, order.numel(), batch_size):
+            idx = order[start : start + batch_size]
+            yield self.x.index_select(0, idx), self.y.index_select(0, idx), idx
+
+
+class StreamSource:
+    """Batches of a :class:`StreamingChips` dataset through a prefetching ``DataLoader``.
+
+    Same interface and same batches as :class:`DeviceChips`; chips are read per batch.
+    """
+
+    def __init__(self, dataset: StreamingChips, device: Any, *, num_workers: int = 2) -> None:
+        import torch
+
+        self.dataset, self.device = dataset, torch.device(device)
+        self.num_workers = num_workers
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def iterate(self, order: Any, batch_size: int) -> Iterator[tuple[Any, Any, Any]]:
+        import torch
+        from torch.utils.data import DataLoader
+
+        batches = [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=batches,
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
+            prefetch_factor=4 if self.num_workers else None,
+        )
+        for (x, y), idx in zip(loader, batches, strict=True):
+            yield (
+                x.to(self.device, non_blocking=True),
+                y.to(self.device, non_blocking=True),
+                torch.as_tensor(idx, device=self.device),
+            )
+
+
+class StreamingChips:
+    """A torch ``Dataset`` of chips read lazily from the cube with xbatcher (out of core).
+
+    Items are ``(inputs, target)`` numpy arrays, standardised like :class:`DeviceChips`.
+    Each worker opens the store itself; dask runs synchronously inside workers so that
+    threads × processes do not oversubscribe the cores.
+    """
+
+    def __init__(
+        self,
+        store: str | Path,
+        chips: pd.DataFrame,
+        *,
+        size_px: int,
+        stride_px: int,
+        standardiser: Standardiser,
+        coordinates: bool,
+        log_target: bool,
+        chip_target: bool = False,
+        bands: Sequence[str] | None = None,
+    ) -> None:
+        self.store = str(store)
+        self.sites = chips["site"].to_numpy().astype(str)
+        self.rows = chips["row"].to_numpy()
+        self.cols = chips["col"].to_numpy()
+        self.size_px, self.stride_px = size_px, stride_px
+        self.standardiser = standardiser
+        self.coordinates, self.log_target = coordinates, log_target
+        self.chip_target = chip_target
+        self.bands = list(bands) if bands is not None else None
+        self._open: dict[str, tuple[Any, dict, np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        return len(self.sites)
+
+    def _site(self, site: str) -> tuple[Any, dict, np.ndarray]:
+        if site not in self._open:
+            from agbcube.cube import open_cube
+
+            ds = _select_bands(open_cube(self.store, site)[["features", "agb"]], self.bands, site)
+            bgen = chip_windows(ds, size_px=self.size_px, stride_px=self.stride_px)
+            starts = {
+                (s[0]["y"].start, s[0]["x"].start): i
+                for i, s in bgen._batch_selectors.selectors.items()
+            }
+            self._open[site] = (bgen, starts, _lonlat_grid(ds))
+        return self._open[site]
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        import dask
+
+        bgen, starts, lonlat = self._site(self.sites[i])
+        k = starts[(int(self.rows[i]), int(self.cols[i]))]
+        with dask.config.set(scheduler="synchronous"):
+            patch = bgen[k]
+        x = patch["features"].values[None]
+        if self.coordinates:
+            sel = bgen._batch_selectors.selectors[k][0]
+            x = np.concatenate([x, lonlat[None, :, sel["y"], sel["x"]]], axis=1)
+        target = make_target(
+            patch["agb"].values[None], log=self.log_target, per_chip=self.chip_target
+        )[0]
+        return self.standardiser.apply(x)[0], target
+
+
+def make_target(agb: np.ndarray, *, log: bool, per_chip: bool) -> np.ndarray:
+    """Training target from AGB maps ``(n, h, w)`` in Mg/ha.
+
+    ``per_chip``: the chip's mean valid AGB, ``(n,)``; else the map. ``log``: ``log1p`` (robust
+    to the near-zero values some AGB maps hold, unlike ``log``).
+    """
+    if per_chip:
+        valid = np.isfinite(agb)
+        total = np.where(valid, agb, 0.0).sum(axis=(1, 2), dtype=np.float64)
+        agb = (total / np.maximum(valid.sum(axis=(1, 2)), 1)).astype(np.float32)
+    out = np.log1p(agb) if log else agb
+    return np.ascontiguousarray(out, dtype=np.float32)

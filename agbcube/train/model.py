@@ -1,0 +1,218 @@
+"""The CNN, its losses, and batched on-device augmentation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = [
+    "CNNCoordinateModel",
+    "augment_batch",
+    "dihedral",
+    "dihedral_inverse",
+    "make_loss",
+    "per_sample_loss",
+]
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "instance":
+        return nn.InstanceNorm2d(channels, affine=True)
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    return nn.Identity()
+
+
+class CNNCoordinateModel(nn.Module):
+    """Conv blocks, then fully connected layers (chip head) or a per-pixel map (dense head).
+
+    Each conv block is Conv2d(3×3) → norm → ReLU → MaxPool(2) → Dropout; the chip head
+    flattens and applies Linear → LayerNorm → ReLU → Dropout layers, then one output. The dense
+    head keeps the resolution (no pooling), so it predicts an AGB map per chip and learns from
+    every labelled pixel. Coordinate channels, when used, are ordinary input channels holding
+    each pixel's geographic position.
+
+    Parameters
+    ----------
+    in_channels : int
+        Feature bands plus coordinate channels.
+    size_px : int
+        Chip side.
+    head : {"chip", "dense"}
+    conv_channels, fc_units : sequence of int
+    norm : {"instance", "batch", "none"}
+    dropout : float
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        size_px: int,
+        *,
+        head: str = "chip",
+        conv_channels: Sequence[int] = (32, 64, 128),
+        fc_units: Sequence[int] = (128, 64),
+        norm: str = "instance",
+        dropout: float = 0.2,
+    ) -> None:
+        super().__init__()
+        self.head = head
+        layers: list[nn.Module] = []
+        c_in, side = in_channels, size_px
+        for c_out in conv_channels:
+            layers += [nn.Conv2d(c_in, c_out, 3, padding=1), _norm(norm, c_out), nn.ReLU()]
+            if head == "chip" and side >= 4:
+                layers.append(nn.MaxPool2d(2))
+                side //= 2
+            layers.append(nn.Dropout2d(dropout) if head == "dense" else nn.Dropout(dropout))
+            c_in = c_out
+        self.features = nn.Sequential(*layers)
+        if head == "dense":
+            self.out = nn.Conv2d(c_in, 1, 1)
+        else:
+            fc: list[nn.Module] = [nn.Flatten()]
+            f_in = c_in * side * side
+            for units in fc_units:
+                fc += [nn.Linear(f_in, units), nn.LayerNorm(units), nn.ReLU(), nn.Dropout(dropout)]
+                f_in = units
+            fc.append(nn.Linear(f_in, 1))
+            self.out = nn.Sequential(*fc)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(n, c, h, w)`` → ``(n,)`` for the chip head, ``(n, h, w)`` for the dense head."""
+        return self.out(self.features(x))[:, 0]
+
+
+# --------------------------------------------------------------------------------------------
+# augmentation
+
+
+def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k``-th of the 8 dihedral transforms of the last two dims (k < 4: rotations)."""
+    if k >= 4:
+        x = x.flip(-1)
+    return torch.rot90(x, k % 4, dims=(-2, -1))
+
+
+def dihedral_inverse(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Undo :func:`dihedral`."""
+    x = torch.rot90(x, -(k % 4), dims=(-2, -1))
+    return x.flip(-1) if k >= 4 else x
+
+
+def augment_batch(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    generator: torch.Generator,
+    *,
+    probability: float,
+    geometric: bool,
+    spectral: bool,
+    jitter: float,
+    n_spectral: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Augment a batch on its device, all samples at once.
+
+    Each sample, with probability ``probability``, gets one of the 7 non-identity dihedral
+    transforms (applied to inputs, coordinate channels and the target map alike, so every pixel
+    keeps its true position) and a multiplicative jitter of its first ``n_spectral`` channels
+    (the spectral bands; coordinates are left alone). Random numbers come from ``generator``
+    (on the CPU), so the result does not depend on the device.
+    """
+    n = x.shape[0]
+    draw = torch.rand(n, generator=generator)
+    chosen = draw < probability
+    which = torch.randint(1, 8, (n,), generator=generator)
+    gain = 1.0 + jitter * torch.randn(n, n_spectral, generator=generator)
+    if geometric and chosen.any():
+        x, y = x.clone(), y.clone()
+        for k in range(1, 8):
+            sel = torch.nonzero(chosen & (which == k)).flatten().to(x.device)
+            if sel.numel():
+                x[sel] = dihedral(x[sel], k)
+                y[sel] = dihedral(y[sel], k) if y.dim() == 3 else y[sel]
+    if spectral and chosen.any():
+        scale = torch.where(chosen[:, None], gain, torch.ones_like(gain)).to(x.device, x.dtype)
+        x = torch.cat([x[:, :n_spectral] * scale[:, :, None, None], x[:, n_spectral:]], dim=1)
+    return x, y
+
+
+# --------------------------------------------------------------------------------------------
+# losses
+
+
+def _elementwise(pred: torch.Tensor, target: torch.Tensor, kind: str, delta: float) -> torch.Tensor:
+    if kind == "mse":
+        return (pred - target) ** 2
+    return F.huber_loss(pred, target, reduction="none", delta=delta)
+
+
+def per_sample_loss(
+    pred: torch.Tensor, target: torch.Tensor, *, kind: str = "huber", delta: float = 1.0
+) -> torch.Tensor:
+    """Loss per sample: ``(n,)``.
+
+    For the chip head ``pred`` and ``target`` are ``(n,)``; for the dense head they are
+    ``(n, h, w)`` and the loss is the mean over each chip's valid (finite) target pixels.
+    """
+    base = "huber" if kind == "spatial" else kind
+    if target.dim() == 1:  # chip head: one target per chip
+        return _elementwise(pred, target, base, delta)
+    valid = torch.isfinite(target)
+    t = torch.where(valid, target, torch.zeros_like(target))
+    count = valid.sum(dim=(-2, -1)).clamp(min=1)
+    el = _elementwise(pred, t, base, delta)
+    return (el * valid).sum(dim=(-2, -1)) / count
+
+
+def _moran_dense(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean Moran's I of residual maps with rook neighbours, over the batch (vectorised)."""
+    valid = torch.isfinite(target)
+    r = torch.where(valid, pred - torch.where(valid, target, pred), torch.zeros_like(pred))
+    count = valid.sum(dim=(-2, -1)).clamp(min=1)
+    mean = r.sum(dim=(-2, -1)) / count
+    z = torch.where(valid, r - mean[:, None, None], torch.zeros_like(r))
+    both_h = valid[:, :, 1:] & valid[:, :, :-1]
+    both_v = valid[:, 1:, :] & valid[:, :-1, :]
+    cross = (z[:, :, 1:] * z[:, :, :-1] * both_h).sum(dim=(-2, -1)) + (
+        z[:, 1:, :] * z[:, :-1, :] * both_v
+    ).sum(dim=(-2, -1))
+    pairs = (both_h.sum(dim=(-2, -1)) + both_v.sum(dim=(-2, -1))).clamp(min=1)
+    var = (z**2).sum(dim=(-2, -1)) / count
+    return ((cross / pairs) / var.clamp(min=1e-8)).mean()
+
+
+def _moran_chips(pred: torch.Tensor, target: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """Moran's I of chip residuals across the batch, inverse-distance weights (vectorised)."""
+    r = pred - target
+    z = r - r.mean()
+    d = torch.cdist(centres, centres)
+    w = torch.where(d > 0, 1.0 / d.clamp(min=1e-6), torch.zeros_like(d))
+    num = (w * z[:, None] * z[None, :]).sum()
+    return (len(z) / w.sum().clamp(min=1e-8)) * num / (z**2).sum().clamp(min=1e-8)
+
+
+def make_loss(kind: str, *, delta: float = 1.0, spatial_weight: float = 0.2):
+    """A loss ``f(pred, target, centres=None) -> scalar`` over valid targets.
+
+    ``"spatial"`` is the Huber loss plus ``spatial_weight`` × the positive part of the Moran's I
+    of the residuals (within each chip for the dense head; across the batch's chips, from their
+    ``centres``, for the chip head), which penalises spatially autocorrelated errors.
+    """
+
+    def loss(pred: torch.Tensor, target: torch.Tensor, centres: torch.Tensor | None = None):
+        base = per_sample_loss(pred, target, kind=kind, delta=delta).mean()
+        if kind != "spatial":
+            return base
+        if pred.dim() == 3:
+            moran = _moran_dense(pred, target)
+        elif centres is not None and pred.shape[0] > 2:
+            moran = _moran_chips(pred, target, centres)
+        else:
+            return base
+        return base + spatial_weight * torch.relu(moran)
+
+    return loss

@@ -1,0 +1,389 @@
+"""``agbcube train``: cross-validated training of every fold, with outputs in a run directory.
+
+Run directory::
+
+    config.yaml            the resolved configuration
+    folds.parquet          the folds used (a copy)
+    fold_k/model.pt        the fold's model, standardisation and settings
+    fold_k/checkpoint.pt   last epoch's full training state (for --resume)
+    fold_k/DONE            written last: the fold is complete
+    predictions.parquet    chip_id, site, fold, model, agb_true, agb_pred, log_true, log_pred
+    metrics.json           chip and pixel level, Mg/ha and log scale, per fold/site/overall
+    ensemble.pt            every fold's model, for `agbcube predict`
+    plots/*.png
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from agbcube._io import atomic_path, output_lock, remove_path, write_json_atomic
+from agbcube.errors import TrainingError
+
+__all__ = ["load_ensemble", "run_cv"]
+
+CNN = "cnn-coordinate"
+HGB = "hgb-pixel"
+
+
+def _stride(chips_cfg: Any) -> int:
+    return max(1, round(chips_cfg.size * (1.0 - chips_cfg.overlap)))
+
+
+def _ensure_folds(config: Any, echo: Callable[[str], None]) -> Any:
+    from agbcube.folds import make_folds, read_folds, write_folds
+
+    path = config.folds.output
+    if not Path(path).exists():
+        echo(f"no folds at {path}: making them first")
+        write_folds(make_folds(config, echo=echo), path)
+    folds = read_folds(path)
+    made_with = folds.attrs.get("agbcube", {}).get("chips")
+    if made_with is not None:
+        want = config.chips.model_dump(mode="json")
+        if any(made_with.get(k) != want[k] for k in ("size", "overlap")):
+            raise TrainingError(
+                f"folds {path} were made with chips {made_with}, the config says {want}; run "
+                "`agbcube folds` again"
+            )
+    return folds
+
+
+def _prepare_output(out: Path, *, resume: bool, overwrite: bool) -> None:
+    if out.exists() and any(out.iterdir()) and not (resume or overwrite):
+        raise TrainingError(
+            f"run directory {out} already holds a run; pass --resume to continue it, "
+            "--overwrite to replace it, or --output for a new one"
+        )
+    if overwrite and out.exists():
+        for child in out.iterdir():
+            if not child.name.startswith("."):
+                remove_path(child)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def run_cv(
+    config: Any,
+    *,
+    device: str | None = None,
+    epochs: int | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    output: str | Path | None = None,
+    echo: Callable[[str], None] | None = None,
+    plots: bool = True,
+) -> dict[str, Any]:
+    """Train and evaluate every fold; write the run directory.
+
+    Parameters
+    ----------
+    config : agbcube.config.Config
+        Reads ``cube.output``, ``chips``, ``folds`` (making the folds when missing) and ``train``.
+    device : str, optional
+        Overrides ``train.device``: ``"auto"``, ``"cpu"``, ``"cuda"``.
+    epochs : int, optional
+        Overrides ``train.epochs``.
+    resume : bool
+        Continue an interrupted run: finished folds are kept, the running one continues from
+        its last checkpoint.
+    overwrite : bool
+        Replace an existing run.
+    output : str or Path, optional
+        Overrides ``train.output``.
+    echo : callable, optional
+        Receives progress lines.
+    plots : bool
+        Write the plots.
+
+    Returns
+    -------
+    dict
+        The content of ``metrics.json``.
+    """
+    import torch
+
+    from agbcube.train.data import read_chips
+    from agbcube.train.loop import resolve_device
+
+    say = echo or (lambda _msg: None)
+    tcfg = config.train
+    out = Path(output or tcfg.output)
+    dev = resolve_device(device or tcfg.device)
+    t_start = time.perf_counter()
+    with output_lock(out, what="run directory"):
+        _prepare_output(out, resume=resume, overwrite=overwrite)
+        folds = _ensure_folds(config, say)
+        n_folds = sum(1 for c in folds.columns if c.startswith("role_"))
+        _write_config(config, out / "config.yaml", device=str(dev), epochs=epochs)
+        with atomic_path(out / "folds.parquet") as tmp:
+            shutil.copyfile(config.folds.output, tmp)
+        t_read = time.perf_counter()
+        chips = read_chips(
+            config.cube.output,
+            folds,
+            size_px=config.chips.size,
+            stride_px=_stride(config.chips),
+            bands=tcfg.bands,
+        )
+        say(
+            f"read {len(chips)} chips × {chips.x.shape[1]} bands in "
+            f"{time.perf_counter() - t_read:.1f} s; training on {dev}"
+        )
+        rows, pixel_rows, fold_info = [], [], {}
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        if dev.type == "cpu":
+            torch.use_deterministic_algorithms(True)
+        try:
+            for k in range(n_folds):
+                fold_dir = out / f"fold_{k}"
+                fold_dir.mkdir(exist_ok=True)
+                if resume and (fold_dir / "DONE").exists():
+                    say(f"fold {k}: complete, kept")
+                else:
+                    remove_path(fold_dir / "DONE")
+                    _train_fold(k, folds, chips, config, dev, fold_dir, epochs, resume, say)
+                pred = pd.read_parquet(fold_dir / "predictions.parquet")
+                rows.append(pred)
+                pixel_rows.append(pd.read_parquet(fold_dir / "pixels.parquet"))
+                fold_info[k] = json.loads((fold_dir / "DONE").read_text())
+        finally:
+            torch.use_deterministic_algorithms(deterministic)
+        predictions = pd.concat(rows, ignore_index=True)
+        pixels = pd.concat(pixel_rows, ignore_index=True)
+        with atomic_path(out / "predictions.parquet") as tmp:
+            predictions.to_parquet(tmp, index=False)
+        metrics = _metrics(predictions, pixels, fold_info, config)
+        metrics["run"] = {
+            "device": str(dev),
+            "wall_s": time.perf_counter() - t_start,
+            "n_chips": len(chips),
+            "n_bands": int(chips.x.shape[1]),
+        }
+        write_json_atomic(out / "metrics.json", metrics)
+        if tcfg.model == CNN:
+            _write_ensemble(out, n_folds)
+        if plots:
+            from agbcube.train.plots import write_plots
+
+            write_plots(out / "plots", predictions, pixels, fold_info, folds, metrics)
+    return metrics
+
+
+def _write_config(config: Any, path: Path, *, device: str, epochs: int | None) -> None:
+    data = config.model_dump(mode="json")
+    if epochs is not None:
+        data["train"]["epochs"] = epochs
+    data["train"]["device"] = device
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def _train_fold(
+    k: int,
+    folds: pd.DataFrame,
+    chips: Any,
+    config: Any,
+    dev: Any,
+    fold_dir: Path,
+    epochs: int | None,
+    resume: bool,
+    say: Callable[[str], None],
+) -> None:
+    """Train fold ``k`` (the CNN and/or the baseline) and write its predictions and model."""
+    import torch
+
+    from agbcube.train.data import DeviceChips, Standardiser, make_target, model_inputs
+    from agbcube.train.loop import build_model, chip_centres_km, fit_fold, predict
+
+    tcfg = config.train
+    role = folds[f"role_{k}"].to_numpy()
+    train, val, test = (np.flatnonzero(role == r) for r in ("train", "val", "test"))
+    meta = folds[["chip_id", "site"]].iloc[test].reset_index(drop=True)
+    agb_test = chips.agb[test]
+    true_chip = make_target(agb_test, log=False, per_chip=True)
+    preds: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # model -> (chip Mg/ha, pixel Mg/ha)
+    info: dict[str, Any] = {
+        "fold": k,
+        "n_train": int(train.size),
+        "n_val": int(val.size),
+        "n_test": int(test.size),
+    }
+    t0 = time.perf_counter()
+    if tcfg.model == CNN:
+        coords = tcfg.coordinates == "geographic"
+        inputs = model_inputs(chips, coordinates=coords)
+        dense = tcfg.head == "dense"
+        target = make_target(chips.agb, log=tcfg.log_target, per_chip=not dense)
+        std = Standardiser.fit(inputs[train])
+        train_src = DeviceChips(inputs[train], target[train], std, dev)
+        val_src = DeviceChips(inputs[val], target[val], std, dev) if val.size else None
+        centres = torch.from_numpy(chip_centres_km(chips.lonlat[train])).to(dev)
+        seed = tcfg.seed * 1000 + k
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            torch.manual_seed(seed)
+            model = build_model(tcfg, inputs.shape[1], chips.x.shape[-1]).to(dev)
+            fit = fit_fold(
+                model,
+                train_src,
+                val_src,
+                tcfg,
+                n_spectral=chips.x.shape[1],
+                seed=seed,
+                epochs=epochs,
+                checkpoint=fold_dir / "checkpoint.pt",
+                resume=resume,
+                centres=centres,
+                echo=say,
+                label=f"fold {k}",
+            )
+        x_test = torch.from_numpy(std.apply(inputs[test])).to(dev)
+        raw = predict(model, x_test, tta=tcfg.tta_rotations if tcfg.tta else 1).cpu().numpy()
+        mg = np.expm1(raw) if tcfg.log_target else raw
+        if dense:
+            pix = np.where(np.isfinite(agb_test), mg, np.nan)
+            chip_pred = np.nanmean(pix.reshape(len(pix), -1), axis=1)
+        else:
+            chip_pred = mg
+            pix = np.broadcast_to(mg[:, None, None], agb_test.shape)
+        preds[CNN] = (chip_pred, pix)
+        torch.save(
+            {
+                "state_dict": model.state_dict(),
+                "standardiser": std.to_dict(),
+                "in_channels": int(inputs.shape[1]),
+                "size_px": int(chips.x.shape[-1]),
+                "bands": chips.bands,
+                "train": tcfg.model_dump(mode="json"),
+                "fold": k,
+            },
+            fold_dir / "model.pt",
+        )
+        info.update(
+            best_epoch=fit.best_epoch,
+            epochs_run=len(fit.history),
+            stopped=fit.stopped,
+            bad_steps=fit.bad_steps,
+            history=fit.history,
+        )
+    info["cnn_s"] = time.perf_counter() - t0
+    if tcfg.model == HGB or tcfg.baseline == HGB:
+        from agbcube.train.baseline import fit_hgb_pixels, predict_hgb_pixels
+
+        t1 = time.perf_counter()
+        fit_idx = np.concatenate([train, val])
+        target = make_target(chips.agb[fit_idx], log=tcfg.log_target, per_chip=False)
+        hgb = fit_hgb_pixels(
+            chips.x[fit_idx], target, max_pixels=tcfg.hgb_max_pixels, random_state=tcfg.seed + k
+        )
+        raw = predict_hgb_pixels(hgb, chips.x[test])
+        mg = np.expm1(raw) if tcfg.log_target else raw
+        pix = np.where(np.isfinite(agb_test), mg, np.nan)
+        preds[HGB] = (np.nanmean(pix.reshape(len(pix), -1), axis=1), pix)
+        info["hgb_s"] = time.perf_counter() - t1
+        say(f"fold {k}: {HGB} baseline fitted in {info['hgb_s']:.1f} s")
+    frames, pixel_frames = [], []
+    valid = np.isfinite(agb_test)
+    for name, (chip_pred, pix) in preds.items():
+        frames.append(
+            meta.assign(
+                fold=k,
+                model=name,
+                agb_true=true_chip.astype(np.float64),
+                agb_pred=chip_pred.astype(np.float64),
+                log_true=np.log1p(true_chip.astype(np.float64)),
+                log_pred=np.log1p(np.clip(chip_pred.astype(np.float64), 0, None)),
+            )
+        )
+        site_px = np.broadcast_to(meta["site"].to_numpy()[:, None, None], agb_test.shape)
+        pixel_frames.append(
+            pd.DataFrame(
+                {
+                    "site": site_px[valid],
+                    "fold": k,
+                    "model": name,
+                    "agb_true": agb_test[valid].astype(np.float32),
+                    "agb_pred": np.asarray(pix)[valid].astype(np.float32),
+                }
+            )
+        )
+    pd.concat(frames, ignore_index=True).to_parquet(fold_dir / "predictions.parquet", index=False)
+    pd.concat(pixel_frames, ignore_index=True).to_parquet(fold_dir / "pixels.parquet", index=False)
+    (fold_dir / "DONE").write_text(json.dumps(info, default=float))  # written last
+
+
+def _metrics(
+    predictions: pd.DataFrame, pixels: pd.DataFrame, fold_info: dict, config: Any
+) -> dict[str, Any]:
+    from agbcube.train.metrics import summarise
+
+    out: dict[str, Any] = {"models": {}}
+    for name, chip in predictions.groupby("model"):
+        pix = pixels[pixels["model"] == name].assign(
+            log_true=lambda d: np.log1p(d["agb_true"].astype(np.float64)),
+            log_pred=lambda d: np.log1p(np.clip(d["agb_pred"].astype(np.float64), 0, None)),
+        )
+        out["models"][name] = {
+            "chip": {
+                "mg_ha": summarise(chip, true="agb_true", pred="agb_pred"),
+                "log": summarise(chip, true="log_true", pred="log_pred"),
+            },
+            "pixel": {
+                "mg_ha": summarise(pix, true="agb_true", pred="agb_pred"),
+                "log": summarise(pix, true="log_true", pred="log_pred"),
+            },
+        }
+    out["folds"] = {
+        int(k): {key: v for key, v in info.items() if key != "history"}
+        for k, info in fold_info.items()
+    }
+    out["primary_model"] = config.train.model
+    return out
+
+
+def _write_ensemble(out: Path, n_folds: int) -> None:
+    import torch
+
+    members = [
+        torch.load(out / f"fold_{k}" / "model.pt", weights_only=False) for k in range(n_folds)
+    ]
+    with atomic_path(out / "ensemble.pt") as tmp:
+        torch.save({"format": 1, "members": members}, tmp)
+
+
+def load_ensemble(run_dir: str | Path, device: str = "cpu") -> tuple[list[Any], dict[str, Any]]:
+    """The fold models of a run, ready for prediction, and their shared settings.
+
+    Returns
+    -------
+    models : list of (torch.nn.Module, Standardiser)
+    spec : dict
+        ``bands``, ``size_px``, ``train`` (the training settings).
+    """
+    import torch
+
+    from agbcube.config import TrainConfig
+    from agbcube.train.data import Standardiser
+    from agbcube.train.loop import build_model
+
+    path = Path(run_dir) / "ensemble.pt"
+    if not path.exists():
+        raise TrainingError(f"{path} does not exist: train with `agbcube train` first")
+    blob = torch.load(path, map_location=device, weights_only=False)
+    models = []
+    for member in blob["members"]:
+        tcfg = TrainConfig.model_validate(member["train"])
+        model = build_model(tcfg, member["in_channels"], member["size_px"]).to(device)
+        model.load_state_dict(member["state_dict"])
+        model.eval()
+        models.append((model, Standardiser.from_dict(member["standardiser"])))
+    first = blob["members"][0]
+    return models, {"bands": first["bands"], "size_px": first["size_px"], "train": first["train"]}
