@@ -109,6 +109,8 @@ def demo_cmd(
     from agbcube.config import load_config
     from agbcube.cube import build_cube
     from agbcube.demo import write_demo
+    from agbcube.folds import make_folds, write_folds
+    from agbcube.train import run_cv
 
     path = _run(write_demo, output, size_px=size)
     console.print(f"demo sites and config written to [bold]{path}[/]")

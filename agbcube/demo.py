@@ -304,6 +304,17 @@ def demo_config(data_dir: str = "data", out_dir: str = ".") -> dict:
             "seed": 0,
             "output": f"{out_dir}/runs/folds.parquet",
         },
+        # Small and short: the demo shows the whole pipeline in about a minute on a laptop.
+        "train": {
+            "head": "dense",
+            "conv_channels": [16, 16],
+            "epochs": 8,
+            "batch_size": 16,
+            "patience": 4,
+            "hnm_start_epoch": 4,
+            "hgb_max_pixels": 20000,
+            "output": f"{out_dir}/runs/demo",
+        },
     }
 
 

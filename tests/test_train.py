@@ -1,0 +1,328 @@
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from agbcube.config import TrainConfig
+from agbcube.train.data import (
+    DeviceChips,
+    Standardiser,
+    StreamingChips,
+    StreamSource,
+    make_target,
+    model_inputs,
+    read_chips,
+)
+from agbcube.train.loop import build_model, fit_fold, predict
+from agbcube.train.model import (
+    CNNCoordinateModel,
+    augment_batch,
+    dihedral,
+    dihedral_inverse,
+    make_loss,
+    per_sample_loss,
+)
+
+
+def _stride(cfg) -> int:
+    return max(1, round(cfg.chips.size * (1 - cfg.chips.overlap)))
+
+
+@pytest.fixture(scope="module")
+def demo_folds(demo_config):
+    from agbcube.folds import make_folds, read_folds, write_folds
+
+    write_folds(make_folds(demo_config), demo_config.folds.output, maps=False)
+    return read_folds(demo_config.folds.output)
+
+
+@pytest.fixture(scope="module")
+def demo_chips(demo_config, demo_folds):
+    return read_chips(
+        demo_config.cube.output,
+        demo_folds,
+        size_px=demo_config.chips.size,
+        stride_px=_stride(demo_config),
+    )
+
+
+def test_read_chips_matches_cube_windows(demo_config, demo_folds, demo_chips):
+    from agbcube.cube import open_cube
+
+    assert demo_chips.x.shape[0] == len(demo_folds)
+    size = demo_config.chips.size
+    for i in (0, len(demo_folds) // 2, len(demo_folds) - 1):
+        row = demo_folds.iloc[i]
+        ds = open_cube(demo_config.cube.output, row.site)
+        win = dict(y=slice(row.row, row.row + size), x=slice(row.col, row.col + size))
+        np.testing.assert_array_equal(demo_chips.x[i], ds.features.isel(win).values)
+        np.testing.assert_array_equal(demo_chips.agb[i], ds.agb.isel(win).values)
+        # lon/lat channels hold the pixel's geographic position, different for every chip
+        assert np.allclose(demo_chips.lonlat[i, 0, 0], ds.x.values[win["x"]])
+    assert not np.allclose(demo_chips.lonlat[0], demo_chips.lonlat[1])
+    # chip means agree with the folds table
+    np.testing.assert_allclose(
+        make_target(demo_chips.agb, log=False, per_chip=True), demo_folds.agb_mean, rtol=1e-5
+    )
+
+
+def test_standardiser_uses_training_chips_and_imputes(rng):
+    x = rng.normal(5, 2, (10, 3, 4, 4)).astype("float32")
+    x[0, 1, 0, 0] = np.nan
+    std = Standardiser.fit(x[:6])
+    flat = np.moveaxis(x[:6], 1, 0).reshape(3, -1)
+    np.testing.assert_allclose(std.mean, np.nanmean(flat, axis=1), rtol=1e-5)
+    out = std.apply(x)
+    assert out[0, 1, 0, 0] == 0.0 and np.isfinite(out).all()
+    t = std.apply(torch.from_numpy(x))
+    np.testing.assert_allclose(t.numpy(), out, rtol=1e-6, atol=1e-6)
+
+
+def test_streamed_and_device_batches_are_equal(demo_config, demo_folds, demo_chips):
+    idx = np.arange(24)
+    inputs = model_inputs(demo_chips, coordinates=True)
+    std = Standardiser.fit(inputs[idx])
+    target = make_target(demo_chips.agb, log=True, per_chip=False)
+    dev = DeviceChips(inputs[idx], target[idx], std, "cpu")
+    ds = StreamingChips(
+        demo_config.cube.output,
+        demo_folds.iloc[idx],
+        size_px=demo_config.chips.size,
+        stride_px=_stride(demo_config),
+        standardiser=std,
+        coordinates=True,
+        log_target=True,
+    )
+    stream = StreamSource(ds, "cpu", num_workers=0)
+    order = torch.randperm(24, generator=torch.Generator().manual_seed(0))
+    for (xa, ya, ia), (xb, yb, ib) in zip(dev.iterate(order, 8), stream.iterate(order, 8),
+                                          strict=True):
+        torch.testing.assert_close(xa, xb, rtol=0, atol=0)
+        torch.testing.assert_close(ya, yb, rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(ia, ib)
+
+
+@pytest.mark.parametrize("head", ["chip", "dense"])
+@pytest.mark.parametrize("norm", ["instance", "batch", "none"])
+def test_model_shapes(head, norm):
+    model = CNNCoordinateModel(7, 16, head=head, norm=norm, conv_channels=(8, 16), fc_units=(12,))
+    out = model(torch.randn(5, 7, 16, 16))
+    assert out.shape == ((5,) if head == "chip" else (5, 16, 16))
+    assert torch.isfinite(out).all()
+    # odd sizes work too
+    model = CNNCoordinateModel(3, 24, head=head, norm=norm)
+    assert model(torch.randn(2, 3, 24, 24)).shape[0] == 2
+
+
+def test_losses_known_values():
+    pred = torch.tensor([1.0, 3.0])
+    target = torch.tensor([1.0, 1.0])
+    assert make_loss("mse")(pred, target).item() == pytest.approx(2.0)
+    assert make_loss("huber", delta=1.0)(pred, target).item() == pytest.approx(0.75)
+    # dense: only valid pixels count
+    p = torch.zeros(1, 2, 2)
+    t = torch.tensor([[[1.0, float("nan")], [3.0, float("nan")]]])
+    assert per_sample_loss(p, t, kind="mse").item() == pytest.approx(5.0)
+
+
+def test_spatial_loss_penalises_autocorrelated_residuals():
+    torch.manual_seed(0)
+    target = torch.zeros(4, 16, 16)
+    smooth = torch.linspace(-1, 1, 16)[None, :, None].expand(4, 16, 16).clone()
+    noisy = torch.randn(4, 16, 16) * smooth.std()
+    loss = make_loss("spatial", spatial_weight=1.0)
+    huber = make_loss("huber")
+    extra_smooth = loss(smooth, target) - huber(smooth, target)
+    extra_noisy = loss(noisy, target) - huber(noisy, target)
+    assert extra_smooth > 0.5 and extra_noisy < 0.2
+    # chip head: residuals similar for near chips are penalised through the centres
+    centres = torch.tensor([[0.0, 0.0], [0.1, 0.0], [10.0, 0.0], [10.1, 0.0]])
+    pred = torch.tensor([1.0, 1.0, -1.0, -1.0])
+    assert loss(pred, torch.zeros(4), centres) > huber(pred, torch.zeros(4))
+
+
+def test_augmentation_is_consistent():
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
+    y = x[:, 0].clone()
+    g = torch.Generator().manual_seed(1)
+    xa, ya = augment_batch(x, y, g, probability=1.0, geometric=True, spectral=False,
+                           jitter=0.0, n_spectral=2)
+    # inputs, coordinate channels and target move together
+    torch.testing.assert_close(xa[:, 0], ya)
+    torch.testing.assert_close(xa[:, 2], xa[:, 0] + 32)
+    assert not torch.equal(xa, x)
+    # spectral jitter touches only the spectral channels
+    g = torch.Generator().manual_seed(1)
+    xs, _ = augment_batch(x, y, g, probability=1.0, geometric=False, spectral=True,
+                          jitter=0.1, n_spectral=2)
+    torch.testing.assert_close(xs[:, 2], x[:, 2])
+    assert not torch.equal(xs[:, :2], x[:, :2])
+    # probability 0: untouched; same seed, same result
+    g = torch.Generator().manual_seed(1)
+    xn, yn = augment_batch(x, y, g, probability=0.0, geometric=True, spectral=True,
+                           jitter=0.1, n_spectral=2)
+    assert torch.equal(xn, x) and torch.equal(yn, y)
+    for k in range(8):
+        torch.testing.assert_close(dihedral_inverse(dihedral(x, k), k), x)
+
+
+def test_tta_averages_dihedral_predictions():
+    torch.manual_seed(0)
+    model = CNNCoordinateModel(3, 8, head="dense", conv_channels=(4,), norm="none")
+    x = torch.randn(3, 3, 8, 8)
+    one = predict(model, x, tta=1)
+    four = predict(model, x, tta=4)
+    manual = sum(dihedral_inverse(model(dihedral(x, k)), k) for k in range(4)) / 4
+    torch.testing.assert_close(four, manual.detach())
+    assert not torch.allclose(one, four)
+    # chip head: a scalar per chip, the mean over the transforms
+    chip = CNNCoordinateModel(3, 8, head="chip", conv_channels=(4,), fc_units=(4,))
+    want = sum(chip.eval()(dihedral(x, k)) for k in range(4)) / 4
+    torch.testing.assert_close(predict(chip, x, tta=4), want.detach())
+
+
+def _toy(n=48, size=8, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 3, size, size)).astype("float32")
+    y = (2.0 * x[:, 0].mean(axis=(1, 2)) + 5.0).astype("float32")
+    return x, y
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(conv_channels=[8, 16], fc_units=[16], epochs=6, batch_size=8, patience=50,
+                hnm_start_epoch=2, aug_probability=0.5, dropout=0.1)
+    return TrainConfig(**{**base, **kw})
+
+
+def _fit(cfg, x, y, checkpoint=None, resume=False, echo=None, seed=3):
+    std = Standardiser.fit(x[:32])
+    train = DeviceChips(x[:32], y[:32], std, "cpu")
+    val = DeviceChips(x[32:], y[32:], std, "cpu")
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = build_model(cfg, 3, x.shape[-1])
+        fit = fit_fold(model, train, val, cfg, n_spectral=3, seed=seed, checkpoint=checkpoint,
+                       resume=resume, echo=echo)
+    return model, fit
+
+
+def test_training_learns_and_restores_best_weights():
+    x, y = _toy()
+    model, fit = _fit(_cfg(epochs=15, learning_rate=3e-3), x, y)
+    assert fit.history[-1]["train_loss"] < fit.history[0]["train_loss"]
+    best = min(h["val_loss"] for h in fit.history)
+    assert fit.history[fit.best_epoch]["val_loss"] == best
+    std = Standardiser.fit(x[:32])
+    val = DeviceChips(x[32:], y[32:], std, "cpu")
+    model.eval()
+    with torch.no_grad():
+        now = per_sample_loss(model(val.x), val.y, kind="huber").mean().item()
+    assert now == pytest.approx(best, rel=1e-5)
+
+
+def test_early_stopping():
+    x, y = _toy()
+    _, fit = _fit(_cfg(epochs=40, patience=2, learning_rate=0.5), x, y)
+    assert fit.stopped.startswith("early stop") and len(fit.history) < 40
+
+
+def test_hnm_weights_follow_per_sample_loss(monkeypatch):
+    import agbcube.train.loop as loop
+
+    seen = {}
+    real = torch.multinomial
+
+    def spy(weights, n, **kw):
+        seen["w"] = weights.clone()
+        return real(weights, n, **kw)
+
+    monkeypatch.setattr(loop.torch, "multinomial", spy)
+    x, y = _toy()
+    y[:4] += 50.0  # four very hard chips
+    _fit(_cfg(epochs=3, hnm_start_epoch=1, oversampling_factor=3.0), x, y)
+    w = seen["w"]
+    assert w.shape == (32,)
+    assert w.max().item() == pytest.approx(3.0) and w.min().item() >= 1.0
+    assert set(torch.topk(w, 4).indices.tolist()) == {0, 1, 2, 3}
+
+
+def test_resume_is_bit_identical(tmp_path):
+    x, y = _toy()
+    cfg = _cfg(epochs=6)
+    full, _ = _fit(cfg, x, y, checkpoint=tmp_path / "a.pt")
+
+    class Stop(Exception):
+        pass
+
+    def die_at_epoch_3(line):
+        if "epoch   3/" in line:
+            raise Stop
+
+    with pytest.raises(Stop):
+        _fit(cfg, x, y, checkpoint=tmp_path / "b.pt", echo=die_at_epoch_3)
+    resumed, fit = _fit(cfg, x, y, checkpoint=tmp_path / "b.pt", resume=True)
+    assert len(fit.history) == 6
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values(),
+                            strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_nan_losses_are_skipped_then_stop():
+    from agbcube.errors import TrainingError
+
+    x, y = _toy()
+    y[:] = np.nan
+    with pytest.raises(TrainingError, match="not finite for 3 consecutive steps"):
+        _fit(_cfg(epochs=3, max_bad_steps=3, loss="mse"), x, y)
+
+
+def test_metrics_known_values():
+    from agbcube.train.metrics import regression_metrics
+
+    m = regression_metrics(np.array([1.0, 2.0, 3.0, 4.0]), np.array([1.0, 2.0, 3.0, 6.0]))
+    assert m["rmse"] == pytest.approx(1.0)
+    assert m["r2"] == pytest.approx(1 - 4 / 5)
+    assert m["mae"] == pytest.approx(0.5) and m["bias"] == pytest.approx(0.5)
+    assert m["spearman"] == pytest.approx(1.0) and m["rrmse"] == pytest.approx(0.4)
+    assert regression_metrics(np.array([1.0]), np.array([2.0]))["r2"] is None
+
+
+def test_run_cv_writes_every_output(demo_config, demo_folds, tmp_path):
+    import json
+
+    from agbcube.train import load_ensemble, run_cv
+
+    cfg = demo_config.model_copy(
+        update={"train": demo_config.train.model_copy(
+            update={"epochs": 2, "conv_channels": [8], "fc_units": [8], "hgb_max_pixels": 2000}
+        )}
+    )
+    out = tmp_path / "run"
+    metrics = run_cv(cfg, output=out, device="cpu")
+    for name in ("config.yaml", "folds.parquet", "predictions.parquet", "metrics.json",
+                 "ensemble.pt", "plots/predicted_vs_observed.png", "plots/training_history.png",
+                 "plots/residuals.png", "plots/site_performance.png",
+                 "plots/residual_map_alpha.png", "fold_0/model.pt", "fold_2/checkpoint.pt"):
+        assert (out / name).exists(), name
+    pred = pd.read_parquet(out / "predictions.parquet")
+    assert set(pred.model) == {"cnn-coordinate", "hgb-pixel"}
+    assert {"chip_id", "site", "fold", "agb_true", "agb_pred", "log_true", "log_pred"} <= set(
+        pred.columns
+    )
+    cnn = pred[pred.model == "cnn-coordinate"]
+    assert sorted(cnn.chip_id) == sorted(demo_folds.chip_id)  # every chip tested once
+    on_disk = json.loads((out / "metrics.json").read_text())
+    for level in ("chip", "pixel"):
+        for scale in ("mg_ha", "log"):
+            block = on_disk["models"]["hgb-pixel"][level][scale]
+            assert set(block["per_site"]) == {"alpha", "beta", "gamma"}
+            assert set(block["overall"]) >= {"rmse", "r2", "mae", "bias", "spearman", "rrmse"}
+    assert metrics["models"]["hgb-pixel"]["chip"]["mg_ha"]["overall"]["r2"] > 0.5
+    models, spec = load_ensemble(out)
+    assert len(models) == 3 and spec["size_px"] == demo_config.chips.size
+    from agbcube.errors import TrainingError
+
+    with pytest.raises(TrainingError, match="already holds a run"):
+        run_cv(cfg, output=out, device="cpu")
