@@ -125,6 +125,17 @@ def demo_cmd(
         echo=console.print,
     )
     console.print(_cube_table(results))
+    folds = _run(make_folds, cfg, echo=console.print)
+    _run(write_folds, folds, cfg.folds.output)
+    console.print(_folds_table(folds))
+    metrics = _run(
+        run_cv,
+        cfg,
+        overwrite=True,
+        echo=lambda line: console.print(line, markup=False, highlight=False),
+    )
+    console.print(_metrics_table(metrics))
+    console.print(f"demo outputs under [bold]{output}[/]: cube, folds, run (plots, metrics)")
 
 
 def _folds_table(folds) -> Table:

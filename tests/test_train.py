@@ -97,8 +97,9 @@ def test_streamed_and_device_batches_are_equal(demo_config, demo_folds, demo_chi
     )
     stream = StreamSource(ds, "cpu", num_workers=0)
     order = torch.randperm(24, generator=torch.Generator().manual_seed(0))
-    for (xa, ya, ia), (xb, yb, ib) in zip(dev.iterate(order, 8), stream.iterate(order, 8),
-                                          strict=True):
+    for (xa, ya, ia), (xb, yb, ib) in zip(
+        dev.iterate(order, 8), stream.iterate(order, 8), strict=True
+    ):
         torch.testing.assert_close(xa, xb, rtol=0, atol=0)
         torch.testing.assert_close(ya, yb, rtol=0, atol=0, equal_nan=True)
         assert torch.equal(ia, ib)
@@ -147,22 +148,25 @@ def test_augmentation_is_consistent():
     x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
     y = x[:, 0].clone()
     g = torch.Generator().manual_seed(1)
-    xa, ya = augment_batch(x, y, g, probability=1.0, geometric=True, spectral=False,
-                           jitter=0.0, n_spectral=2)
+    xa, ya = augment_batch(
+        x, y, g, probability=1.0, geometric=True, spectral=False, jitter=0.0, n_spectral=2
+    )
     # inputs, coordinate channels and target move together
     torch.testing.assert_close(xa[:, 0], ya)
     torch.testing.assert_close(xa[:, 2], xa[:, 0] + 32)
     assert not torch.equal(xa, x)
     # spectral jitter touches only the spectral channels
     g = torch.Generator().manual_seed(1)
-    xs, _ = augment_batch(x, y, g, probability=1.0, geometric=False, spectral=True,
-                          jitter=0.1, n_spectral=2)
+    xs, _ = augment_batch(
+        x, y, g, probability=1.0, geometric=False, spectral=True, jitter=0.1, n_spectral=2
+    )
     torch.testing.assert_close(xs[:, 2], x[:, 2])
     assert not torch.equal(xs[:, :2], x[:, :2])
     # probability 0: untouched; same seed, same result
     g = torch.Generator().manual_seed(1)
-    xn, yn = augment_batch(x, y, g, probability=0.0, geometric=True, spectral=True,
-                           jitter=0.1, n_spectral=2)
+    xn, yn = augment_batch(
+        x, y, g, probability=0.0, geometric=True, spectral=True, jitter=0.1, n_spectral=2
+    )
     assert torch.equal(xn, x) and torch.equal(yn, y)
     for k in range(8):
         torch.testing.assert_close(dihedral_inverse(dihedral(x, k), k), x)
@@ -191,8 +195,16 @@ def _toy(n=48, size=8, seed=0):
 
 
 def _cfg(**kw) -> TrainConfig:
-    base = dict(conv_channels=[8, 16], fc_units=[16], epochs=6, batch_size=8, patience=50,
-                hnm_start_epoch=2, aug_probability=0.5, dropout=0.1)
+    base = dict(
+        conv_channels=[8, 16],
+        fc_units=[16],
+        epochs=6,
+        batch_size=8,
+        patience=50,
+        hnm_start_epoch=2,
+        aug_probability=0.5,
+        dropout=0.1,
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -203,8 +215,17 @@ def _fit(cfg, x, y, checkpoint=None, resume=False, echo=None, seed=3):
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = build_model(cfg, 3, x.shape[-1])
-        fit = fit_fold(model, train, val, cfg, n_spectral=3, seed=seed, checkpoint=checkpoint,
-                       resume=resume, echo=echo)
+        fit = fit_fold(
+            model,
+            train,
+            val,
+            cfg,
+            n_spectral=3,
+            seed=seed,
+            checkpoint=checkpoint,
+            resume=resume,
+            echo=echo,
+        )
     return model, fit
 
 
@@ -264,8 +285,7 @@ def test_resume_is_bit_identical(tmp_path):
         _fit(cfg, x, y, checkpoint=tmp_path / "b.pt", echo=die_at_epoch_3)
     resumed, fit = _fit(cfg, x, y, checkpoint=tmp_path / "b.pt", resume=True)
     assert len(fit.history) == 6
-    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values(),
-                            strict=True):
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 
 
@@ -295,16 +315,28 @@ def test_run_cv_writes_every_output(demo_config, demo_folds, tmp_path):
     from agbcube.train import load_ensemble, run_cv
 
     cfg = demo_config.model_copy(
-        update={"train": demo_config.train.model_copy(
-            update={"epochs": 2, "conv_channels": [8], "fc_units": [8], "hgb_max_pixels": 2000}
-        )}
+        update={
+            "train": demo_config.train.model_copy(
+                update={"epochs": 2, "conv_channels": [8], "fc_units": [8], "hgb_max_pixels": 2000}
+            )
+        }
     )
     out = tmp_path / "run"
     metrics = run_cv(cfg, output=out, device="cpu")
-    for name in ("config.yaml", "folds.parquet", "predictions.parquet", "metrics.json",
-                 "ensemble.pt", "plots/predicted_vs_observed.png", "plots/training_history.png",
-                 "plots/residuals.png", "plots/site_performance.png",
-                 "plots/residual_map_alpha.png", "fold_0/model.pt", "fold_2/checkpoint.pt"):
+    for name in (
+        "config.yaml",
+        "folds.parquet",
+        "predictions.parquet",
+        "metrics.json",
+        "ensemble.pt",
+        "plots/predicted_vs_observed.png",
+        "plots/training_history.png",
+        "plots/residuals.png",
+        "plots/site_performance.png",
+        "plots/residual_map_alpha.png",
+        "fold_0/model.pt",
+        "fold_2/checkpoint.pt",
+    ):
         assert (out / name).exists(), name
     pred = pd.read_parquet(out / "predictions.parquet")
     assert set(pred.model) == {"cnn-coordinate", "hgb-pixel"}
