@@ -188,12 +188,36 @@ class Standardiser:
     std: np.ndarray
 
     @classmethod
-    def fit(cls, x: np.ndarray) -> Standardiser:
-        """Fit on ``(n, channel, h, w)`` arrays, ignoring NaN (float64 sums: exact, stable)."""
-        flat = np.moveaxis(x, 1, 0).reshape(x.shape[1], -1).astype(np.float64)
-        mean = np.nanmean(flat, axis=1)
-        std = np.nanstd(flat, axis=1)
-        mean = np.where(np.isfinite(mean), mean, 0.0)
+    def fit(cls, x: np.ndarray, *, block: int = 256) -> Standardiser:
+        """Fit on ``(n, channel, h, w)`` chips, ignoring NaN."""
+        return cls.fit_blocks(x[i : i + block] for i in range(0, max(len(x), 1), block))
+
+    @classmethod
+    def fit_blocks(cls, blocks: Any) -> Standardiser:
+        """Fit on an iterable of ``(n, channel, h, w)`` blocks (streamed chips).
+
+        Float64 sums in block order: the in-memory and the streamed paths, fed the same
+        blocks, get bit-identical statistics.
+        """
+        count = total = squares = None
+        for xb in blocks:
+            flat = np.moveaxis(np.asarray(xb), 1, 0).reshape(xb.shape[1], -1).astype(np.float64)
+            ok = np.isfinite(flat)
+            vals = np.where(ok, flat, 0.0)
+            if count is None:
+                count, total, squares = ok.sum(1), vals.sum(1), (vals**2).sum(1)
+            else:
+                count, total, squares = (
+                    count + ok.sum(1),
+                    total + vals.sum(1),
+                    squares + (vals**2).sum(1),
+                )
+        if count is None:
+            raise ValueError("no training chips to fit the standardisation on")
+        n = np.maximum(count, 1)
+        mean = total / n
+        std = np.sqrt(np.maximum(squares / n - mean**2, 0.0))
+        mean = np.where((count > 0) & np.isfinite(mean), mean, 0.0)
         std = np.where(np.isfinite(std) & (std > 1e-12), std, 1.0)
         return cls(mean.astype(np.float32), std.astype(np.float32))
 
@@ -307,7 +331,7 @@ class StreamingChips:
         *,
         size_px: int,
         stride_px: int,
-        standardiser: Standardiser,
+        standardiser: Standardiser | None,
         coordinates: bool,
         log_target: bool,
         chip_target: bool = False,
@@ -340,21 +364,30 @@ class StreamingChips:
             self._open[site] = (bgen, starts, _lonlat_grid(ds))
         return self._open[site]
 
-    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+    def raw(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Chip ``i`` unstandardised: inputs ``(channel, h, w)`` and AGB ``(h, w)`` in Mg/ha."""
         import dask
 
         bgen, starts, lonlat = self._site(self.sites[i])
         k = starts[(int(self.rows[i]), int(self.cols[i]))]
         with dask.config.set(scheduler="synchronous"):
             patch = bgen[k]
-        x = patch["features"].values[None]
+        x = patch["features"].values
         if self.coordinates:
             sel = bgen._batch_selectors.selectors[k][0]
-            x = np.concatenate([x, lonlat[None, :, sel["y"], sel["x"]]], axis=1)
-        target = make_target(
-            patch["agb"].values[None], log=self.log_target, per_chip=self.chip_target
-        )[0]
-        return self.standardiser.apply(x)[0], target
+            x = np.concatenate([x, lonlat[:, sel["y"], sel["x"]]], axis=0)
+        return x, patch["agb"].values
+
+    def raw_blocks(self, block: int = 256) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """All chips in order, ``block`` at a time: ``(inputs, agb)`` stacks."""
+        for start in range(0, len(self), block):
+            items = [self.raw(i) for i in range(start, min(len(self), start + block))]
+            yield np.stack([x for x, _ in items]), np.stack([a for _, a in items])
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        x, agb = self.raw(i)
+        target = make_target(agb[None], log=self.log_target, per_chip=self.chip_target)[0]
+        return self.standardiser.apply(x[None])[0], target
 
 
 def make_target(agb: np.ndarray, *, log: bool, per_chip: bool) -> np.ndarray:

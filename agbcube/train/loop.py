@@ -308,10 +308,10 @@ def fit_fold(
     return fit
 
 
-def chip_centres_km(lonlat: np.ndarray) -> np.ndarray:
-    """``(n, 2)`` chip centres in km (local equirectangular) from ``(n, 2, h, w)`` lon/lat."""
-    lon = lonlat[:, 0].mean(axis=(1, 2))
-    lat = lonlat[:, 1].mean(axis=(1, 2))
+def chip_centres_km(chips: Any) -> np.ndarray:
+    """``(n, 2)`` chip centres in km (local equirectangular) from the chips' footprints."""
+    centre = chips.geometry.to_crs(4326).centroid
+    lon, lat = centre.x.to_numpy(), centre.y.to_numpy()
     return np.column_stack([lon * 111.32 * np.cos(np.radians(lat)), lat * 110.54]).astype(
         np.float32
     )

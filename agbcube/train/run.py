@@ -127,17 +127,22 @@ def run_cv(
         with atomic_path(out / "folds.parquet") as tmp:
             shutil.copyfile(config.folds.output, tmp)
         t_read = time.perf_counter()
-        chips = read_chips(
-            config.cube.output,
-            folds,
-            size_px=config.chips.size,
-            stride_px=_stride(config.chips),
-            bands=tcfg.bands,
-        )
-        say(
-            f"read {len(chips)} chips × {chips.x.shape[1]} bands in "
-            f"{time.perf_counter() - t_read:.1f} s; training on {dev}"
-        )
+        stream = _use_streaming(tcfg, folds, config, dev)
+        chips = None
+        if not stream:
+            chips = read_chips(
+                config.cube.output,
+                folds,
+                size_px=config.chips.size,
+                stride_px=_stride(config.chips),
+                bands=tcfg.bands,
+            )
+            say(
+                f"read {len(chips)} chips × {chips.x.shape[1]} bands in "
+                f"{time.perf_counter() - t_read:.1f} s; training on {dev}, device-resident"
+            )
+        else:
+            say(f"streaming {len(folds)} chips from the cube; training on {dev}")
         rows, pixel_rows, fold_info = [], [], {}
         deterministic = torch.are_deterministic_algorithms_enabled()
         if dev.type == "cpu":
@@ -165,8 +170,8 @@ def run_cv(
         metrics["run"] = {
             "device": str(dev),
             "wall_s": time.perf_counter() - t_start,
-            "n_chips": len(chips),
-            "n_bands": int(chips.x.shape[1]),
+            "n_chips": len(folds),
+            "data_path": "stream" if stream else "device",
         }
         write_json_atomic(out / "metrics.json", metrics)
         if tcfg.model == CNN:
@@ -178,6 +183,23 @@ def run_cv(
     return metrics
 
 
+def _use_streaming(tcfg: Any, folds: pd.DataFrame, config: Any, dev: Any) -> bool:
+    """``data_path: auto``: device-resident when every chip fits in half the free memory."""
+    import os
+
+    if tcfg.data_path != "auto":
+        return tcfg.data_path == "stream"
+    n_bands = len(tcfg.bands) if tcfg.bands else len(_cube_bands(config))
+    need = len(folds) * (n_bands + 3) * config.chips.size**2 * 4 * 2  # host + device copies
+    if dev.type == "cuda":
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(dev)
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return need > 0.5 * free
+
+
 def _write_config(config: Any, path: Path, *, device: str, epochs: int | None) -> None:
     data = config.model_dump(mode="json")
     if epochs is not None:
@@ -185,6 +207,91 @@ def _write_config(config: Any, path: Path, *, device: str, epochs: int | None) -
     data["train"]["device"] = device
     with atomic_path(path) as tmp:
         tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+class _FoldData:
+    """One fold's chips, device-resident or streamed, behind one interface."""
+
+    def __init__(self, k: int, folds: pd.DataFrame, chips: Any, config: Any, dev: Any) -> None:
+        from agbcube.train.data import (
+            DeviceChips,
+            Standardiser,
+            StreamingChips,
+            StreamSource,
+            make_target,
+            model_inputs,
+        )
+
+        tcfg = config.train
+        role = folds[f"role_{k}"].to_numpy()
+        self.train, self.val, self.test = (
+            np.flatnonzero(role == r) for r in ("train", "val", "test")
+        )
+        coords = tcfg.coordinates == "geographic"
+        dense = tcfg.head == "dense"
+        self.chips, self.folds, self.config = chips, folds, config
+        if chips is not None:  # device-resident
+            inputs = model_inputs(chips, coordinates=coords)
+            target = make_target(chips.agb, log=tcfg.log_target, per_chip=not dense)
+            self.std = Standardiser.fit(inputs[self.train])
+            self.train_src = DeviceChips(inputs[self.train], target[self.train], self.std, dev)
+            self.val_src = (
+                DeviceChips(inputs[self.val], target[self.val], self.std, dev)
+                if self.val.size
+                else None
+            )
+            self.in_channels, self.size_px = inputs.shape[1], chips.x.shape[-1]
+            self.bands = chips.bands
+            test_x, test_agb = inputs[self.test], chips.agb[self.test]
+            self.test_blocks = lambda: (
+                (test_x[i : i + 256], test_agb[i : i + 256]) for i in range(0, len(test_x), 256)
+            )
+            return
+
+        def dataset(idx: np.ndarray, std: Any, with_coords: bool = coords) -> StreamingChips:
+            return StreamingChips(
+                config.cube.output,
+                folds.iloc[idx],
+                size_px=config.chips.size,
+                stride_px=_stride(config.chips),
+                standardiser=std,
+                coordinates=with_coords,
+                log_target=tcfg.log_target,
+                chip_target=not dense,
+                bands=tcfg.bands,
+            )
+
+        self.dataset = dataset
+        train_ds = dataset(self.train, None)
+        self.std = Standardiser.fit_blocks(x for x, _ in train_ds.raw_blocks())
+        train_ds.standardiser = self.std
+        self.train_src = StreamSource(train_ds, dev, num_workers=tcfg.num_workers)
+        self.val_src = (
+            StreamSource(dataset(self.val, self.std), dev, num_workers=tcfg.num_workers)
+            if self.val.size
+            else None
+        )
+        first_x, _ = train_ds.raw(0)
+        self.in_channels, self.size_px = first_x.shape[0], first_x.shape[-1]
+        self.bands = tcfg.bands or _cube_bands(config)
+        self.test_blocks = lambda: dataset(self.test, None).raw_blocks()
+
+    def baseline_chips(self, idx: np.ndarray, max_pixels: int, seed: int) -> tuple[Any, Any]:
+        """Raw features and AGB of the chips at ``idx`` (a subsample when streaming)."""
+        if self.chips is not None:
+            return self.chips.x[idx], self.chips.agb[idx]
+        per_chip = self.config.chips.size**2
+        n = min(idx.size, int(np.ceil(1.5 * max_pixels / per_chip)))
+        pick = np.sort(np.random.default_rng(seed).choice(idx, size=n, replace=False))
+        blocks = list(self.dataset(pick, None, with_coords=False).raw_blocks())
+        return np.concatenate([x for x, _ in blocks]), np.concatenate([a for _, a in blocks])
+
+
+def _cube_bands(config: Any) -> list[str]:
+    from agbcube.cube import cube_sites, open_cube
+
+    site = cube_sites(config.cube.output)[0]
+    return [str(b) for b in open_cube(config.cube.output, site)["band"].values]
 
 
 def _train_fold(
@@ -201,42 +308,36 @@ def _train_fold(
     """Train fold ``k`` (the CNN and/or the baseline) and write its predictions and model."""
     import torch
 
-    from agbcube.train.data import DeviceChips, Standardiser, make_target, model_inputs
+    from agbcube.train.data import make_target
     from agbcube.train.loop import build_model, chip_centres_km, fit_fold, predict
 
     tcfg = config.train
-    role = folds[f"role_{k}"].to_numpy()
-    train, val, test = (np.flatnonzero(role == r) for r in ("train", "val", "test"))
+    data = _FoldData(k, folds, chips, config, dev)
+    train, val, test = data.train, data.val, data.test
     meta = folds[["chip_id", "site"]].iloc[test].reset_index(drop=True)
-    agb_test = chips.agb[test]
-    true_chip = make_target(agb_test, log=False, per_chip=True)
     preds: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # model -> (chip Mg/ha, pixel Mg/ha)
     info: dict[str, Any] = {
         "fold": k,
         "n_train": int(train.size),
         "n_val": int(val.size),
         "n_test": int(test.size),
+        "data_path": "device" if chips is not None else "stream",
     }
+    agb_test = None
     t0 = time.perf_counter()
     if tcfg.model == CNN:
         coords = tcfg.coordinates == "geographic"
-        inputs = model_inputs(chips, coordinates=coords)
-        dense = tcfg.head == "dense"
-        target = make_target(chips.agb, log=tcfg.log_target, per_chip=not dense)
-        std = Standardiser.fit(inputs[train])
-        train_src = DeviceChips(inputs[train], target[train], std, dev)
-        val_src = DeviceChips(inputs[val], target[val], std, dev) if val.size else None
-        centres = torch.from_numpy(chip_centres_km(chips.lonlat[train])).to(dev)
+        centres = torch.from_numpy(chip_centres_km(folds.iloc[train])).to(dev)
         seed = tcfg.seed * 1000 + k
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             torch.manual_seed(seed)
-            model = build_model(tcfg, inputs.shape[1], chips.x.shape[-1]).to(dev)
+            model = build_model(tcfg, data.in_channels, data.size_px).to(dev)
             fit = fit_fold(
                 model,
-                train_src,
-                val_src,
+                data.train_src,
+                data.val_src,
                 tcfg,
-                n_spectral=chips.x.shape[1],
+                n_spectral=data.in_channels - (2 if coords else 0),
                 seed=seed,
                 epochs=epochs,
                 checkpoint=fold_dir / "checkpoint.pt",
@@ -245,10 +346,14 @@ def _train_fold(
                 echo=say,
                 label=f"fold {k}",
             )
-        x_test = torch.from_numpy(std.apply(inputs[test])).to(dev)
-        raw = predict(model, x_test, tta=tcfg.tta_rotations if tcfg.tta else 1).cpu().numpy()
+        outs, agbs = [], []
+        for xb, agb_b in data.test_blocks():
+            x = torch.from_numpy(data.std.apply(xb)).to(dev)
+            outs.append(predict(model, x, tta=tcfg.tta_rotations if tcfg.tta else 1).cpu().numpy())
+            agbs.append(agb_b)
+        raw, agb_test = np.concatenate(outs), np.concatenate(agbs)
         mg = np.expm1(raw) if tcfg.log_target else raw
-        if dense:
+        if tcfg.head == "dense":
             pix = np.where(np.isfinite(agb_test), mg, np.nan)
             chip_pred = np.nanmean(pix.reshape(len(pix), -1), axis=1)
         else:
@@ -258,10 +363,10 @@ def _train_fold(
         torch.save(
             {
                 "state_dict": model.state_dict(),
-                "standardiser": std.to_dict(),
-                "in_channels": int(inputs.shape[1]),
-                "size_px": int(chips.x.shape[-1]),
-                "bands": chips.bands,
+                "standardiser": data.std.to_dict(),
+                "in_channels": int(data.in_channels),
+                "size_px": int(data.size_px),
+                "bands": list(data.bands),
                 "train": tcfg.model_dump(mode="json"),
                 "fold": k,
             },
@@ -279,17 +384,26 @@ def _train_fold(
         from agbcube.train.baseline import fit_hgb_pixels, predict_hgb_pixels
 
         t1 = time.perf_counter()
-        fit_idx = np.concatenate([train, val])
-        target = make_target(chips.agb[fit_idx], log=tcfg.log_target, per_chip=False)
-        hgb = fit_hgb_pixels(
-            chips.x[fit_idx], target, max_pixels=tcfg.hgb_max_pixels, random_state=tcfg.seed + k
+        fit_x, fit_agb = data.baseline_chips(
+            np.concatenate([train, val]), tcfg.hgb_max_pixels, tcfg.seed + k
         )
-        raw = predict_hgb_pixels(hgb, chips.x[test])
+        target = make_target(fit_agb, log=tcfg.log_target, per_chip=False)
+        hgb = fit_hgb_pixels(
+            fit_x, target, max_pixels=tcfg.hgb_max_pixels, random_state=tcfg.seed + k
+        )
+        outs, agbs = [], []
+        n_feat = len(data.bands)
+        for xb, agb_b in data.test_blocks():
+            outs.append(predict_hgb_pixels(hgb, xb[:, :n_feat]))
+            agbs.append(agb_b)
+        raw, agb_test = np.concatenate(outs), np.concatenate(agbs)
         mg = np.expm1(raw) if tcfg.log_target else raw
         pix = np.where(np.isfinite(agb_test), mg, np.nan)
         preds[HGB] = (np.nanmean(pix.reshape(len(pix), -1), axis=1), pix)
         info["hgb_s"] = time.perf_counter() - t1
         say(f"fold {k}: {HGB} baseline fitted in {info['hgb_s']:.1f} s")
+    assert agb_test is not None
+    true_chip = make_target(agb_test, log=False, per_chip=True)
     frames, pixel_frames = [], []
     valid = np.isfinite(agb_test)
     for name, (chip_pred, pix) in preds.items():
