@@ -53,33 +53,36 @@ _SENSORS: dict[str, tuple[re.Pattern[str], dict[str, str]]] = {
 }
 
 
-def _ratio(a: xr.DataArray, b: xr.DataArray) -> xr.DataArray:
+def _ratio(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """(a - b) / (a + b), NaN where the denominator vanishes."""
     return _safe_div(a - b, a + b)
 
 
-def _safe_div(num: xr.DataArray, den: xr.DataArray) -> xr.DataArray:
-    return num / den.where(np.abs(den) > 1e-9)  # mask first: no 0/0 warnings
+def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    out = np.full(np.broadcast_shapes(np.shape(num), np.shape(den)), np.nan, dtype=np.float32)
+    return np.divide(num, den, out=out, where=np.abs(den) > 1e-9)  # no 0/0 warnings
 
 
-def _s2_scale(da: xr.DataArray) -> xr.DataArray:
-    return da * np.float32(1e-4)
+def _s2_scale(a: np.ndarray) -> np.ndarray:
+    return a * np.float32(1e-4)
 
 
-def _l8_scale(da: xr.DataArray) -> xr.DataArray:
-    return da * np.float32(2.75e-5) - np.float32(0.2)
+def _l8_scale(a: np.ndarray) -> np.ndarray:
+    return a * np.float32(2.75e-5) - np.float32(0.2)
 
 
-def _palsar_db(dn: xr.DataArray) -> xr.DataArray:
+def _palsar_db(dn: np.ndarray) -> np.ndarray:
     # γ⁰ dB = 10·log10(DN²) − 83 (JAXA PALSAR-2 mosaic calibration); DN 0 marks no data.
-    return (np.float32(20.0) * np.log10(dn.where(dn > 0)) - np.float32(83.0)).astype(np.float32)
+    positive = dn > 0
+    db = np.float32(20.0) * np.log10(np.where(positive, dn, np.float32(1.0))) - np.float32(83.0)
+    return np.where(positive, db, np.float32(np.nan))
 
 
-def _db_to_linear(db: xr.DataArray) -> xr.DataArray:
+def _db_to_linear(db: np.ndarray) -> np.ndarray:
     return np.float32(10.0) ** (db / np.float32(10.0))
 
 
-_OPTICAL: dict[str, tuple[tuple[str, ...], Callable[..., xr.DataArray]]] = {
+_OPTICAL: dict[str, tuple[tuple[str, ...], Callable[..., np.ndarray]]] = {
     "NDVI": (("nir", "red"), lambda nir, red: _ratio(nir, red)),
     "EVI": (
         ("nir", "red", "blue"),
@@ -93,7 +96,7 @@ _OPTICAL: dict[str, tuple[tuple[str, ...], Callable[..., xr.DataArray]]] = {
 }
 
 #: sensor -> family -> (roles, function of the scaled role bands)
-INDEX_FAMILIES: dict[str, dict[str, tuple[tuple[str, ...], Callable[..., xr.DataArray]]]] = {
+INDEX_FAMILIES: dict[str, dict[str, tuple[tuple[str, ...], Callable[..., np.ndarray]]]] = {
     "S2": _OPTICAL,
     "L8": _OPTICAL,
     "S1": {
@@ -108,7 +111,7 @@ INDEX_FAMILIES: dict[str, dict[str, tuple[tuple[str, ...], Callable[..., xr.Data
     "PAL": {"HVHH": (("hv", "hh"), lambda hv, hh: hv - hh)},  # dB difference
 }
 
-_SCALE: dict[str, Callable[[xr.DataArray], xr.DataArray]] = {
+_SCALE: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "S2": _s2_scale,
     "L8": _l8_scale,
     "S1": lambda da: da,
@@ -217,19 +220,49 @@ def plan_indices(
     return list(chosen.values())
 
 
-def compute_indices(features: xr.DataArray, specs: Sequence[IndexSpec]) -> xr.DataArray | None:
+def index_kernel(
+    stack: np.ndarray, band_names: Sequence[str], specs: Sequence[IndexSpec], *, keep: bool
+) -> np.ndarray:
+    """Indices of a band-last numpy stack ``(..., band)`` → ``(..., [bands +] indices)``.
+
+    One call computes every index of a chunk: one dask task per chunk instead of a few per
+    index, which is what keeps big cubes' graphs small.
+    """
+    position = {name: i for i, name in enumerate(band_names)}
+    layers = [stack.astype(np.float32, copy=False)] if keep else []
+    with np.errstate(invalid="ignore", over="ignore"):
+        for spec in specs:
+            roles, func = INDEX_FAMILIES[spec.sensor][spec.family]
+            scale = _SCALE[spec.sensor]
+            args = [scale(stack[..., position[spec.bands[r]]]) for r in roles]
+            layers.append(np.asarray(func(*args), dtype=np.float32)[..., None])
+    return np.concatenate(layers, axis=-1)
+
+
+def compute_indices(
+    features: xr.DataArray, specs: Sequence[IndexSpec], *, keep_bands: bool = False
+) -> xr.DataArray | None:
     """Compute indices lazily from a ``(band, y, x)`` stack with a ``band`` coordinate of names.
 
-    Returns a float32 ``(band, y, x)`` DataArray whose ``band`` holds the index names, or None
-    when ``specs`` is empty. Nothing is computed until the result is.
+    Returns a float32 ``(band, y, x)`` DataArray whose ``band`` holds the index names (after
+    the input bands when ``keep_bands``), or None when there is nothing to return. Dask-backed
+    inputs stay lazy: one task per spatial chunk.
     """
-    if not specs:
+    if not specs and not keep_bands:
         return None
-    layers = []
-    for spec in specs:
-        roles, func = INDEX_FAMILIES[spec.sensor][spec.family]
-        scale = _SCALE[spec.sensor]
-        args = [scale(features.sel(band=spec.bands[r], drop=True)) for r in roles]
-        layer = func(*args).astype(np.float32)
-        layers.append(layer.expand_dims(band=[spec.name]))
-    return xr.concat(layers, dim="band", coords="minimal", compat="override")
+    names = [str(b) for b in features["band"].values]
+    out_names = (names if keep_bands else []) + [s.name for s in specs]
+    if features.chunks is not None:
+        features = features.chunk({"band": -1})
+    result = xr.apply_ufunc(
+        index_kernel,
+        features,
+        input_core_dims=[["band"]],
+        output_core_dims=[["index"]],
+        kwargs={"band_names": names, "specs": list(specs), "keep": keep_bands},
+        dask="parallelized",
+        output_dtypes=[np.float32],
+        dask_gufunc_kwargs={"output_sizes": {"index": len(out_names)}},
+    )
+    result = result.rename(index="band").assign_coords(band=out_names)
+    return result.transpose("band", ...)

@@ -394,3 +394,14 @@ def test_zarr_round_trip_keeps_crs_and_attrs(simple_site, tmp_path):
     prov = json.loads(ds.attrs["provenance"])
     assert prov["satellite"]["path"].endswith("sat.tif") and "zarr" in prov["versions"]
     assert ds.rio.crs == lazy.rio.crs
+
+
+def test_overwrite_also_drops_sites_removed_from_the_config(simple_site, tmp_path):
+    cube = _cube(tmp_path)
+    site_a = _site(simple_site)
+    site_b = _site({**simple_site, "name": "other"})
+    build_cube([site_a, site_b], cube, progress=False)
+    build_cube([site_b], cube, overwrite=True, progress=False)
+    assert cube_sites(cube.output) == ["other"]
+    assert not (cube.output / "simple").exists()
+    assert set(open_cube_tree(cube.output).children) == {"other"}
