@@ -9,9 +9,20 @@ from typing import Any
 
 import dask
 
-__all__ = ["compute", "dask_scheduler"]
+__all__ = ["check_scheduler", "compute", "dask_scheduler"]
 
 SCHEDULERS = ("threads", "processes", "synchronous", "local")
+
+
+def check_scheduler(spec: str) -> None:
+    """Raise ConfigError for a scheduler that is neither known nor a cluster address."""
+    if spec not in SCHEDULERS and "://" not in spec:
+        from agbcube.errors import ConfigError
+
+        raise ConfigError(
+            f"unknown scheduler {spec!r}: use one of {list(SCHEDULERS)} or a cluster address "
+            "such as tcp://10.0.0.5:8786"
+        )
 
 
 @contextlib.contextmanager
@@ -36,17 +47,11 @@ def dask_scheduler(
     distributed.Client or None
         The client for ``local`` and addresses; None for the single-machine schedulers.
     """
+    check_scheduler(spec)
     if spec in ("threads", "processes", "synchronous"):
         with dask.config.set(scheduler=spec):
             yield None
         return
-    if spec != "local" and "://" not in spec:
-        from agbcube.errors import ConfigError
-
-        raise ConfigError(
-            f"unknown scheduler {spec!r}: use one of {list(SCHEDULERS)} or a cluster address "
-            "such as tcp://10.0.0.5:8786"
-        )
     from distributed import Client, LocalCluster
 
     cluster = None

@@ -33,7 +33,7 @@ from odc.geo.xr import xr_coords, xr_reproject
 from rasterio.errors import RasterioIOError
 
 from agbcube import __version__
-from agbcube._dask import compute, dask_scheduler
+from agbcube._dask import check_scheduler, compute, dask_scheduler
 from agbcube._io import output_lock, remove_path, replace_path, temporary_sibling
 from agbcube.bands import resolve_band_names
 from agbcube.config import CubeConfig, GridSpec, SiteConfig
@@ -569,6 +569,7 @@ def build_cube(
     # has not read pixels yet in this process (always so for the CLI); the user's setting wins.
     os.environ.setdefault("GDAL_CACHEMAX", "256")
     # Validate everything first: a bad third site must not fail after an hour on the first two.
+    check_scheduler(scheduler)
     planned = {site.name: build_site_cube(site, cube) for site in sites}
     with output_lock(store, what="cube"):
         meta = _root_meta(store)

@@ -405,3 +405,53 @@ def test_overwrite_also_drops_sites_removed_from_the_config(simple_site, tmp_pat
     assert cube_sites(cube.output) == ["other"]
     assert not (cube.output / "simple").exists()
     assert set(open_cube_tree(cube.output).children) == {"other"}
+
+
+@pytest.mark.slow
+def test_local_cluster_build_equals_threaded_and_dashboard_answers(
+    simple_site, tmp_path, monkeypatch
+):
+    """--scheduler local: a LocalCluster whose dashboard answers, and the same cube."""
+    import urllib.request
+
+    import agbcube._dask as agb_dask
+
+    threaded = _cube(tmp_path)
+    build_cube([_site(simple_site)], threaded, progress=False)
+    seen = {}
+    real = agb_dask.dask_scheduler
+
+    def spy(spec, **kw):
+        cm = real(spec, **kw)
+
+        class Wrapper:
+            def __enter__(self):
+                client = cm.__enter__()
+                url = client.dashboard_link.replace("/status", "/info/main/workers.html")
+                with urllib.request.urlopen(url, timeout=20) as resp:
+                    seen["status"] = resp.status
+                return client
+
+            def __exit__(self, *exc):
+                return cm.__exit__(*exc)
+
+        return Wrapper()
+
+    import agbcube.cube as cube_mod
+
+    monkeypatch.setattr(cube_mod, "dask_scheduler", spy)
+    local = CubeConfig(output=tmp_path / "local.zarr", chunks=32)
+    build_cube([_site(simple_site)], local, scheduler="local", progress=True)
+    assert seen["status"] == 200
+    xr.testing.assert_identical(
+        open_cube(local.output, "simple").load().drop_attrs(),
+        open_cube(threaded.output, "simple").load().drop_attrs(),
+    )
+
+
+def test_unknown_scheduler_is_a_config_error(simple_site, tmp_path):
+    from agbcube.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown scheduler 'gpu'"):
+        build_cube([_site(simple_site)], _cube(tmp_path), scheduler="gpu", progress=False)
+    assert not _cube(tmp_path).output.exists()  # refused before anything was written
