@@ -241,6 +241,66 @@ def _metrics_table(metrics: dict) -> Table:
     return table
 
 
+@app.command("predict")
+def predict_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory written by `agbcube train`.")],
+    site: Annotated[
+        list[str] | None, typer.Option("--site", help="Site(s) of the run's cube (default all).")
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", help="Predict a new area: its config's sites are built first."),
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option(help="Output folder (default RUN_DIR/maps/<site>).")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    window: Annotated[int | None, typer.Option(help="Window side in pixels.")] = None,
+    aoa: Annotated[bool, typer.Option(help="Compute the DI and AOA layers.")] = True,
+    scheduler: SchedulerOpt = "threads",
+    quiet: QuietOpt = False,
+) -> None:
+    """Map AGB (ensemble mean and s.d.) and its area of applicability, as COGs, Zarr and PNGs."""
+    import yaml
+
+    from agbcube._dask import dask_scheduler
+    from agbcube.config import load_config
+    from agbcube.cube import build_cube, cube_sites, open_cube
+    from agbcube.predict import predict_run, write_maps
+    from agbcube.train.loop import resolve_device
+
+    dev = str(_run(resolve_device, device))
+    if config is not None:
+        cfg = _run(load_config, config)
+        _run(
+            build_cube,
+            cfg.sites,
+            cfg.cube,
+            scheduler=scheduler,
+            progress=not quiet,
+            echo=console.print,
+        )
+        store = cfg.cube.output
+    else:
+        run_cfg = run_dir / "config.yaml"
+        if not run_cfg.exists():
+            console.print(f"[red]error:[/] {run_cfg} not found: is {run_dir} a training run?")
+            raise typer.Exit(2)
+        store = Path(yaml.safe_load(run_cfg.read_text())["cube"]["output"])
+    sites = site or _run(cube_sites, store)
+    with dask_scheduler(scheduler) as client:
+        for name in sites:
+            ds = _run(open_cube, store, name)
+            maps = _run(predict_run, run_dir, ds, device=dev, window_px=window, aoa=aoa)
+            out = (
+                output
+                if (output is not None and len(sites) == 1)
+                else ((output or run_dir / "maps") / name)
+            )
+            _run(write_maps, maps, out, client=client, progress=not quiet, echo=console.print)
+            console.print(f"site '{name}': maps written to [bold]{out}[/]")
+
+
 @app.command("config-reference")
 def config_reference_cmd() -> None:
     """Print the reference of every configuration key (Markdown)."""

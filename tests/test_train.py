@@ -3,6 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import rasterio
 import torch
 
 from agbcube.config import TrainConfig
@@ -358,3 +359,24 @@ def test_run_cv_writes_every_output(demo_config, demo_folds, tmp_path):
 
     with pytest.raises(TrainingError, match="already holds a run"):
         run_cv(cfg, output=out, device="cpu")
+
+    # the run's ensemble maps a site: COGs on the cube's grid, AOA from the run's folds
+    from typer.testing import CliRunner
+
+    from agbcube.cli import app
+    from agbcube.cube import open_cube
+
+    result = CliRunner().invoke(
+        app, ["predict", str(out), "--site", "beta", "--output", str(tmp_path / "maps"), "-q"]
+    )
+    assert result.exit_code == 0, result.output
+    cube = open_cube(demo_config.cube.output, "beta")
+    with rasterio.open(tmp_path / "maps" / "agb_mean.tif") as src:
+        assert src.crs == cube.rio.crs and src.shape == (cube.sizes["y"], cube.sizes["x"])
+        agb = src.read(1)
+    with rasterio.open(tmp_path / "maps" / "agb_std.tif") as src:
+        spread = src.read(1)
+    assert np.isfinite(agb).mean() > 0.9
+    assert np.nanmin(spread) >= 0 and np.nanmax(spread) > 0  # three fold models disagree
+    with rasterio.open(tmp_path / "maps" / "aoa.tif") as src:
+        assert set(np.unique(src.read(1))) <= {0, 1, 255}

@@ -1,0 +1,169 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+import xarray as xr
+
+from agbcube.errors import BandError
+from agbcube.predict import (
+    aoa_reference,
+    chips_to_dataarray,
+    cosine_weights,
+    predict_site,
+    window_starts,
+    write_maps,
+)
+from agbcube.train.data import Standardiser
+from tests.test_chips import synthetic_cube
+
+
+class Dense(torch.nn.Module):
+    """A fixed fully convolutional 'model' whose single-pass output is known."""
+
+    def __init__(self, n_in: int, kernel: int, seed: int = 0, shift: float = 0.0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.conv = torch.nn.Conv2d(n_in, 4, kernel, padding=kernel // 2)
+        self.out = torch.nn.Conv2d(4, 1, 1)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        self.shift = shift
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.conv(x)))[:, 0] + 100.0 + self.shift
+
+
+def _identity(n: int) -> Standardiser:
+    return Standardiser(np.zeros(n, np.float32), np.ones(n, np.float32))
+
+
+def _site(ny=90, nx=110):
+    ds = synthetic_cube(ny, nx, n_band=3, seed=1)
+    # a smooth "landscape" so that window edges would show if blending were wrong
+    yy, xx = np.mgrid[:ny, :nx]
+    feats = np.stack([np.sin(yy / 9.0), np.cos(xx / 7.0), np.sin((xx + yy) / 11.0)])
+    return ds.assign(features=(("band", "y", "x"), feats.astype("float32")))
+
+
+def _single_pass(model, ds):
+    with torch.no_grad():
+        return model(torch.from_numpy(ds.features.values[None]))[0].numpy()
+
+
+def test_weights_and_window_grid():
+    w = cosine_weights(16)
+    assert w.shape == (16, 16) and (w > 0).all() and w[8, 8] > 0.9 > w[0, 0]
+    starts = window_starts(100, 32, 8)
+    assert starts[0] == 0 and starts[-1] == 68 and np.all(np.diff(starts) <= 8)
+    assert list(window_starts(10, 32, 8)) == [0]
+
+
+def test_pixelwise_model_tiles_exactly():
+    ds = _site()
+    model = Dense(3, 1)
+    maps = predict_site(
+        ds, [(model, _identity(3))], window_px=24, stride_px=6, log_target=False, block_px=40
+    )
+    got = maps.agb_mean.values
+    np.testing.assert_allclose(got, _single_pass(model, ds), rtol=1e-5, atol=1e-4)
+    assert np.all(maps.agb_std.values == 0)
+
+
+def test_no_seams_at_tile_and_block_borders():
+    ds = _site()
+    model = Dense(3, 3)
+    truth = _single_pass(model, ds)
+    maps = predict_site(
+        ds, [(model, _identity(3))], window_px=32, stride_px=8, log_target=False, block_px=40
+    )
+    got = maps.agb_mean.values
+    err = np.abs(got - truth)
+    span = truth.max() - truth.min()
+    assert err[1:-1, 1:-1].max() < 0.02 * span
+    # the block borders (rows/cols 40, 80) are no worse than anywhere else
+    border = np.zeros_like(err, bool)
+    border[38:42, :] = border[:, 38:42] = border[78:82, :] = border[:, 78:82] = True
+    assert err[border].max() <= err[1:-1, 1:-1].max() + 1e-6
+    # and the Dask block size does not change the result
+    other = predict_site(
+        ds, [(model, _identity(3))], window_px=32, stride_px=8, log_target=False, block_px=64
+    ).agb_mean.values
+    np.testing.assert_allclose(got, other, rtol=1e-6, atol=1e-5)
+
+
+def test_ensemble_mean_and_std():
+    ds = _site(40, 40)
+    models = [(Dense(3, 1, shift=-5.0), _identity(3)), (Dense(3, 1, shift=5.0), _identity(3))]
+    maps = predict_site(ds, models, window_px=16, log_target=False).compute()
+    single = _single_pass(Dense(3, 1), ds)
+    np.testing.assert_allclose(maps.agb_mean.values, single, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(maps.agb_std.values, 5.0, rtol=1e-5)
+
+
+def test_aoa_flags_pixels_far_outside_training_data(rng):
+    ds = _site(60, 60)
+    feats = ds.features.values.copy()
+    train_pixels = np.moveaxis(feats[:, :30], 0, -1).reshape(-1, 3)
+    folds = np.arange(len(train_pixels)) % 3
+    ref = aoa_reference(train_pixels, folds)
+    assert ref.threshold > 0
+    feats[:, 45:, 45:] = 50.0  # far outside the training range
+    ds = ds.assign(features=(("band", "y", "x"), feats))
+    maps = predict_site(
+        ds, [(Dense(3, 1), _identity(3))], window_px=16, log_target=False, aoa=ref
+    ).compute()
+    assert (maps.aoa.values[45:, 45:] == 0).all()
+    assert maps.di.values[45:, 45:].min() > 10 * ref.threshold
+    assert maps.aoa.values[:30].mean() > 0.9
+
+
+def test_band_mismatch_lists_the_differences():
+    ds = _site(30, 30)
+    with pytest.raises(BandError, match=r"missing \['NDVI'\]; not used by the model: \['b2'\]"):
+        predict_site(ds, [(Dense(3, 1), _identity(3))], window_px=16, bands=["b0", "b1", "NDVI"])
+
+
+def test_cogs_zarr_and_pngs(tmp_path):
+    ds = _site(300, 280)
+    ref = aoa_reference(
+        np.moveaxis(ds.features.values[:, :50], 0, -1).reshape(-1, 3),
+        np.arange(50 * 280) % 2,
+        max_points=500,
+    )
+    maps = predict_site(
+        ds,
+        [(Dense(3, 1), _identity(3)), (Dense(3, 1, 1), _identity(3))],
+        window_px=16,
+        log_target=False,
+        aoa=ref,
+    )
+    paths = write_maps(maps, tmp_path / "maps", progress=False)
+    assert (tmp_path / "maps" / "maps.zarr").is_dir()
+    back = xr.open_zarr(tmp_path / "maps" / "maps.zarr")
+    assert set(back.data_vars) >= {"agb_mean", "agb_std", "di", "aoa"}
+    for layer in ("agb_mean", "agb_std", "di", "aoa"):
+        with rasterio.open(tmp_path / "maps" / f"{layer}.tif") as src:
+            assert src.crs == ds.rio.crs
+            assert src.transform.almost_equals(ds.rio.transform())
+            assert src.nodata is not None
+            assert src.overviews(1), layer
+            assert src.shape == (300, 280)
+        assert (tmp_path / "maps" / f"{layer}.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(paths) == 9
+
+
+def test_chips_to_dataarray_is_the_inverse_of_chipping():
+    ds = synthetic_cube(40, 40)
+    rows, cols = [0, 0, 20], [0, 20, 10]
+    da = chips_to_dataarray(np.array([1.0, 2.0, 3.0]), rows, cols, ds, size_px=20)
+    assert da.values[5, 5] == 1.0 and da.values[5, 25] == 2.0 and da.values[30, 15] == 3.0
+    assert np.isnan(da.values[30, 35])
+    assert da.rio.crs == ds.rio.crs
+    patches = ds.agb.values
+    per_pixel = np.stack([patches[r : r + 20, c : c + 20] for r, c in zip(rows, cols, strict=True)])
+    back = chips_to_dataarray(per_pixel, rows, cols, ds, size_px=20, weights="cosine")
+    covered = np.isfinite(back.values)
+    np.testing.assert_allclose(back.values[covered], patches[covered], rtol=1e-6)
