@@ -256,6 +256,7 @@ def predict_cmd(
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     window: Annotated[int | None, typer.Option(help="Window side in pixels.")] = None,
+    stride: Annotated[int | None, typer.Option(help="Window stride in pixels.")] = None,
     aoa: Annotated[bool, typer.Option(help="Compute the DI and AOA layers.")] = True,
     scheduler: SchedulerOpt = "threads",
     quiet: QuietOpt = False,
@@ -291,7 +292,9 @@ def predict_cmd(
     with dask_scheduler(scheduler) as client:
         for name in sites:
             ds = _run(open_cube, store, name)
-            maps = _run(predict_run, run_dir, ds, device=dev, window_px=window, aoa=aoa)
+            maps = _run(
+                predict_run, run_dir, ds, device=dev, window_px=window, stride_px=stride, aoa=aoa
+            )
             out = (
                 output
                 if (output is not None and len(sites) == 1)

@@ -458,6 +458,7 @@ def predict_run(
     *,
     device: str = "cpu",
     window_px: int | None = None,
+    stride_px: int | None = None,
     aoa: bool = True,
 ) -> xr.Dataset:
     """Predict a site's cube with the fold ensemble of a training run (lazily).
@@ -472,6 +473,9 @@ def predict_run(
         Torch device.
     window_px : int, optional
         Window side; default the chip size (chip head) or 4 chips (dense head).
+    stride_px : int, optional
+        Window stride; default half a window (chip head: each pixel blends ~4 chip values) or
+        a quarter window (dense head).
     aoa : bool
         Compute the dissimilarity index and the AOA mask.
     """
@@ -496,7 +500,7 @@ def predict_run(
         ds,
         models,
         window_px=window,
-        stride_px=max(1, window // 4),
+        stride_px=stride_px or max(1, window // (4 if dense else 2)),
         coordinates=tcfg["coordinates"] == "geographic",
         log_target=bool(tcfg["log_target"]),
         tta=int(tcfg["tta_rotations"]) if tcfg["tta"] else 1,
