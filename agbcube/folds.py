@@ -109,6 +109,12 @@ def estimate_range_m(
     bounds = gpd.GeoSeries([shapely.box(*ds.rio.bounds())], crs=ds.rio.crs).to_crs(4326)
     xy = pixel_centres_m(ds, rows, cols, local_metric_crs(bounds))
     values = agb[rows, cols].astype(np.float64)
+    if np.ptp(values) == 0:
+        raise FoldError(
+            f"site '{ds.attrs.get('site')}': AGB is constant ({values[0]:g} Mg/ha at every "
+            "valid pixel), so it has no autocorrelation range and nothing to learn; check the "
+            "AGB map and cube.agb_range, or set folds.buffer_m to a number of metres"
+        )
     dist = pdist(xy)
     half_sq = 0.5 * pdist(values[:, None], "sqeuclidean")
     max_d = 0.5 * dist.max()

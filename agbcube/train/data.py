@@ -68,7 +68,9 @@ def _select_bands(ds: xr.Dataset, bands: Sequence[str] | None, site: str) -> xr.
     missing = [b for b in bands if b not in have]
     if missing:
         raise BandError(
-            f"site '{site}': train.bands lists {missing}, which the cube lacks; its bands: {have}"
+            f"site '{site}' lacks band(s) {missing} that the model uses (train.bands, or the "
+            f"first site's bands); its bands: {have}. Give every site the same band names, or "
+            "list a common set in train.bands"
         )
     return ds.sel(band=list(bands))
 
@@ -150,7 +152,10 @@ def read_chips(
     positions = np.arange(n)
     for site in pd.unique(chips["site"]):
         mask = (chips["site"] == site).to_numpy()
-        ds = _select_bands(open_cube(store, site)[["features", "agb"]], bands, site)
+        ds = open_cube(store, site)[["features", "agb"]]
+        # Sites are aligned by band name: the first site's bands (or train.bands) in that order;
+        # a site lacking one of them is an error naming it.
+        ds = _select_bands(ds, bands if bands is not None else (names or None), site)
         names = [str(b) for b in ds["band"].values]
         if ds.nbytes <= load_limit_bytes:
             ds = ds.load()
@@ -161,11 +166,6 @@ def read_chips(
             out_x = np.empty((n, len(names), size_px, size_px), np.float32)
             out_agb = np.empty((n, size_px, size_px), np.float32)
             out_ll = np.empty((n, 2, size_px, size_px), np.float32)
-        elif out_x.shape[1] != len(names):
-            raise BandError(
-                f"site '{site}' has {len(names)} feature bands, the first site "
-                f"{out_x.shape[1]}; use train.bands to pick a common set"
-            )
         for pos, i in zip(positions[mask], index, strict=True):
             patch = bgen[int(i)]
             out_x[pos] = patch["features"].values

@@ -1,0 +1,151 @@
+"""Faults and messy inputs produced for real: killed processes, odd band sets, odd AGB."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+import yaml
+
+from agbcube.config import CubeConfig, SiteConfig, load_config
+from agbcube.cube import build_cube, cube_sites, open_cube
+from agbcube.errors import BandError, CubeError, FoldError
+from tests.conftest import write_raster
+
+
+def _big_site(tmp_path: Path, rng, n=700, bands=12) -> Path:
+    names = [f"B{i}" for i in (2, 3, 4, 8, 11, 12)] + [f"X{i}" for i in range(bands - 6)]
+    write_raster(
+        tmp_path / "sat.tif",
+        rng.uniform(100, 3000, (bands, n, n)).astype("float32"),
+        descriptions=names,
+    )
+    write_raster(tmp_path / "agb.tif", rng.uniform(10, 300, (n, n)).astype("float32"))
+    cfg = {
+        "sites": [
+            {"name": f"s{i}", "satellite": "sat.tif", "biomass": "agb.tif"} for i in range(3)
+        ],
+        "cube": {"output": "cube.zarr", "chunks": 64},
+    }
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _start_build(cfg: Path) -> subprocess.Popen:
+    code = textwrap.dedent(f"""
+        from agbcube.config import load_config
+        from agbcube.cube import build_cube
+        cfg = load_config({str(cfg)!r})
+        build_cube(cfg.sites, cfg.cube, progress=False)
+    """)
+    return subprocess.Popen(
+        [sys.executable, "-c", code], cwd=cfg.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+
+
+def _wait_for_writing(store: Path, proc: subprocess.Popen, timeout=60.0) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if store.is_dir() and any(".tmp-" in p.name for p in store.iterdir()):
+            time.sleep(0.3)
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"build ended before it was killed: {proc.stderr.read().decode()}")
+        time.sleep(0.05)
+    pytest.fail("the build never started writing")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_killed_build_cube_resumes_to_a_clean_build(tmp_path, rng, sig):
+    cfg_path = _big_site(tmp_path, rng)
+    cfg = load_config(cfg_path)
+    proc = _start_build(cfg_path)
+    _wait_for_writing(cfg.cube.output, proc)
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    assert proc.returncode != 0
+    with pytest.raises(CubeError, match="incomplete"):
+        cube_sites(cfg.cube.output)
+    # the re-run finishes the job and the result equals a clean build
+    build_cube(cfg.sites, cfg.cube, progress=False)
+    clean = cfg.cube.model_copy(update={"output": tmp_path / "clean.zarr"})
+    build_cube(cfg.sites, clean, progress=False)
+    assert cube_sites(cfg.cube.output) == ["s0", "s1", "s2"]
+    assert not [p for p in cfg.cube.output.iterdir() if ".tmp-" in p.name]
+    for site in ("s0", "s1", "s2"):
+        xr.testing.assert_identical(
+            open_cube(cfg.cube.output, site).load(), open_cube(clean.output, site).load()
+        )
+
+
+def test_sites_with_bands_in_another_order_are_aligned_by_name(tmp_path, rng):
+    from agbcube.train.data import read_chips
+
+    stack = rng.uniform(100, 3000, (3, 40, 40)).astype("float32")
+    agb = rng.uniform(10, 300, (40, 40)).astype("float32")
+    write_raster(tmp_path / "a.tif", stack, descriptions=["B4", "B8", "CH"])
+    write_raster(tmp_path / "b.tif", stack[::-1], descriptions=["CH", "B8", "B4"])
+    write_raster(tmp_path / "c.tif", stack[:2], descriptions=["B4", "B8"])
+    write_raster(tmp_path / "agb.tif", agb)
+    sites = [
+        SiteConfig(name=n, satellite=tmp_path / f"{n}.tif", biomass=tmp_path / "agb.tif")
+        for n in ("a", "b", "c")
+    ]
+    cube = CubeConfig(output=tmp_path / "cube.zarr", chunks=32, indices="none")
+    build_cube(sites, cube, progress=False)
+    import pandas as pd
+
+    chips = pd.DataFrame({"site": ["a", "b"], "row": [0, 0], "col": [0, 0]})
+    got = read_chips(cube.output, chips, size_px=8, stride_px=8)
+    assert got.bands == ["B4", "B8", "CH"]
+    np.testing.assert_array_equal(got.x[0], got.x[1])  # same pixels, same band order
+    chips = pd.DataFrame({"site": ["a", "c"], "row": [0, 0], "col": [0, 0]})
+    with pytest.raises(BandError, match=r"site 'c' lacks band\(s\) \['CH'\]"):
+        read_chips(cube.output, chips, size_px=8, stride_px=8)
+
+
+@pytest.mark.parametrize("value", [0.0, 150.0])
+def test_constant_or_empty_agb_site(tmp_path, rng, value):
+    """AGB all zero (nothing valid) or constant: a clear error, not a crash in the fit."""
+    from agbcube.config import parse_config
+    from agbcube.folds import make_folds
+
+    write_raster(
+        tmp_path / "s.tif",
+        rng.uniform(100, 3000, (2, 60, 60)).astype("float32"),
+        descriptions=["B4", "B8"],
+    )
+    write_raster(tmp_path / "agb.tif", np.full((60, 60), value, "float32"))
+    cfg = parse_config(
+        {
+            "sites": [
+                {
+                    "name": "flat",
+                    "satellite": str(tmp_path / "s.tif"),
+                    "biomass": str(tmp_path / "agb.tif"),
+                }
+            ],
+            "cube": {"output": str(tmp_path / "c.zarr"), "chunks": 32},
+            "chips": {"size": 8, "overlap": 0.0},
+            "folds": {"n_folds": 3, "output": str(tmp_path / "f.parquet")},
+        }
+    )
+    build_cube(cfg.sites, cfg.cube, progress=False)
+    if value == 0.0:
+        with (
+            pytest.raises(FoldError, match="no site has a valid chip"),
+            pytest.warns(UserWarning, match="no valid chips"),
+        ):
+            make_folds(cfg)
+    else:
+        with pytest.raises(FoldError, match="site 'flat'.*AGB is constant"):
+            make_folds(cfg)
