@@ -189,7 +189,8 @@ def _predict_block(
     wsum = np.zeros((ny, nx), np.float64)
     windows = [(y, x) for y in ys for x in xs]
     all_nan = np.isnan(block[:n_features]).all(axis=0)
-    for m, (model, std) in enumerate(models):
+    for m, (model, std, *rest) in enumerate(models):
+        target = rest[0] if rest else None
         for start in range(0, len(windows), 256):
             batch = windows[start : start + 256]
             stack = np.stack(
@@ -200,7 +201,9 @@ def _predict_block(
             )
             x_t = torch.from_numpy(std.apply(stack)).to(device)
             out = predict(model, x_t, tta=tta).cpu().numpy().astype(np.float64)
-            if log_target:
+            if target is not None:
+                out = target.decode(out)
+            elif log_target:
                 out = np.expm1(out)
             for (y, x), value in zip(batch, out, strict=True):
                 ya, yb = max(y, r0), min(y + window, r0 + ny)
@@ -245,8 +248,9 @@ def predict_site(
     ----------
     ds : xr.Dataset
         The site's cube (``features (band, y, x)``, CRS).
-    models : list of (torch.nn.Module, Standardiser)
-        The ensemble members.
+    models : list of (torch.nn.Module, Standardiser[, TargetTransform])
+        The ensemble members; the target transform turns outputs into Mg/ha (without one,
+        ``log_target`` decides).
     window_px : int
         Window side (the chip size for the chip head; any size for the dense head).
     stride_px : int, optional

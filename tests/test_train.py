@@ -380,3 +380,34 @@ def test_run_cv_writes_every_output(demo_config, demo_folds, tmp_path):
     assert np.nanmin(spread) >= 0 and np.nanmax(spread) > 0  # three fold models disagree
     with rasterio.open(tmp_path / "maps" / "aoa.tif") as src:
         assert set(np.unique(src.read(1))) <= {0, 1, 255}
+
+
+def test_streamed_and_device_resident_runs_give_the_same_results(demo_config, demo_folds, tmp_path):
+    from agbcube.train import run_cv
+
+    def cfg(path: str):
+        return demo_config.model_copy(
+            update={
+                "train": demo_config.train.model_copy(
+                    update={
+                        "epochs": 2,
+                        "conv_channels": [8],
+                        "fc_units": [8],
+                        "baseline": "none",
+                        "data_path": path,
+                        "num_workers": 0,
+                        "head": "dense",
+                    }
+                )
+            }
+        )
+
+    run_cv(cfg("device"), output=tmp_path / "d", device="cpu", plots=False)
+    run_cv(cfg("stream"), output=tmp_path / "s", device="cpu", plots=False)
+    a = pd.read_parquet(tmp_path / "d" / "predictions.parquet")
+    b = pd.read_parquet(tmp_path / "s" / "predictions.parquet")
+    pd.testing.assert_frame_equal(a, b)
+    wa = torch.load(tmp_path / "d" / "fold_1" / "model.pt", weights_only=False)
+    wb = torch.load(tmp_path / "s" / "fold_1" / "model.pt", weights_only=False)
+    for name, t in wa["state_dict"].items():
+        assert torch.equal(t, wb["state_dict"][name]), name

@@ -218,6 +218,7 @@ class _FoldData:
             Standardiser,
             StreamingChips,
             StreamSource,
+            TargetTransform,
             make_target,
             model_inputs,
         )
@@ -233,6 +234,8 @@ class _FoldData:
         if chips is not None:  # device-resident
             inputs = model_inputs(chips, coordinates=coords)
             target = make_target(chips.agb, log=tcfg.log_target, per_chip=not dense)
+            self.target = TargetTransform.fit(target[self.train], log=tcfg.log_target)
+            target = self.target.encode(target)
             self.std = Standardiser.fit(inputs[self.train])
             self.train_src = DeviceChips(inputs[self.train], target[self.train], self.std, dev)
             self.val_src = (
@@ -264,12 +267,19 @@ class _FoldData:
         self.dataset = dataset
         train_ds = dataset(self.train, None)
         self.std = Standardiser.fit_blocks(x for x, _ in train_ds.raw_blocks())
-        train_ds.standardiser = self.std
+        train_target = np.concatenate(
+            [
+                make_target(a, log=tcfg.log_target, per_chip=not dense).ravel()
+                for _, a in train_ds.raw_blocks()
+            ]
+        )
+        self.target = TargetTransform.fit(train_target, log=tcfg.log_target)
+        train_ds.standardiser, train_ds.target_transform = self.std, self.target
         self.train_src = StreamSource(train_ds, dev, num_workers=tcfg.num_workers)
+        val_ds = dataset(self.val, self.std)
+        val_ds.target_transform = self.target
         self.val_src = (
-            StreamSource(dataset(self.val, self.std), dev, num_workers=tcfg.num_workers)
-            if self.val.size
-            else None
+            StreamSource(val_ds, dev, num_workers=tcfg.num_workers) if self.val.size else None
         )
         first_x, _ = train_ds.raw(0)
         self.in_channels, self.size_px = first_x.shape[0], first_x.shape[-1]
@@ -352,7 +362,7 @@ def _train_fold(
             outs.append(predict(model, x, tta=tcfg.tta_rotations if tcfg.tta else 1).cpu().numpy())
             agbs.append(agb_b)
         raw, agb_test = np.concatenate(outs), np.concatenate(agbs)
-        mg = np.expm1(raw) if tcfg.log_target else raw
+        mg = data.target.decode(raw)
         if tcfg.head == "dense":
             pix = np.where(np.isfinite(agb_test), mg, np.nan)
             chip_pred = np.nanmean(pix.reshape(len(pix), -1), axis=1)
@@ -364,6 +374,7 @@ def _train_fold(
             {
                 "state_dict": model.state_dict(),
                 "standardiser": data.std.to_dict(),
+                "target": data.target.to_dict(),
                 "in_channels": int(data.in_channels),
                 "size_px": int(data.size_px),
                 "bands": list(data.bands),
@@ -478,14 +489,14 @@ def load_ensemble(run_dir: str | Path, device: str = "cpu") -> tuple[list[Any], 
 
     Returns
     -------
-    models : list of (torch.nn.Module, Standardiser)
+    models : list of (torch.nn.Module, Standardiser, TargetTransform)
     spec : dict
         ``bands``, ``size_px``, ``train`` (the training settings).
     """
     import torch
 
     from agbcube.config import TrainConfig
-    from agbcube.train.data import Standardiser
+    from agbcube.train.data import Standardiser, TargetTransform
     from agbcube.train.loop import build_model
 
     path = Path(run_dir) / "ensemble.pt"
@@ -498,6 +509,7 @@ def load_ensemble(run_dir: str | Path, device: str = "cpu") -> tuple[list[Any], 
         model = build_model(tcfg, member["in_channels"], member["size_px"]).to(device)
         model.load_state_dict(member["state_dict"])
         model.eval()
-        models.append((model, Standardiser.from_dict(member["standardiser"])))
+        target = TargetTransform.from_dict(member["target"])
+        models.append((model, Standardiser.from_dict(member["standardiser"]), target))
     first = blob["members"][0]
     return models, {"bands": first["bands"], "size_px": first["size_px"], "train": first["train"]}
