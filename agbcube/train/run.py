@@ -509,7 +509,11 @@ def load_ensemble(run_dir: str | Path, device: str = "cpu") -> tuple[list[Any], 
         model = build_model(tcfg, member["in_channels"], member["size_px"]).to(device)
         model.load_state_dict(member["state_dict"])
         model.eval()
-        target = TargetTransform.from_dict(member["target"])
+        target = (
+            TargetTransform.from_dict(member["target"])
+            if "target" in member  # runs from before target standardisation
+            else TargetTransform(log=bool(tcfg.log_target))
+        )
         models.append((model, Standardiser.from_dict(member["standardiser"]), target))
     first = blob["members"][0]
     return models, {"bands": first["bands"], "size_px": first["size_px"], "train": first["train"]}
