@@ -145,3 +145,14 @@ def test_config_reference_lists_every_key():
     text = config_reference()
     for key in ("satellite_nodata", "agb_range", "min_valid_fraction", "buffer_m", "resolution"):
         assert f"`{key}`" in text
+
+
+def test_readme_config_reference_is_current():
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("<!-- config-reference:start -->\n") + len(
+        "<!-- config-reference:start -->\n"
+    )
+    end = readme.index("<!-- config-reference:end -->")
+    assert readme[start:end] == config_reference(), (
+        "README's config reference is stale: paste the output of `agbcube config-reference`"
+    )
