@@ -149,3 +149,54 @@ def test_constant_or_empty_agb_site(tmp_path, rng, value):
     else:
         with pytest.raises(FoldError, match="site 'flat'.*AGB is constant"):
             make_folds(cfg)
+
+
+@pytest.mark.slow
+def test_training_killed_then_resumed_matches_an_uninterrupted_run(demo_config, tmp_path):
+    import torch
+
+    from agbcube.folds import make_folds, write_folds
+    from agbcube.train import run_cv
+
+    raw = demo_config.model_dump(mode="json")
+    raw.pop("source", None)
+    raw["folds"]["output"] = str(tmp_path / "folds.parquet")
+    raw["train"].update(epochs=12, baseline="none", conv_channels=[8], fc_units=[8])
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+    cfg = load_config(cfg_path)
+    write_folds(make_folds(cfg), cfg.folds.output, maps=False)
+
+    run_cv(cfg, output=tmp_path / "clean", device="cpu", plots=False)
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "agbcube.cli",
+            "train",
+            str(cfg_path),
+            "--device",
+            "cpu",
+            "--output",
+            str(out),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    t0 = time.time()
+    while not (out / "fold_1" / "checkpoint.pt").exists():
+        if proc.poll() is not None or time.time() - t0 > 120:
+            pytest.fail(f"training did not reach fold 1: {proc.stderr.read().decode()[-2000:]}")
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not (out / "metrics.json").exists()
+    run_cv(cfg, output=out, device="cpu", resume=True, plots=False)
+    for k in range(cfg.folds.n_folds):
+        a = torch.load(tmp_path / "clean" / f"fold_{k}" / "model.pt", weights_only=False)
+        b = torch.load(out / f"fold_{k}" / "model.pt", weights_only=False)
+        for name, t in a["state_dict"].items():
+            assert torch.equal(t, b["state_dict"][name]), (k, name)

@@ -411,3 +411,16 @@ def test_streamed_and_device_resident_runs_give_the_same_results(demo_config, de
     wb = torch.load(tmp_path / "s" / "fold_1" / "model.pt", weights_only=False)
     for name, t in wa["state_dict"].items():
         assert torch.equal(t, wb["state_dict"][name]), name
+
+
+def test_out_of_memory_names_the_batch_size(monkeypatch):
+    from agbcube.errors import TrainingError
+
+    x, y = _toy()
+
+    def boom(self, inp):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(CNNCoordinateModel, "forward", boom)
+    with pytest.raises(TrainingError, match=r"out of cpu memory at train.batch_size=8"):
+        _fit(_cfg(epochs=1), x, y)

@@ -225,8 +225,16 @@ def fit_fold(
                 jitter=cfg.spectral_jitter,
                 n_spectral=n_spectral,
             )
-            with _autocast(device, cfg.amp):
-                pred = model(xb).float()
+            try:
+                with _autocast(device, cfg.amp):
+                    pred = model(xb).float()
+            except torch.OutOfMemoryError as err:
+                raise TrainingError(
+                    f"{label}: out of {device.type} memory at train.batch_size="
+                    f"{cfg.batch_size} ({xb.shape[1]} channels of {xb.shape[-1]}² px); lower "
+                    "train.batch_size, use fewer train.conv_channels, or set "
+                    "train.data_path: stream"
+                ) from err
             cb = centres.index_select(0, idx) if centres is not None else None
             loss = loss_fn(pred, yb, cb)
             if not torch.isfinite(loss):
