@@ -167,13 +167,16 @@ def _folds_table(folds) -> Table:
 def folds_cmd(
     config: ConfigArg,
     maps: Annotated[bool, typer.Option(help="Write a PNG map per site.")] = True,
+    scheduler: SchedulerOpt = "threads",
 ) -> None:
     """Cut the cube into chips, split them into honest spatial folds, audit for leakage."""
+    from agbcube._dask import dask_scheduler
     from agbcube.config import load_config
     from agbcube.folds import make_folds, write_folds
 
     cfg = _run(load_config, config)
-    folds = _run(make_folds, cfg, echo=console.print)
+    with dask_scheduler(scheduler):  # the chip statistics run on it (dashboard under "local")
+        folds = _run(make_folds, cfg, echo=console.print)
     paths = _run(write_folds, folds, cfg.folds.output, maps=maps)
     console.print(_folds_table(folds))
     for path in paths:
