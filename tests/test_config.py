@@ -156,3 +156,16 @@ def test_readme_config_reference_is_current():
     assert readme[start:end] == config_reference(), (
         "README's config reference is stale: paste the output of `agbcube config-reference`"
     )
+
+
+def test_import_is_light_and_public_api_resolves():
+    import subprocess
+    import sys
+
+    code = "import sys, agbcube; assert 'torch' not in sys.modules; print(len(agbcube.__all__))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    import agbcube
+
+    assert int(out.stdout) == len(agbcube.__all__)
+    for name in agbcube.__all__:
+        assert getattr(agbcube, name) is not None
