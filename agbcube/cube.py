@@ -427,12 +427,8 @@ def _root_meta(store: Path) -> dict[str, Any] | None:
 
     try:
         root = zarr.open_group(store, mode="r")
-    except (FileNotFoundError, ValueError, KeyError, OSError, TypeError):
+    except (FileNotFoundError, ValueError, KeyError):  # zarr's GroupNotFoundError is both
         return None
-    except Exception as err:  # zarr raises its own GroupNotFoundError (not an OSError)
-        if type(err).__name__.endswith("NotFoundError"):
-            return None
-        raise
     meta = root.attrs.get("agbcube")
     return dict(meta) if isinstance(meta, dict) else None
 
