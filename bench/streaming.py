@@ -33,7 +33,7 @@ import torch
 
 from agbcube.cube import open_cube
 from agbcube.train.data import DeviceChips, Standardiser, chip_windows
-from agbcube.train.model import augment_batch
+from agbcube.train.model import draw_augmentation
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -118,23 +118,23 @@ def main() -> None:
     resident = DeviceChips(chips, target, std, device)
     g = torch.Generator().manual_seed(0)
 
+    def draw(size: int):
+        return draw_augmentation(
+            size,
+            g,
+            probability=0.7,
+            geometric=True,
+            spectral=True,
+            jitter=0.05,
+            n_spectral=args.bands,
+        )
+
     def agbcube_epoch(augment: bool) -> int:
         order = torch.randperm(n_chips, generator=g)
         reps = max(1, 4096 // n_chips)
         total = 0
         for _ in range(reps):
-            for x, y, _ in resident.iterate(order, args.batch):
-                if augment:
-                    x, y = augment_batch(
-                        x,
-                        y,
-                        g,
-                        probability=0.7,
-                        geometric=True,
-                        spectral=True,
-                        jitter=0.05,
-                        n_spectral=x.shape[1],
-                    )
+            for x, _y, _ in resident.iterate(order, args.batch, augment=draw if augment else None):
                 total += x.shape[0]
         if device.type == "cuda":
             torch.cuda.synchronize()

@@ -266,19 +266,51 @@ class DeviceChips:
     ) -> None:
         import torch
 
-        self.x = torch.from_numpy(standardiser.apply(inputs)).to(device)
+        # Stored channels-last (n, h, w, c): a batch with its per-sample dihedral transforms is
+        # then one row gather (c contiguous floats per index), and the (n, c, h, w) view the
+        # model gets is in torch's channels_last memory format, which convolutions take as is.
+        store = torch.from_numpy(standardiser.apply(inputs)).to(device)
+        store = store.permute(0, 2, 3, 1).contiguous()
+        self._rows = store.view(store.shape[0], -1, store.shape[-1])  # (n, h*w, c)
+        self._pixels = store.view(-1, store.shape[-1])  # (n*h*w, c)
+        self._hw = store.shape[1:3]
+        self.x = store.permute(0, 3, 1, 2)  # (n, c, h, w), channels_last
         self.y = torch.from_numpy(np.ascontiguousarray(target, dtype=np.float32)).to(device)
         self.device = self.x.device
 
     def __len__(self) -> int:
         return self.x.shape[0]
 
-    def iterate(self, order: Any, batch_size: int) -> Iterator[tuple[Any, Any, Any]]:
-        """Yield ``(x, y, index)`` batches in ``order`` (a CPU tensor of positions)."""
+    def iterate(
+        self, order: Any, batch_size: int, augment: Any = None
+    ) -> Iterator[tuple[Any, Any, Any]]:
+        """Yield ``(x, y, index)`` batches in ``order`` (a CPU tensor of positions).
+
+        ``augment(n)`` draws an :class:`~agbcube.train.model.Augmentation` per batch; it is
+        applied inside the gather (one pass over the batch's memory).
+        """
+        from agbcube.train.model import _dihedral_index
+
         order = order.to(self.device)
+        h, w = self._hw
         for start in range(0, order.numel(), batch_size):
             idx = order[start : start + batch_size]
-            yield self.x.index_select(0, idx), self.y.index_select(0, idx), idx
+            n = idx.numel()
+            aug = augment(n) if augment is not None else None
+            perm = None
+            if aug is not None and h == w and bool((aug.transform > 0).any()):
+                perm = _dihedral_index(h, self.device)[aug.transform.to(self.device)]
+                flat = (idx[:, None] * (h * w) + perm).reshape(-1)  # row of every output pixel
+                rows = self._pixels.index_select(0, flat).view(n, h * w, -1)
+            else:
+                rows = self._rows.index_select(0, idx)
+            y = self.y.index_select(0, idx)
+            if perm is not None and y.dim() == 3:
+                y = y.reshape(n, h * w).gather(1, perm).view(n, h, w)
+            if aug is not None and aug.gain is not None:
+                k = aug.gain.shape[1]
+                rows[:, :, :k] *= aug.gain.to(self.device, rows.dtype)[:, None, :]
+            yield rows.view(n, h, w, -1).permute(0, 3, 1, 2), y, idx
 
 
 class StreamSource:
@@ -296,9 +328,13 @@ class StreamSource:
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def iterate(self, order: Any, batch_size: int) -> Iterator[tuple[Any, Any, Any]]:
+    def iterate(
+        self, order: Any, batch_size: int, augment: Any = None
+    ) -> Iterator[tuple[Any, Any, Any]]:
         import torch
         from torch.utils.data import DataLoader
+
+        from agbcube.train.model import apply_augmentation
 
         batches = [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]
         loader = DataLoader(
@@ -314,9 +350,14 @@ class StreamSource:
             generator=torch.Generator().manual_seed(0),
         )
         for (x, y), idx in zip(loader, batches, strict=True):
+            x = x.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
+            if augment is not None:
+                x, y = apply_augmentation(x, y, augment(x.shape[0]))
+            # the memory format of the device-resident path: the same convolution kernels
             yield (
-                x.to(self.device, non_blocking=True),
-                y.to(self.device, non_blocking=True),
+                x.contiguous(memory_format=torch.channels_last),
+                y,
                 torch.as_tensor(idx, device=self.device),
             )
 

@@ -16,10 +16,11 @@ import torch
 
 from agbcube.errors import TrainingError
 from agbcube.train.model import (
+    Augmentation,
     CNNCoordinateModel,
-    augment_batch,
     dihedral,
     dihedral_inverse,
+    draw_augmentation,
     make_loss,
     per_sample_loss,
 )
@@ -199,6 +200,20 @@ def fit_fold(
             return fit
     n = len(train)
     bad_run = 0
+    augment = None
+    if cfg.augment or cfg.spectral_augment:
+
+        def augment(size: int) -> Augmentation:
+            return draw_augmentation(
+                size,
+                g_aug,
+                probability=cfg.aug_probability,
+                geometric=cfg.augment,
+                spectral=cfg.spectral_augment,
+                jitter=cfg.spectral_jitter,
+                n_spectral=n_spectral,
+            )
+
     for epoch in range(start, n_epochs):
         t0 = time.perf_counter()
         if cfg.hard_negative_mining and epoch >= cfg.hnm_start_epoch:
@@ -212,19 +227,9 @@ def fit_fold(
         model.train()
         total = torch.zeros((), device=device)
         steps = 0
-        for xb, yb, idx in train.iterate(order, cfg.batch_size):
+        for xb, yb, idx in train.iterate(order, cfg.batch_size, augment=augment):
             if idx.numel() < 2 <= n:
                 continue  # a 1-chip batch makes norm layers degenerate
-            xb, yb = augment_batch(
-                xb,
-                yb,
-                g_aug,
-                probability=cfg.aug_probability,
-                geometric=cfg.augment,
-                spectral=cfg.spectral_augment,
-                jitter=cfg.spectral_jitter,
-                n_spectral=n_spectral,
-            )
             try:
                 with _autocast(device, cfg.amp):
                     pred = model(xb).float()

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 __all__ = [
+    "Augmentation",
     "CNNCoordinateModel",
+    "apply_augmentation",
     "augment_batch",
     "dihedral",
     "dihedral_inverse",
+    "draw_augmentation",
     "make_loss",
     "per_sample_loss",
 ]
@@ -103,6 +108,62 @@ def dihedral_inverse(x: torch.Tensor, k: int) -> torch.Tensor:
     return x.flip(-1) if k >= 4 else x
 
 
+@dataclass(frozen=True)
+class Augmentation:
+    """One batch's random augmentation: a dihedral transform and a band gain per sample."""
+
+    transform: torch.Tensor  # (n,) int64 in 0..7, 0 = identity
+    gain: torch.Tensor | None  # (n, n_spectral) or None
+
+
+def draw_augmentation(
+    n: int,
+    generator: torch.Generator,
+    *,
+    probability: float,
+    geometric: bool,
+    spectral: bool,
+    jitter: float,
+    n_spectral: int,
+) -> Augmentation:
+    """Draw a batch's augmentation from ``generator`` (on the CPU: device-independent).
+
+    Each sample, with probability ``probability``, gets one of the 7 non-identity dihedral
+    transforms and a multiplicative jitter of its first ``n_spectral`` channels (the spectral
+    bands; coordinate channels are left alone).
+    """
+    chosen = torch.rand(n, generator=generator) < probability
+    which = torch.randint(1, 8, (n,), generator=generator)
+    gain = 1.0 + jitter * torch.randn(n, n_spectral, generator=generator)
+    transform = torch.where(chosen & geometric, which, torch.zeros_like(which))
+    scale = torch.where(chosen[:, None], gain, torch.ones_like(gain)) if spectral else None
+    return Augmentation(transform, scale)
+
+
+def apply_augmentation(
+    x: torch.Tensor, y: torch.Tensor, aug: Augmentation
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply a drawn augmentation to ``(n, c, h, w)`` inputs and their targets.
+
+    The transform moves inputs, coordinate channels and target maps together, so every pixel
+    keeps its true position. One gather for the whole batch (each sample's pixels permuted by
+    its transform), not a copy per transform group.
+    """
+    n, c, h, w = x.shape
+    if h == w and bool((aug.transform > 0).any()):
+        index = _dihedral_index(h, x.device)[aug.transform.to(x.device)]  # (n, h*w)
+        x = x.reshape(n, c, h * w).gather(2, index[:, None, :].expand(-1, c, -1))
+        x = x.view(n, c, h, w)
+        if y.dim() == 3:
+            y = y.reshape(n, h * w).gather(1, index).view(n, h, w)
+    elif aug.gain is not None:
+        x = x.clone()  # the jitter below works in place
+    if aug.gain is not None:
+        k = aug.gain.shape[1]
+        x[:, :k] *= aug.gain.to(x.device, x.dtype)[:, :, None, None]
+    return x, y
+
+
 def augment_batch(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -114,30 +175,24 @@ def augment_batch(
     jitter: float,
     n_spectral: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Augment a batch on its device, all samples at once.
+    """Draw and apply an augmentation (see :func:`draw_augmentation`)."""
+    aug = draw_augmentation(
+        x.shape[0],
+        generator,
+        probability=probability,
+        geometric=geometric,
+        spectral=spectral,
+        jitter=jitter,
+        n_spectral=n_spectral,
+    )
+    return apply_augmentation(x, y, aug)
 
-    Each sample, with probability ``probability``, gets one of the 7 non-identity dihedral
-    transforms (applied to inputs, coordinate channels and the target map alike, so every pixel
-    keeps its true position) and a multiplicative jitter of its first ``n_spectral`` channels
-    (the spectral bands; coordinates are left alone). Random numbers come from ``generator``
-    (on the CPU), so the result does not depend on the device.
-    """
-    n = x.shape[0]
-    draw = torch.rand(n, generator=generator)
-    chosen = draw < probability
-    which = torch.randint(1, 8, (n,), generator=generator)
-    gain = 1.0 + jitter * torch.randn(n, n_spectral, generator=generator)
-    if geometric and chosen.any():
-        x, y = x.clone(), y.clone()
-        for k in range(1, 8):
-            sel = torch.nonzero(chosen & (which == k)).flatten().to(x.device)
-            if sel.numel():
-                x[sel] = dihedral(x[sel], k)
-                y[sel] = dihedral(y[sel], k) if y.dim() == 3 else y[sel]
-    if spectral and chosen.any():
-        scale = torch.where(chosen[:, None], gain, torch.ones_like(gain)).to(x.device, x.dtype)
-        x = torch.cat([x[:, :n_spectral] * scale[:, :, None, None], x[:, n_spectral:]], dim=1)
-    return x, y
+
+@functools.lru_cache(maxsize=16)
+def _dihedral_index(size: int, device: torch.device) -> torch.Tensor:
+    """``(8, size²)`` flat source index of every pixel under each dihedral transform."""
+    grid = torch.arange(size * size).view(size, size)
+    return torch.stack([dihedral(grid, k).reshape(-1) for k in range(8)]).to(device)
 
 
 # --------------------------------------------------------------------------------------------
