@@ -41,9 +41,11 @@ Command line
 
     python bench/predict.py --sizes betul,768,1536 --profile 768
 
-(about 12 minutes on 2 cores). Options: ``--sizes``, ``--run`` (default ``runs/bench-default``),
-``--settings``, ``--stride``, ``--no-aoa``, ``--workdir`` (generated inputs, cubes and maps,
-default ``/tmp/agbcube-bench-predict``, deleted at the end unless ``--keep``), ``--keep``,
+(about 15 minutes of computing on 2 cores, plus any wait for a quiet machine).
+
+Options: ``--sizes``, ``--run`` (default ``runs/bench-default``), ``--settings``, ``--stride``,
+``--no-aoa``, ``--workdir`` (generated inputs, cubes and maps, default
+``/tmp/agbcube-bench-predict``, deleted at the end unless ``--keep``), ``--keep``,
 ``--max-minutes``, ``--repeat`` (the fastest run counts, with the highest peak RSS of all),
 ``--profile``, ``--max-rss-gb`` (a child above it is killed), ``--results`` (default
 ``bench/results/predict_cpu.json``), and for a shared machine ``--max-wait`` (seconds to wait,
@@ -581,6 +583,19 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _git() -> dict[str, Any]:
+    """The checkout measured: HEAD and whether ``agbcube/`` differs from it."""
+
+    def git(*cmd: str) -> str:
+        out = subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True)
+        return out.stdout.strip()
+
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "agbcube_dirty": bool(git("status", "--short", "agbcube")),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse the command line and run the benchmark."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -629,6 +644,7 @@ def main(argv: list[str] | None = None) -> None:
     args.workdir = args.workdir.resolve()
     args.workdir.mkdir(parents=True, exist_ok=True)
     started = datetime.now(UTC)
+    git_state = _git()
     try:
         rows = bench(args, settings)
     finally:
@@ -658,6 +674,7 @@ def main(argv: list[str] | None = None) -> None:
             "device": "cpu",
         },
         "versions": _versions(),
+        "git": git_state,
         "env": {k: os.environ[k] for k in ENV_KEYS if k in os.environ},
         "parent_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "rows": rows,
