@@ -102,7 +102,7 @@ def _per_sample(
     losses = []
     for x, y, _ in data.iterate(torch.arange(len(data)), 512):
         with _autocast(x.device, amp):
-            pred = model(x).float()
+            pred = model(x.contiguous()).float()
         losses.append(per_sample_loss(pred, y, kind=kind, delta=delta))
     return torch.cat(losses)
 
@@ -230,6 +230,9 @@ def fit_fold(
         for xb, yb, idx in train.iterate(order, cfg.batch_size, augment=augment):
             if idx.numel() < 2 <= n:
                 continue  # a 1-chip batch makes norm layers degenerate
+            # Standard layout for the model: channels_last convolutions on the CPU (oneDNN)
+            # were not reproducible across processes, and bit-identical resume needs that.
+            xb = xb.contiguous()
             try:
                 with _autocast(device, cfg.amp):
                     pred = model(xb).float()
