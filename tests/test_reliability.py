@@ -156,7 +156,6 @@ def test_training_killed_then_resumed_matches_an_uninterrupted_run(demo_config, 
     import torch
 
     from agbcube.folds import make_folds, write_folds
-    from agbcube.train import run_cv
 
     raw = demo_config.model_dump(mode="json")
     raw.pop("source", None)
@@ -167,24 +166,30 @@ def test_training_killed_then_resumed_matches_an_uninterrupted_run(demo_config, 
     cfg = load_config(cfg_path)
     write_folds(make_folds(cfg), cfg.folds.output, maps=False)
 
-    run_cv(cfg, output=tmp_path / "clean", device="cpu", plots=False)
+    def train(output: Path, *extra: str) -> subprocess.Popen:
+        # Every run in a fresh process, as a user runs it: the reference then has the same
+        # thread pools as the killed and the resumed run (the test process's do not).
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "agbcube.cli",
+                "train",
+                str(cfg_path),
+                "--device",
+                "cpu",
+                "--output",
+                str(output),
+                *extra,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
 
+    clean = train(tmp_path / "clean")
+    assert clean.wait(timeout=300) == 0, clean.stderr.read().decode()[-2000:]
     out = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "agbcube.cli",
-            "train",
-            str(cfg_path),
-            "--device",
-            "cpu",
-            "--output",
-            str(out),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    proc = train(out)
     t0 = time.time()
     while not (out / "fold_1" / "checkpoint.pt").exists():
         if proc.poll() is not None or time.time() - t0 > 120:
@@ -193,7 +198,8 @@ def test_training_killed_then_resumed_matches_an_uninterrupted_run(demo_config, 
     proc.send_signal(signal.SIGKILL)  # fold 1 is mid-training: its checkpoint exists
     proc.wait(timeout=30)
     assert not (out / "fold_1" / "DONE").exists() and not (out / "metrics.json").exists()
-    run_cv(cfg, output=out, device="cpu", resume=True, plots=False)
+    resumed = train(out, "--resume")
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()[-2000:]
     for k in range(cfg.folds.n_folds):
         a = torch.load(tmp_path / "clean" / f"fold_{k}" / "model.pt", weights_only=False)
         b = torch.load(out / f"fold_{k}" / "model.pt", weights_only=False)
