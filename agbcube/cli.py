@@ -135,7 +135,23 @@ def demo_cmd(
         echo=lambda line: console.print(line, markup=False, highlight=False),
     )
     console.print(_metrics_table(metrics))
-    console.print(f"demo outputs under [bold]{output}[/]: cube, folds, run (plots, metrics)")
+    from agbcube.cube import cube_sites
+    from agbcube.train.loop import resolve_device
+
+    run_dir = cfg.train.output
+    _predict_sites(
+        run_dir,
+        cfg.cube.output,
+        _run(cube_sites, cfg.cube.output),
+        output=None,
+        device=str(resolve_device("auto")),
+        scheduler=scheduler,
+        quiet=quiet,
+    )
+    console.print(
+        f"demo outputs under [bold]{output}[/]: cube, folds, run (plots, metrics), "
+        f"maps in {run_dir / 'maps'}"
+    )
 
 
 def _folds_table(folds) -> Table:
@@ -267,10 +283,8 @@ def predict_cmd(
     """Map AGB (ensemble mean and s.d.) and its area of applicability, as COGs, Zarr and PNGs."""
     import yaml
 
-    from agbcube._dask import dask_scheduler
     from agbcube.config import load_config
-    from agbcube.cube import build_cube, cube_sites, open_cube
-    from agbcube.predict import predict_run, write_maps
+    from agbcube.cube import build_cube, cube_sites
     from agbcube.train.loop import resolve_device
 
     dev = str(_run(resolve_device, device))
@@ -291,12 +305,48 @@ def predict_cmd(
             console.print(f"[red]error:[/] {run_cfg} not found: is {run_dir} a training run?")
             raise typer.Exit(2)
         store = Path(yaml.safe_load(run_cfg.read_text())["cube"]["output"])
-    sites = site or _run(cube_sites, store)
+    _predict_sites(
+        run_dir,
+        store,
+        site or _run(cube_sites, store),
+        output=output,
+        device=dev,
+        window=window,
+        stride=stride,
+        aoa=aoa,
+        scheduler=scheduler,
+        quiet=quiet,
+    )
+
+
+def _predict_sites(
+    run_dir: Path,
+    store: Path,
+    sites: list[str],
+    *,
+    output: Path | None,
+    device: str,
+    window: int | None = None,
+    stride: int | None = None,
+    aoa: bool = True,
+    scheduler: str = "threads",
+    quiet: bool = False,
+) -> None:
+    from agbcube._dask import dask_scheduler
+    from agbcube.cube import open_cube
+    from agbcube.predict import predict_run, write_maps
+
     with dask_scheduler(scheduler) as client:
         for name in sites:
-            ds = _run(open_cube, store, name)
+            ds = _run(open_cube, store, name, chunks=None)  # each tile task reads its window
             maps = _run(
-                predict_run, run_dir, ds, device=dev, window_px=window, stride_px=stride, aoa=aoa
+                predict_run,
+                run_dir,
+                ds,
+                device=device,
+                window_px=window,
+                stride_px=stride,
+                aoa=aoa,
             )
             out = (
                 output

@@ -645,7 +645,7 @@ def cube_sites(store: str | Path) -> list[str]:
     return [s for s in meta.get("expected_sites", []) if s in meta["sites"]]
 
 
-def open_cube(store: str | Path, site: str) -> xr.Dataset:
+def open_cube(store: str | Path, site: str, *, chunks: Any = "auto") -> xr.Dataset:
     """Open one site of a cube lazily.
 
     Parameters
@@ -654,6 +654,9 @@ def open_cube(store: str | Path, site: str) -> xr.Dataset:
         The Zarr store written by :func:`build_cube`.
     site : str
         The site's name.
+    chunks : "auto", dict or None
+        Dask chunks (default: the store's); ``None`` opens without Dask: variables stay lazily
+        indexed, and a slice reads only its own window from the store when its values are used.
 
     Returns
     -------
@@ -665,7 +668,9 @@ def open_cube(store: str | Path, site: str) -> xr.Dataset:
         raise CubeError(f"cube {store} has no site {site!r}; its sites: {names}")
     import rioxarray  # noqa: F401  (registers the .rio accessor users expect on the result)
 
-    ds = xr.open_zarr(Path(store), group=site, consolidated=True, zarr_format=_ZARR_FORMAT)
+    ds = xr.open_zarr(
+        Path(store), group=site, consolidated=True, zarr_format=_ZARR_FORMAT, chunks=chunks
+    )
     return ds.set_coords([v for v in ("spatial_ref",) if v in ds.data_vars])
 
 

@@ -1,11 +1,15 @@
 """Wall-to-wall AGB maps: blended sliding windows, ensemble uncertainty, area of applicability.
 
-Prediction runs block by block through Dask (``map_overlap`` with a halo of one window), so a
-site of any size stays out of core. Windows lie on one global grid (stride ``stride_px``, the last
-row and column of windows flush with the edge), and every pixel's value is the weighted mean of
-all windows covering it, with a 2-D cosine taper as weight: a block sees exactly the windows a
-single pass over the whole site would, so block borders never show, and the taper hides window
-borders.
+Prediction runs tile by tile through Dask. Windows lie on one global grid (stride
+``stride_px``, the last row and column of windows flush with the edge), and every pixel's value
+is the weighted mean of all windows covering it, with a 2-D cosine taper as weight: a tile
+computes exactly the windows of the global grid that touch it, as a single pass over the whole
+site would, so tile borders never show, and the taper hides window borders.
+
+Each tile's task reads its own input window (the tile plus the windows reaching into it) from
+the cube, so memory is bounded by the tile size and flat in the site's size; tiles are written
+into the output store as they finish, so an interrupted write resumes where it stopped
+(:func:`write_maps`).
 
 * Dense head: each window's per-pixel map is blended directly.
 * Chip head: each window's single value is spread over its pixels with the same taper, which
@@ -16,9 +20,10 @@ their standard deviation.
 
 Area of applicability [Meyer_Pebesma2021]_: the dissimilarity index (DI) of a pixel is the
 distance, in standardised feature space, to the nearest training pixel, divided by the mean
-distance between training pixels; the threshold is the upper whisker (Q75 + 1.5 IQR) of the
-training pixels' own DI computed against the other folds' pixels only (cross-validated), and the
-AOA is ``DI <= threshold``. Features are equally weighted (the CNN gives no importance).
+distance between training pixels; the threshold is the upper whisker of the training pixels' own
+DIs, computed against the other folds' pixels only (cross-validated): the largest training DI
+not above Q75 + 1.5 IQR, as in the CAST package; the AOA is ``DI <= threshold``. Features are
+equally weighted (the CNN gives no importance).
 
 .. [Meyer_Pebesma2021] Meyer, H. & Pebesma, E. (2021). Predicting into unknown space? Estimating
    the area of applicability of spatial prediction models. Methods in Ecology and Evolution 12,
@@ -37,6 +42,14 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from agbcube._io import (
+    atomic_path,
+    output_lock,
+    remove_path,
+    replace_path,
+    temporary_sibling,
+    write_json_atomic,
+)
 from agbcube.errors import BandError
 
 __all__ = [
@@ -141,70 +154,134 @@ def aoa_reference(
     other = folds[:, None] != folds[None, :]
     d_cv = np.where(other, d, np.inf).min(axis=1)
     di_train = d_cv[np.isfinite(d_cv)] / mean_distance
-    q25, q75 = np.percentile(di_train, [25, 75]) if di_train.size else (0.0, 0.0)
-    threshold = float(min(q75 + 1.5 * (q75 - q25), di_train.max() if di_train.size else 0.0))
+    threshold = _upper_whisker(di_train)
     return AOAReference(
         pts, mean_distance, threshold, mean.astype(np.float32), std.astype(np.float32)
     )
+
+
+def _upper_whisker(values: np.ndarray) -> float:
+    """The largest value not above ``Q75 + 1.5 IQR`` (the upper whisker of a boxplot).
+
+    This is the AOA threshold of Meyer & Pebesma (2021) as CAST computes it
+    (``boxplot.stats(TrainDI)$stats[5]``): a training DI, so an outlier among the training
+    pixels' own DIs does not widen the AOA.
+    """
+    if values.size == 0:
+        return 0.0
+    q25, q75 = np.percentile(values, [25, 75])
+    return float(values[values <= q75 + 1.5 * (q75 - q25)].max())
 
 
 # --------------------------------------------------------------------------------------------
 # tiled prediction of one block
 
 
-def _predict_block(
-    block: np.ndarray,
+class _Window:
+    """A site's features over one tile's read region, read inside the tile's own task.
+
+    Holding the lazy array in a plain object (not a Dask collection Dask would traverse) keeps
+    the read out of the task graph: otherwise the scheduler reads input chunks ahead of the
+    slow prediction tasks and keeps the chunks neighbouring tiles share in memory, so memory
+    grew with the site. Here a task holds only its own window, and memory stays flat.
+    """
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: xr.DataArray) -> None:
+        self.data = data
+
+    def read(self) -> np.ndarray:
+        import dask
+
+        # a Dask-backed input is computed here, in this task, never on a cluster from inside it
+        with dask.config.set(scheduler="synchronous"):
+            return np.asarray(self.data.values, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class _TileSpec:
+    """What a tile task needs besides the models and its input window."""
+
+    shape: tuple[int, int]  # the site's (y, x) size
+    window: int
+    stride: int
+    tta: int
+    device: str
+    n_features: int
+    crs: str | None  # WKT, when the models take lon/lat channels
+    x: np.ndarray  # the site's x coordinates (for lon/lat)
+    y: np.ndarray
+
+
+def _windows_touching(n: int, window: int, stride: int, start: int, size: int) -> np.ndarray:
+    """Global window offsets along an axis whose windows overlap ``[start, start + size)``."""
+    s = window_starts(n, window, stride)
+    return s[(s + window > start) & (s < start + size)]
+
+
+def _window_batch(n_channels: int, window: int, budget_bytes: float = 64e6) -> int:
+    return int(max(1, min(256, budget_bytes // (n_channels * window * window * 4))))
+
+
+def _predict_tile(
+    source: _Window | np.ndarray,
+    members: Sequence[tuple[Any, ...]],
+    aoa: AOAReference | None,
     *,
+    top: int,
+    left: int,
     offset: tuple[int, int],
     core: tuple[int, int],
-    depth: int,
-    shape: tuple[int, int],
-    models: Sequence[tuple[Any, Any]],
-    window: int,
-    stride: int,
-    log_target: bool,
-    tta: int,
-    device: str,
-    aoa: AOAReference | None,
-    n_features: int,
+    spec: _TileSpec,
 ) -> np.ndarray:
-    """Predict the core of one halo-padded block: ``(4, core_y, core_x)`` float32."""
+    """Predict one tile (the core): ``(4, core_y, core_x)`` float32.
+
+    ``source`` holds the features of global rows ``top:`` and columns ``left:``, covering
+    every window of the global grid that touches the core (and the core itself).
+    """
     import torch
 
     from agbcube.train.loop import predict
 
-    r0, c0 = offset  # global offset of the core
+    feats = source.read() if isinstance(source, _Window) else np.asarray(source, np.float32)
+    r0, c0 = offset
     ny, nx = core
-    n_y, n_x = shape
-    # windows of the global grid that touch the core
-    ys = window_starts(n_y, window, stride)
-    xs = window_starts(n_x, window, stride)
-    ys = ys[(ys + window > r0) & (ys < r0 + ny)]
-    xs = xs[(xs + window > c0) & (xs < c0 + nx)]
+    n_y, n_x = spec.shape
+    window = spec.window
+    ys = _windows_touching(n_y, window, spec.stride, r0, ny)
+    xs = _windows_touching(n_x, window, spec.stride, c0, nx)
+    if spec.crs is not None:
+        from agbcube.train.data import lonlat_of
+
+        h, w = feats.shape[1:]
+        coords = lonlat_of(spec.x[left : left + w], spec.y[top : top + h], spec.crs)
+        feats = np.concatenate([feats, coords])
+    # a site smaller than one window: its single window reaches past the edge (NaN there)
+    need = (ys[-1] + window - top, xs[-1] + window - left)
+    if need[0] > feats.shape[1] or need[1] > feats.shape[2]:
+        padded = np.full((feats.shape[0], *need), np.nan, np.float32)
+        padded[:, : feats.shape[1], : feats.shape[2]] = feats
+        feats = padded
     taper = cosine_weights(window)
-    # block covers global rows [r0 - depth, r0 + ny + depth); padding outside the site is NaN
-    top, left = r0 - depth, c0 - depth
-    feats = block  # features, then lon/lat when the models use coordinates
-    acc = np.zeros((len(models), ny, nx), np.float64)
+    acc = np.zeros((len(members), ny, nx), np.float64)
     wsum = np.zeros((ny, nx), np.float64)
     windows = [(y, x) for y in ys for x in xs]
-    all_nan = np.isnan(block[:n_features]).all(axis=0)
-    for m, (model, std, *rest) in enumerate(models):
+    batch_size = _window_batch(feats.shape[0], window)
+    for m, (model, std, *rest) in enumerate(members):
         target = rest[0] if rest else None
-        for start in range(0, len(windows), 256):
-            batch = windows[start : start + 256]
+        for start in range(0, len(windows), batch_size):
+            batch = windows[start : start + batch_size]
             stack = np.stack(
                 [
                     feats[:, y - top : y - top + window, x - left : x - left + window]
                     for y, x in batch
                 ]
             )
-            x_t = torch.from_numpy(std.apply(stack)).to(device)
-            out = predict(model, x_t, tta=tta).cpu().numpy().astype(np.float64)
+            x_t = torch.from_numpy(std.apply(stack)).to(spec.device)
+            out = predict(model, x_t, tta=spec.tta).cpu().numpy().astype(np.float64)
             if target is not None:
                 out = target.decode(out)
-            elif log_target:
-                out = np.expm1(out)
             for (y, x), value in zip(batch, out, strict=True):
                 ya, yb = max(y, r0), min(y + window, r0 + ny)
                 xa, xb = max(x, c0), min(x + window, c0 + nx)
@@ -216,21 +293,30 @@ def _predict_block(
     per_model = acc / np.maximum(wsum, 1e-12)
     out = np.full((4, ny, nx), np.nan, np.float32)
     out[0] = per_model.mean(axis=0)
-    out[1] = per_model.std(axis=0) if len(models) > 1 else 0.0
+    out[1] = per_model.std(axis=0) if len(members) > 1 else 0.0
+    core_feats = feats[: spec.n_features, r0 - top : r0 - top + ny, c0 - left : c0 - left + nx]
     if aoa is not None:
-        core_feats = block[:n_features, depth : depth + ny, depth : depth + nx]
-        flat = np.moveaxis(core_feats, 0, -1).reshape(-1, n_features)
+        flat = np.moveaxis(core_feats, 0, -1).reshape(-1, spec.n_features)
         di = _nearest(_standardise(flat, aoa.mean, aoa.std), aoa.points) / aoa.mean_distance
         out[2] = di.reshape(ny, nx)
         out[3] = (out[2] <= aoa.threshold).astype(np.float32)
-    core_nan = all_nan[depth : depth + ny, depth : depth + nx]
-    out[:, core_nan] = np.nan
+    out[:, np.isnan(core_feats).all(axis=0)] = np.nan
     return out
+
+
+class _Decode:
+    """Turns a model's output into Mg/ha when a member has no target transform of its own."""
+
+    def __init__(self, log_target: bool) -> None:
+        self.log_target = log_target
+
+    def decode(self, out: np.ndarray) -> np.ndarray:
+        return np.expm1(out) if self.log_target else out
 
 
 def predict_site(
     ds: xr.Dataset,
-    models: Sequence[tuple[Any, Any]],
+    models: Sequence[tuple[Any, ...]],
     *,
     window_px: int,
     stride_px: int | None = None,
@@ -240,14 +326,16 @@ def predict_site(
     device: str = "cpu",
     aoa: AOAReference | None = None,
     bands: Sequence[str] | None = None,
-    block_px: int = 256,
+    block_px: int | None = None,
 ) -> xr.Dataset:
     """Lazily predict every pixel of a site's cube.
 
     Parameters
     ----------
     ds : xr.Dataset
-        The site's cube (``features (band, y, x)``, CRS).
+        The site's cube (``features (band, y, x)``, CRS). Best opened without Dask
+        (``open_cube(store, site, chunks=None)``): each tile task then reads just its own window
+        from the store. A Dask-backed or in-memory cube works too.
     models : list of (torch.nn.Module, Standardiser[, TargetTransform])
         The ensemble members; the target transform turns outputs into Mg/ha (without one,
         ``log_target`` decides).
@@ -258,7 +346,7 @@ def predict_site(
     coordinates : bool
         Append lon/lat channels (as the models were trained).
     log_target : bool
-        The models predict ``log1p(AGB)``.
+        The models predict ``log1p(AGB)`` (members without a target transform only).
     tta : int
         Dihedral transforms averaged per window.
     device : str
@@ -267,14 +355,20 @@ def predict_site(
         When given, the ``di`` and ``aoa`` layers are computed.
     bands : list of str, optional
         The bands the models expect, in order; a mismatch raises :class:`BandError`.
-    block_px : int
-        Dask block side (memory per task ~ bands × (block + 2 window)² × 4 bytes).
+    block_px : int, optional
+        Tile (Dask block and output chunk) side. A tile task holds about
+        ``bands × (block + 2 window)² × 4`` bytes of input, whatever the site's size. Default
+        512, smaller for a small site so that it still splits into 2 × 2 tiles (windows at
+        tile borders are evaluated by each tile they touch, so tiles much larger than the
+        window waste little).
 
     Returns
     -------
     xr.Dataset
-        ``agb_mean``, ``agb_std``, ``di``, ``aoa`` (y, x) float32, dask-backed, with the CRS.
+        ``agb_mean``, ``agb_std``, ``di``, ``aoa`` (y, x) float32, dask-backed, with the CRS;
+        ``attrs["tiles"]`` gives the tile grid's row and column offsets.
     """
+    import dask
     import dask.array as dsa
 
     have = [str(b) for b in ds["band"].values]
@@ -283,57 +377,51 @@ def predict_site(
         feats = ds["features"].sel(band=list(bands))
     else:
         feats = ds["features"]
-    n_features = feats.sizes["band"]
-    data = feats.data if isinstance(feats.data, dsa.Array) else dsa.from_array(feats.values)
-    if coordinates:
-        from agbcube.train.data import _lonlat_grid
-
-        lonlat = dsa.from_array(_lonlat_grid(ds), chunks=(2, -1, -1))
-        data = dsa.concatenate([data, lonlat.astype(np.float32)], axis=0)
-    stride = stride_px or max(1, window_px // 4)
-    depth = window_px
-    # No block thinner than the halo: dask would otherwise re-chunk inside map_overlap and the
-    # block offsets computed here would no longer match its blocks.
-    data = data.rechunk(
-        {
-            0: -1,
-            1: _axis_chunks(data.shape[1], block_px, depth),
-            2: _axis_chunks(data.shape[2], block_px, depth),
-        }
-    )
+    feats = feats.drop_vars([c for c in feats.coords if c not in feats.dims])
     shape = (feats.sizes["y"], feats.sizes["x"])
-    y_starts = np.cumsum((0, *data.chunks[1][:-1]))
-    x_starts = np.cumsum((0, *data.chunks[2][:-1]))
-
-    def run(block: np.ndarray, block_info: dict | None = None) -> np.ndarray:
-        iy, ix = block_info[None]["chunk-location"][1:]
-        core = (data.chunks[1][iy], data.chunks[2][ix])
-        return _predict_block(
-            block,
-            offset=(int(y_starts[iy]), int(x_starts[ix])),
-            core=core,
-            depth=depth,
-            shape=shape,
-            models=models,
-            window=window_px,
-            stride=stride,
-            log_target=log_target,
-            tta=tta,
-            device=device,
-            aoa=aoa,
-            n_features=n_features,
-        )
-
-    out = dsa.map_overlap(
-        run,
-        data,
-        depth={0: 0, 1: depth, 2: depth},
-        boundary=np.nan,
-        trim=False,
-        dtype=np.float32,
-        chunks=((4,), data.chunks[1], data.chunks[2]),
-        meta=np.array((), dtype=np.float32),
+    block_px = block_px or default_block(shape, window_px)
+    spec = _TileSpec(
+        shape=shape,
+        window=window_px,
+        stride=stride_px or max(1, window_px // 4),
+        tta=tta,
+        device=device,
+        n_features=feats.sizes["band"],
+        crs=ds.rio.crs.to_wkt() if coordinates else None,
+        x=ds["x"].values,
+        y=ds["y"].values,
     )
+    members = [(m[0], m[1], m[2] if len(m) > 2 else _Decode(log_target)) for m in models]
+    # one graph key each, so a cluster ships the models and the AOA reference once per worker
+    members_d = dask.delayed(members, traverse=False)
+    aoa_d = dask.delayed(aoa, traverse=False) if aoa is not None else None
+    # a cube already in memory is sliced here; a lazy one is read by each tile's task
+    loaded = feats.chunks is None and getattr(feats.variable, "_in_memory", False)
+    rows = []
+    ychunks, xchunks = _axis_chunks(shape[0], block_px), _axis_chunks(shape[1], block_px)
+    y_off, x_off = np.cumsum((0, *ychunks[:-1])), np.cumsum((0, *xchunks[:-1]))
+    for r0, ny in zip(y_off, ychunks, strict=True):
+        ys = _windows_touching(shape[0], window_px, spec.stride, int(r0), ny)
+        top, bottom = int(ys[0]), min(shape[0], int(ys[-1]) + window_px)
+        row = []
+        for c0, nx in zip(x_off, xchunks, strict=True):
+            xs = _windows_touching(shape[1], window_px, spec.stride, int(c0), nx)
+            left, right = int(xs[0]), min(shape[1], int(xs[-1]) + window_px)
+            region = feats.isel(y=slice(top, bottom), x=slice(left, right))
+            source = region.values if loaded else _Window(region)
+            tile = dask.delayed(_predict_tile, pure=False)(
+                source,
+                members_d,
+                aoa_d,
+                top=top,
+                left=left,
+                offset=(int(r0), int(c0)),
+                core=(ny, nx),
+                spec=spec,
+            )
+            row.append(dsa.from_delayed(tile, shape=(4, ny, nx), dtype=np.float32))
+        rows.append(row)
+    out = dsa.block(rows)
     coords = {k: ds.coords[k] for k in ("y", "x", "spatial_ref") if k in ds.coords}
     result = xr.Dataset(
         {name: (("y", "x"), out[i]) for i, name in enumerate(LAYERS)}, coords=coords
@@ -351,17 +439,16 @@ def predict_site(
     return result.rio.write_crs(ds.rio.crs)
 
 
-def _axis_chunks(n: int, block: int, minimum: int) -> tuple[int, ...]:
-    """Chunk lengths of ``block`` along an axis of ``n``, the last one at least ``minimum``."""
-    block = max(block, minimum)
-    sizes = [block] * (n // block)
-    rest = n - sum(sizes)
-    if rest:
-        if sizes and rest < minimum:
-            sizes[-1] += rest
-        else:
-            sizes.append(rest)
-    return tuple(sizes) or (n,)
+def default_block(shape: tuple[int, int], window: int, largest: int = 512) -> int:
+    """Tile side: ``largest``, or half the site's longer side (at least 4 windows) if smaller."""
+    half = -(-max(shape) // 2)
+    return int(min(largest, max(half, 4 * window)))
+
+
+def _axis_chunks(n: int, block: int) -> tuple[int, ...]:
+    """Regular chunk lengths of ``block`` along an axis of ``n`` (the last one shorter)."""
+    block = max(1, block)
+    return tuple(min(block, n - s) for s in range(0, n, block)) or (n,)
 
 
 def check_bands(have: Sequence[str], want: Sequence[str], *, site: str) -> None:
@@ -464,6 +551,7 @@ def predict_run(
     window_px: int | None = None,
     stride_px: int | None = None,
     aoa: bool = True,
+    block_px: int | None = None,
 ) -> xr.Dataset:
     """Predict a site's cube with the fold ensemble of a training run (lazily).
 
@@ -482,6 +570,14 @@ def predict_run(
         a quarter window (dense head).
     aoa : bool
         Compute the dissimilarity index and the AOA mask.
+    block_px : int, optional
+        Tile side (see :func:`predict_site`).
+
+    Returns
+    -------
+    xr.Dataset
+        As :func:`predict_site`, with ``attrs["key"]``: a digest of the ensemble, the site's
+        cube and the settings, with which :func:`write_maps` resumes an interrupted write.
     """
     import yaml
 
@@ -500,18 +596,42 @@ def predict_run(
         folds = read_folds(run_dir / "folds.parquet")
         pixels, fold_of = _labelled_pixels(Path(cfg["cube"]["output"]), folds, spec["bands"], size)
         reference = aoa_reference(pixels, fold_of)
-    return predict_site(
+    stride = stride_px or max(1, window // (4 if dense else 2))
+    maps = predict_site(
         ds,
         models,
         window_px=window,
-        stride_px=stride_px or max(1, window // (4 if dense else 2)),
+        stride_px=stride,
         coordinates=tcfg["coordinates"] == "geographic",
         log_target=bool(tcfg["log_target"]),
         tta=int(tcfg["tta_rotations"]) if tcfg["tta"] else 1,
         device=device,
         aoa=reference,
         bands=spec["bands"],
+        block_px=block_px,
     )
+    # What the maps depend on: an interrupted write resumes only into maps made the same way.
+    ensemble = (run_dir / "ensemble.pt").stat()
+    maps.attrs["key"] = _key(
+        {
+            "ensemble": [str((run_dir / "ensemble.pt").resolve()), ensemble.st_size],
+            "ensemble_mtime_ns": ensemble.st_mtime_ns,
+            "site": ds.attrs.get("site"),
+            "cube": ds.attrs.get("provenance"),
+            "shape": [ds.sizes["y"], ds.sizes["x"]],
+            "window": window,
+            "stride": stride,
+            "tiles": [list(c) for c in maps["agb_mean"].chunks],
+            "aoa": aoa,
+        }
+    )
+    return maps
+
+
+def _key(obj: Any) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def write_maps(
@@ -522,56 +642,173 @@ def write_maps(
     progress: bool = True,
     echo: Callable[[str], None] | None = None,
 ) -> list[Path]:
-    """Compute the maps into ``output/maps.zarr`` (atomically), then write COGs and PNGs.
+    """Compute the maps tile by tile into ``output/maps.zarr``, then write COGs and PNGs.
 
-    Each layer becomes ``output/<layer>.tif`` (Cloud-Optimised GeoTIFF, deflate, with overviews,
-    nodata: NaN for floats, 255 for the AOA mask) and ``output/<layer>.png`` (a quick look).
+    Tiles are written into ``output/maps.zarr.partial`` as they finish, each followed by a
+    marker; the store is renamed to ``maps.zarr`` only when every tile is in. A write that was
+    interrupted resumes: when ``maps.attrs["key"]`` (set by :func:`predict_run`) matches the
+    partial store's, only the missing tiles are computed; otherwise it starts over. One writer
+    per output: a second one is refused (:class:`~agbcube.errors.OutputLockedError`).
+
+    Each layer then becomes ``output/<layer>.tif`` (Cloud-Optimised GeoTIFF, deflate, with
+    overviews; nodata NaN for floats, 255 for the AOA mask), written window by window, and
+    ``output/<layer>.png`` (a quick look). Memory stays bounded by the tile size throughout.
     """
-    from agbcube._dask import compute
-    from agbcube._io import atomic_path
-
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     say = echo or (lambda _m: None)
-    written = []
     zpath = output / "maps.zarr"
-    with atomic_path(zpath) as tmp:
-        delayed = maps.to_zarr(tmp, mode="w", compute=False, consolidated=True, zarr_format=2)
-        compute(delayed, client=client, progress=progress, label="predicting")
-    written.append(zpath)
-    import rioxarray  # noqa: F401
-
-    stored = xr.open_zarr(zpath, consolidated=True, zarr_format=2)
-    stored = stored.set_coords([v for v in ("spatial_ref",) if v in stored.data_vars])
-    for name in stored.data_vars:
-        da = stored[name].load().rio.write_crs(maps.rio.crs)
-        if name == "aoa":
-            da = xr.where(np.isfinite(da), da, 255).astype(np.uint8).rio.write_crs(maps.rio.crs)
-            da = da.rio.write_nodata(255)
-        else:
-            da = da.astype(np.float32).rio.write_nodata(np.nan)
-        tif = output / f"{name}.tif"
-        with atomic_path(tif) as tmp:
-            da.rio.to_raster(
-                tmp,
-                driver="COG",
-                compress="DEFLATE",
-                blocksize=128,
-                overview_count=max(1, int(np.log2(max(da.shape) / 128)) + 1),
-                overview_resampling="average" if name != "aoa" else "nearest",
-            )
-        written.append(tif)
-        png = output / f"{name}.png"
-        with atomic_path(png) as tmp:
-            _quicklook(da.where(da != 255) if name == "aoa" else da, tmp, name)
-        written.append(png)
-        say(f"wrote {tif} and {png.name}")
-    meta = {"layers": list(stored.data_vars), "attrs": {k: str(v) for k, v in maps.attrs.items()}}
-    (output / "maps.json").write_text(json.dumps(meta, indent=2))
+    with output_lock(zpath, what="maps"):
+        _write_tiles(maps, zpath, client=client, progress=progress, say=say)
+        written = [zpath]
+        stored = xr.open_zarr(zpath, consolidated=True, zarr_format=2)
+        crs, transform = maps.rio.crs, maps.rio.transform()
+        for name in stored.data_vars:
+            if name == "spatial_ref":
+                continue
+            tif, png = output / f"{name}.tif", output / f"{name}.png"
+            _write_cog(stored[name], tif, crs=crs, transform=transform, mask=name == "aoa")
+            with atomic_path(png) as tmp:
+                _quicklook(stored[name], tmp, name)
+            written += [tif, png]
+            say(f"wrote {tif} and {png.name}")
+        meta = {"layers": _layers_of(stored), "attrs": {k: str(v) for k, v in maps.attrs.items()}}
+        write_json_atomic(output / "maps.json", meta)
     return written
 
 
+def _layers_of(ds: xr.Dataset) -> list[str]:
+    return [v for v in ds.data_vars if v != "spatial_ref"]
+
+
+def _write_tiles(
+    maps: xr.Dataset, zpath: Path, *, client: Any, progress: bool, say: Callable[[str], None]
+) -> None:
+    """Every tile of ``maps`` into ``zpath`` through a resumable partial store."""
+    import dask
+    import dask.array as dsa
+    import zarr
+
+    from agbcube._dask import compute
+
+    layers = _layers_of(maps)
+    partial = zpath.with_name(zpath.name + ".partial")
+    marks = zpath.with_name(f".{zpath.name}.tiles")
+    key = maps.attrs.get("key")
+    chunks = (maps[layers[0]].chunks[0], maps[layers[0]].chunks[1])
+    done: set[str] = set()
+    if partial.exists() and key is not None and _partial_key(partial) == key:
+        done = {p.name for p in marks.glob("*")} if marks.exists() else set()
+        say(f"resuming {partial}: {len(done)} tile(s) already written")
+    else:
+        remove_path(partial)
+        remove_path(marks)
+        encoding = {v: {"chunks": (chunks[0][0], chunks[1][0])} for v in layers}
+        template = maps.copy()
+        template.attrs["agbcube_partial_key"] = key or ""
+        template.to_zarr(partial, mode="w", compute=False, zarr_format=2, encoding=encoding)
+    marks.mkdir(exist_ok=True)
+    stacked = dsa.stack([maps[v].data for v in layers]).rechunk({0: -1})
+    blocks = stacked.to_delayed(optimize_graph=True)[0]
+    y_off, x_off = np.cumsum((0, *chunks[0][:-1])), np.cumsum((0, *chunks[1][:-1]))
+    tasks = []
+    for iy, r0 in enumerate(y_off):
+        for ix, c0 in enumerate(x_off):
+            name = f"{iy}_{ix}"
+            if name in done:
+                continue
+            region = (
+                slice(int(r0), int(r0) + chunks[0][iy]),
+                slice(int(c0), int(c0) + chunks[1][ix]),
+            )
+            tasks.append(
+                dask.delayed(_store_tile, pure=False)(
+                    blocks[iy, ix], str(partial), layers, region, str(marks / name)
+                )
+            )
+    if tasks:
+        compute(*tasks, client=client, progress=progress, label="predicting")
+    zarr.consolidate_metadata(str(partial), zarr_format=2)
+    replace_path(partial, zpath)
+    remove_path(marks)
+
+
+def _partial_key(partial: Path) -> str | None:
+    import zarr
+
+    try:
+        return zarr.open_group(str(partial), mode="r", zarr_format=2).attrs.get(
+            "agbcube_partial_key"
+        )
+    except Exception:  # an unreadable leftover is simply started over
+        return None
+
+
+def _store_tile(
+    tile: np.ndarray, store: str, layers: Sequence[str], region: tuple[slice, slice], mark: str
+) -> int:
+    """Write one computed tile into every layer of the partial store, then its marker."""
+    import zarr
+
+    for i, name in enumerate(layers):
+        arr = zarr.open_array(f"{store}/{name}", mode="r+", zarr_format=2)
+        arr[region] = tile[i].astype(arr.dtype)
+    Path(mark).touch()
+    return 1
+
+
+def _write_cog(
+    layer: xr.DataArray, path: Path, *, crs: Any, transform: Any, mask: bool, block: int = 512
+) -> None:
+    """A Cloud-Optimised GeoTIFF of a lazily opened layer, written window by window.
+
+    The layer goes into a tiled GeoTIFF a block of rows at a time, which GDAL's COG driver
+    then copies with overviews; neither step holds the layer in memory.
+    """
+    import rasterio
+    import rasterio.shutil
+    from rasterio.windows import Window
+
+    ny, nx = layer.sizes["y"], layer.sizes["x"]
+    dtype, nodata = (np.uint8, 255) if mask else (np.float32, np.nan)
+    profile = {
+        "driver": "GTiff",
+        "height": ny,
+        "width": nx,
+        "count": 1,
+        "dtype": np.dtype(dtype).name,
+        "crs": crs,
+        "transform": transform,
+        "nodata": nodata,
+        "tiled": True,
+        "blockxsize": 256,
+        "blockysize": 256,
+        "BIGTIFF": "IF_SAFER",
+    }
+    plain = temporary_sibling(path, "plain")
+    try:
+        with rasterio.open(plain, "w", **profile) as dst:
+            for r0 in range(0, ny, block):
+                rows = layer.isel(y=slice(r0, r0 + block)).values
+                if mask:
+                    rows = np.where(np.isfinite(rows), rows, 255).astype(np.uint8)
+                dst.write(rows.astype(dtype), 1, window=Window(0, r0, nx, rows.shape[0]))
+        with atomic_path(path) as tmp:
+            rasterio.shutil.copy(
+                plain,
+                tmp,
+                driver="COG",
+                COMPRESS="DEFLATE",
+                BLOCKSIZE=128,
+                OVERVIEW_RESAMPLING="NEAREST" if mask else "AVERAGE",
+                BIGTIFF="IF_SAFER",
+            )
+    finally:
+        remove_path(plain)
+
+
 def _quicklook(da: xr.DataArray, path: Path, name: str) -> None:
+    """A PNG of a layer, decimated to at most ~1000 px a side while it is read."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -581,7 +818,8 @@ def _quicklook(da: xr.DataArray, path: Path, name: str) -> None:
     small = da.isel(y=slice(None, None, step), x=slice(None, None, step)).values
     cmap = {"agb_mean": "YlGn", "agb_std": "magma", "di": "viridis", "aoa": "RdYlGn"}[name]
     fig, ax = plt.subplots(figsize=(6, 5))
-    im = ax.imshow(small, cmap=cmap)
+    limits = {"vmin": 0, "vmax": 1} if name == "aoa" else {}
+    im = ax.imshow(small, cmap=cmap, **limits)
     fig.colorbar(im, ax=ax, shrink=0.8)
     ax.set_title(name)
     ax.set_axis_off()

@@ -181,7 +181,7 @@ def _child_predict(spec: dict[str, Any]) -> dict[str, Any]:
     shutil.rmtree(out_dir, ignore_errors=True)
     with dask.config.set(scheduler="threads"):
         t0 = time.perf_counter()
-        ds = open_cube(spec["store"], spec["site"])
+        ds = open_cube(spec["store"], spec["site"], chunks=None)  # as `agbcube predict`
         maps = predict_run(run, ds, device="cpu", stride_px=stride, aoa=spec["aoa"])
         times["setup_s"] = time.perf_counter() - t0
         peaks["setup"] = _hwm(reset=True)

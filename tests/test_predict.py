@@ -1,13 +1,15 @@
 from __future__ import annotations
 
+import dask
 import numpy as np
 import pytest
 import rasterio
 import torch
 import xarray as xr
 
-from agbcube.errors import BandError
+from agbcube.errors import BandError, OutputLockedError
 from agbcube.predict import (
+    _upper_whisker,
     aoa_reference,
     chips_to_dataarray,
     cosine_weights,
@@ -151,6 +153,13 @@ def test_cogs_zarr_and_pngs(tmp_path):
             assert src.nodata is not None
             assert src.overviews(1), layer
             assert src.shape == (300, 280)
+            assert src.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
+            values = src.read(1)
+        stored = back[layer].values
+        if layer == "aoa":
+            np.testing.assert_array_equal(values, np.where(np.isfinite(stored), stored, 255))
+        else:
+            np.testing.assert_array_equal(values, stored)
         assert (tmp_path / "maps" / f"{layer}.png").read_bytes()[:4] == b"\x89PNG"
     assert len(paths) == 9
 
@@ -167,3 +176,96 @@ def test_chips_to_dataarray_is_the_inverse_of_chipping():
     back = chips_to_dataarray(per_pixel, rows, cols, ds, size_px=20, weights="cosine")
     covered = np.isfinite(back.values)
     np.testing.assert_allclose(back.values[covered], patches[covered], rtol=1e-6)
+
+
+def test_aoa_threshold_is_the_upper_whisker_of_training_dis():
+    # CAST: boxplot.stats(TrainDI)$stats[5], the largest DI not above Q75 + 1.5 IQR
+    di = np.array([1.0, 2.0, 2.5, 3.0, 4.0, 100.0])
+    q25, q75 = np.percentile(di, [25, 75])
+    assert q75 + 1.5 * (q75 - q25) > 4.0
+    assert _upper_whisker(di) == 4.0
+    assert _upper_whisker(np.array([0.5, 0.5, 0.5])) == 0.5
+
+
+@pytest.mark.parametrize("chunks", [None, "auto"])
+def test_a_lazily_opened_cube_predicts_as_one_in_memory(tmp_path, chunks):
+    ds = _site(70, 90)
+    ds.to_zarr(tmp_path / "site.zarr", zarr_format=2)
+    lazy = xr.open_zarr(tmp_path / "site.zarr", chunks=chunks, zarr_format=2)
+    assert lazy.features.chunks is None if chunks is None else lazy.features.chunks
+    kw = {"window_px": 16, "stride_px": 4, "log_target": False, "block_px": 32}
+    members = [(Dense(3, 3), _identity(3))]
+    want = predict_site(ds, members, **kw).agb_mean.values
+    got = predict_site(lazy.rio.write_crs(ds.rio.crs), members, **kw).agb_mean.values
+    np.testing.assert_array_equal(got, want)
+
+
+class Flaky(torch.nn.Module):
+    """Wraps a model; counts its calls and raises once ``fail_at`` calls have been made."""
+
+    def __init__(self, model, fail_at=None):
+        super().__init__()
+        self.model, self.fail_at, self.calls = model, fail_at, 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.fail_at is not None and self.calls > self.fail_at:
+            raise RuntimeError("killed")
+        return self.model(x)
+
+
+def test_an_interrupted_write_resumes_tile_by_tile(tmp_path):
+    ds = _site(96, 96)
+    kw = {"window_px": 16, "stride_px": 8, "log_target": False, "block_px": 32}  # 9 tiles
+    model = Dense(3, 1)
+    clean = predict_site(ds, [(model, _identity(3))], **kw)
+    write_maps(clean, tmp_path / "clean", progress=False)
+
+    out = tmp_path / "maps"
+    flaky = Flaky(model, fail_at=4)
+    maps = predict_site(ds, [(flaky, _identity(3))], **kw)
+    maps.attrs["key"] = "same-run"
+    with dask.config.set(scheduler="synchronous"), pytest.raises(RuntimeError, match="killed"):
+        write_maps(maps, out, progress=False)
+    # nothing looks complete; the tiles that finished are kept
+    assert not (out / "maps.zarr").exists() and not (out / "agb_mean.tif").exists()
+    assert (out / "maps.zarr.partial").is_dir()
+    assert 0 < len(list((out / ".maps.zarr.tiles").iterdir())) < 9
+
+    again = Flaky(model)
+    maps = predict_site(ds, [(again, _identity(3))], **kw)
+    maps.attrs["key"] = "same-run"
+    write_maps(maps, out, progress=False)
+    assert 0 < again.calls < 9  # only the missing tiles (one model call per tile here)
+    assert not (out / "maps.zarr.partial").exists() and not (out / ".maps.zarr.tiles").exists()
+    got = xr.open_zarr(out / "maps.zarr").agb_mean.values
+    want = xr.open_zarr(tmp_path / "clean" / "maps.zarr").agb_mean.values
+    np.testing.assert_array_equal(got, want)
+
+    # maps made differently (another key) start over instead of mixing tiles
+    (out / "maps.zarr.partial").mkdir()  # an unreadable leftover: started over
+    shifted = Dense(3, 1, shift=7.0)
+    maps = predict_site(ds, [(Flaky(shifted, fail_at=2), _identity(3))], **kw)
+    maps.attrs["key"] = "other-run"
+    with dask.config.set(scheduler="synchronous"), pytest.raises(RuntimeError):
+        write_maps(maps, out, progress=False)
+    fresh = Flaky(shifted)
+    maps = predict_site(ds, [(fresh, _identity(3))], **kw)
+    maps.attrs["key"] = "another-run"
+    write_maps(maps, out, progress=False)
+    assert fresh.calls == 9
+    np.testing.assert_allclose(
+        xr.open_zarr(out / "maps.zarr").agb_mean.values, want + 7.0, rtol=1e-6
+    )
+
+
+def test_a_second_writer_of_the_same_maps_is_refused(tmp_path):
+    from agbcube._io import output_lock
+
+    ds = _site(40, 40)
+    maps = predict_site(ds, [(Dense(3, 1), _identity(3))], window_px=16, log_target=False)
+    with (
+        output_lock(tmp_path / "maps" / "maps.zarr", what="maps"),
+        pytest.raises(OutputLockedError, match="being written by process"),
+    ):
+        write_maps(maps, tmp_path / "maps", progress=False)

@@ -103,16 +103,24 @@ def _patch_index(bgen: Any, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         ) from None
 
 
-def _lonlat_grid(ds: xr.Dataset) -> np.ndarray:
-    """(2, y, x) longitude/latitude of every pixel centre of a site's cube."""
-    from pyproj import Transformer
+def lonlat_of(x: np.ndarray, y: np.ndarray, crs: Any) -> np.ndarray:
+    """(2, len(y), len(x)) longitude/latitude of pixel centres given by their coordinates.
 
-    xx, yy = np.meshgrid(ds["x"].values, ds["y"].values)
-    crs = ds.rio.crs
+    ``crs`` is anything pyproj accepts (a rasterio CRS, WKT, an EPSG string).
+    """
+    from pyproj import CRS, Transformer
+
+    crs = CRS.from_user_input(crs.to_wkt() if hasattr(crs, "to_wkt") else crs)
+    xx, yy = np.meshgrid(np.asarray(x), np.asarray(y))
     if crs.is_geographic:
         return np.stack([xx, yy]).astype(np.float32)
     lon, lat = Transformer.from_crs(crs, "EPSG:4326", always_xy=True).transform(xx, yy)
     return np.stack([lon, lat]).astype(np.float32)
+
+
+def _lonlat_grid(ds: xr.Dataset) -> np.ndarray:
+    """(2, y, x) longitude/latitude of every pixel centre of a site's cube."""
+    return lonlat_of(ds["x"].values, ds["y"].values, ds.rio.crs)
 
 
 def read_chips(
