@@ -184,6 +184,7 @@ def folds_cmd(
     config: ConfigArg,
     maps: Annotated[bool, typer.Option(help="Write a PNG map per site.")] = True,
     scheduler: SchedulerOpt = "threads",
+    quiet: QuietOpt = False,
 ) -> None:
     """Cut the cube into chips, split them into honest spatial folds, audit for leakage."""
     from agbcube._dask import dask_scheduler
@@ -192,7 +193,7 @@ def folds_cmd(
 
     cfg = _run(load_config, config)
     with dask_scheduler(scheduler):  # the chip statistics run on it (dashboard under "local")
-        folds = _run(make_folds, cfg, echo=console.print)
+        folds = _run(make_folds, cfg, echo=None if quiet else console.print)
     paths = _run(write_folds, folds, cfg.folds.output, maps=maps)
     console.print(_folds_table(folds))
     for path in paths:
@@ -215,6 +216,9 @@ def train_cmd(
     output: Annotated[
         Path | None, typer.Option(help="Run directory (overrides train.output).")
     ] = None,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No per-epoch lines; the summary only.")
+    ] = False,
 ) -> None:
     """Cross-validate the model over the folds (making them if missing); write the run."""
     from agbcube.config import load_config
@@ -229,7 +233,7 @@ def train_cmd(
         resume=resume,
         overwrite=overwrite,
         output=output,
-        echo=lambda line: console.print(line, markup=False, highlight=False),
+        echo=None if quiet else (lambda line: console.print(line, markup=False, highlight=False)),
     )
     console.print(_metrics_table(metrics))
     console.print(f"run written to [bold]{output or cfg.train.output}[/]")

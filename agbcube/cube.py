@@ -655,8 +655,9 @@ def open_cube(store: str | Path, site: str, *, chunks: Any = "auto") -> xr.Datas
     site : str
         The site's name.
     chunks : "auto", dict or None
-        Dask chunks (default: the store's); ``None`` opens without Dask: variables stay lazily
-        indexed, and a slice reads only its own window from the store when its values are used.
+        Dask chunks (default: the store's); ``None`` opens without Dask and without xarray's
+        in-memory cache: variables stay lazily indexed, and a slice reads only its own window
+        from the store each time its values are used.
 
     Returns
     -------
@@ -668,9 +669,21 @@ def open_cube(store: str | Path, site: str, *, chunks: Any = "auto") -> xr.Datas
         raise CubeError(f"cube {store} has no site {site!r}; its sites: {names}")
     import rioxarray  # noqa: F401  (registers the .rio accessor users expect on the result)
 
-    ds = xr.open_zarr(
-        Path(store), group=site, consolidated=True, zarr_format=_ZARR_FORMAT, chunks=chunks
-    )
+    if chunks is None:
+        # no Dask and no in-memory cache: a slice read for one task must not stay behind
+        ds = xr.open_dataset(
+            Path(store),
+            engine="zarr",
+            group=site,
+            consolidated=True,
+            zarr_format=_ZARR_FORMAT,
+            chunks=None,
+            cache=False,
+        )
+    else:
+        ds = xr.open_zarr(
+            Path(store), group=site, consolidated=True, zarr_format=_ZARR_FORMAT, chunks=chunks
+        )
     return ds.set_coords([v for v in ("spatial_ref",) if v in ds.data_vars])
 
 

@@ -199,6 +199,18 @@ class _Window:
             return np.asarray(self.data.values, dtype=np.float32)
 
 
+def _without_cache(da: xr.DataArray) -> xr.DataArray:
+    """The same lazy array minus xarray's in-memory cache (``open_*(..., cache=True)``).
+
+    A cached slice keeps what its task read for as long as the graph lives: every tile's input
+    would stay in memory until the whole site is done.
+    """
+    data = getattr(da.variable, "_data", None)
+    if type(data).__name__ == "MemoryCachedArray" and hasattr(data, "array"):
+        return da.copy(data=data.array)
+    return da
+
+
 @dataclass(frozen=True)
 class _TileSpec:
     """What a tile task needs besides the models and its input window."""
@@ -408,7 +420,7 @@ def predict_site(
             xs = _windows_touching(shape[1], window_px, spec.stride, int(c0), nx)
             left, right = int(xs[0]), min(shape[1], int(xs[-1]) + window_px)
             region = feats.isel(y=slice(top, bottom), x=slice(left, right))
-            source = region.values if loaded else _Window(region)
+            source = region.values if loaded else _Window(_without_cache(region))
             tile = dask.delayed(_predict_tile, pure=False)(
                 source,
                 members_d,

@@ -127,13 +127,13 @@ def _hwm(reset: bool) -> int | None:
         return None
 
 
-def _windows(n: int, window: int, stride: int) -> tuple[int, int]:
-    """Windows along one axis: on the global grid, and evaluated summed over Dask blocks."""
-    from agbcube.predict import _axis_chunks, window_starts
+def _windows(n: int, other: int, window: int, stride: int) -> tuple[int, int]:
+    """Windows along one axis: on the global grid, and evaluated summed over the tiles."""
+    from agbcube.predict import _axis_chunks, default_block, window_starts
 
     starts = window_starts(n, window, stride)
     evaluated, r0 = 0, 0
-    for size in _axis_chunks(n, CHUNKS, window):  # predict_site's blocks (block_px = 256)
+    for size in _axis_chunks(n, default_block((n, other), window)):  # predict_site's tiles
         evaluated += int(((starts + window > r0) & (starts < r0 + size)).sum())
         r0 += size
     return len(starts), evaluated
@@ -163,14 +163,14 @@ def _child_predict(spec: dict[str, Any]) -> dict[str, Any]:
         return out
 
     _dask.compute = timed_compute
-    calls = Counter()  # _predict_block calls: one per Dask block unless blocks are recomputed
-    predict_block = agb_predict._predict_block
+    calls = Counter()  # _predict_tile calls: one per tile unless tiles are recomputed
+    predict_tile = agb_predict._predict_tile
 
     def counted(*a: Any, **k: Any) -> Any:
         calls[k["offset"]] += 1
-        return predict_block(*a, **k)
+        return predict_tile(*a, **k)
 
-    agb_predict._predict_block = counted
+    agb_predict._predict_tile = counted
     run = Path(spec["run"])
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     size, head = int(cfg["chips"]["size"]), cfg["train"]["head"]
@@ -193,7 +193,7 @@ def _child_predict(spec: dict[str, Any]) -> dict[str, Any]:
     times["cog_png_s"] = times["wall_s"] - times["setup_s"] - times["compute_s"]
     stride = stride or max(1, window // (4 if head == "dense" else 2))
     ny, nx = ds.sizes["y"], ds.sizes["x"]
-    (gy, ey), (gx, ex) = _windows(ny, window, stride), _windows(nx, window, stride)
+    (gy, ey), (gx, ex) = _windows(ny, nx, window, stride), _windows(nx, ny, window, stride)
     tta = int(cfg["train"]["tta_rotations"]) if cfg["train"]["tta"] else 1
     n_models = len([p for p in run.glob("fold_*") if p.is_dir()])
     import numpy as np
@@ -379,11 +379,11 @@ def _stage(frames: list[str]) -> str:
         ("_nearest", "AOA: DI distances (torch.cdist) per block"),
         ("predict (agbcube/train/loop.py", "model forward passes incl. TTA"),
         ("apply (agbcube/train/data.py", "standardising window stacks"),
-        ("_predict_block", "window gather / taper blending (numpy, Python loop)"),
+        ("_predict_tile", "window gather / taper blending (numpy, Python loop)"),
         ("_labelled_pixels", "setup: AOA reference (training cube read)"),
         ("aoa_reference", "setup: AOA reference (distances)"),
         ("load_ensemble", "setup: loading the ensemble"),
-        ("to_raster", "COGs"),
+        ("_write_cog", "COGs"),
         ("_quicklook", "PNGs"),
         ("<module> (", "imports (mostly before the clock starts)"),
         ("zarr", "Zarr read/write"),

@@ -396,6 +396,53 @@ def test_zarr_round_trip_keeps_crs_and_attrs(simple_site, tmp_path):
     assert ds.rio.crs == lazy.rio.crs
 
 
+@settings(
+    max_examples=15,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(
+    ny=st.integers(3, 40),
+    nx=st.integers(3, 40),
+    n_band=st.integers(1, 4),
+    chunks=st.integers(4, 33),
+    dtype=st.sampled_from(["uint16", "int16", "float32", "float64"]),
+    tagged=st.booleans(),
+    seed=st.integers(0, 10**6),
+)
+def test_cube_round_trips_raster_values(
+    tmp_path_factory, ny, nx, n_band, chunks, dtype, tagged, seed
+):
+    """Whatever the shape, dtype, chunking and nodata: the cube holds the rasters' values."""
+    tmp = tmp_path_factory.mktemp("roundtrip")
+    rng = np.random.default_rng(seed)
+    sentinel = {"uint16": 65535, "int16": -9999, "float32": -9999.0, "float64": -9999.0}[dtype]
+    stack = rng.integers(1, 3000, (n_band, ny, nx)).astype(dtype)
+    holes = rng.random(stack.shape) < 0.15
+    stack[holes] = sentinel
+    agb = rng.uniform(-50, 700, (ny, nx)).astype("float32")
+    agb[rng.random(agb.shape) < 0.1] = 0.0
+    names = [f"X{i}" for i in range(n_band)]
+    write_raster(tmp / "sat.tif", stack, descriptions=names, nodata=sentinel if tagged else None)
+    write_raster(tmp / "agb.tif", agb)
+    site = SiteConfig(
+        name="s",
+        satellite=tmp / "sat.tif",
+        biomass=tmp / "agb.tif",
+        satellite_nodata=None if tagged else sentinel,
+    )
+    cube = CubeConfig(output=tmp / "cube.zarr", chunks=chunks, indices="none")
+    build_cube([site], cube, progress=False)
+    ds = open_cube(cube.output, "s")
+    assert ds.features.encoding["chunks"][1:] == (min(chunks, ny), min(chunks, nx))
+    ds = ds.load()
+    assert list(ds.band.values) == names
+    want = np.where(holes, np.nan, stack.astype("float64")).astype("float32")
+    np.testing.assert_array_equal(ds.features.values, want)
+    valid = (agb > 0) & (agb <= 600)
+    np.testing.assert_array_equal(ds.agb.values, np.where(valid, agb, np.nan))
+
+
 def test_overwrite_also_drops_sites_removed_from_the_config(simple_site, tmp_path):
     cube = _cube(tmp_path)
     site_a = _site(simple_site)

@@ -188,16 +188,30 @@ def test_aoa_threshold_is_the_upper_whisker_of_training_dis():
 
 
 @pytest.mark.parametrize("chunks", [None, "auto"])
-def test_a_lazily_opened_cube_predicts_as_one_in_memory(tmp_path, chunks):
+def test_a_lazily_opened_cube_predicts_as_one_in_memory(tmp_path, chunks, monkeypatch):
+    from agbcube import predict as agb_predict
+
     ds = _site(70, 90)
     ds.to_zarr(tmp_path / "site.zarr", zarr_format=2)
-    lazy = xr.open_zarr(tmp_path / "site.zarr", chunks=chunks, zarr_format=2)
+    lazy = xr.open_zarr(tmp_path / "site.zarr", chunks=chunks, zarr_format=2)  # cache on
     assert lazy.features.chunks is None if chunks is None else lazy.features.chunks
     kw = {"window_px": 16, "stride_px": 4, "log_target": False, "block_px": 32}
     members = [(Dense(3, 3), _identity(3))]
     want = predict_site(ds, members, **kw).agb_mean.values
+    windows = []
+    read = agb_predict._Window.read
+
+    def spy(self):
+        windows.append(self)
+        return read(self)
+
+    monkeypatch.setattr(agb_predict._Window, "read", spy)
     got = predict_site(lazy.rio.write_crs(ds.rio.crs), members, **kw).agb_mean.values
     np.testing.assert_array_equal(got, want)
+    # each task read its own window (9 tiles), and none of them stayed in memory afterwards
+    assert len(windows) == 9
+    assert not any(w.data.variable._in_memory for w in windows)
+    assert not lazy.features.variable._in_memory
 
 
 class Flaky(torch.nn.Module):

@@ -87,6 +87,58 @@ def test_killed_build_cube_resumes_to_a_clean_build(tmp_path, rng, sig):
         )
 
 
+@pytest.mark.slow
+def test_a_dask_worker_killed_during_build_cube_changes_nothing(tmp_path, rng):
+    """A LocalCluster worker SIGKILLed mid-build: its tasks rerun; the cube is the serial one."""
+    import os
+    import threading
+
+    import dask
+    from distributed import Client, LocalCluster
+
+    cfg = load_config(_big_site(tmp_path, rng))
+    serial = cfg.cube.model_copy(update={"output": tmp_path / "serial.zarr"})
+    with dask.config.set(scheduler="synchronous"):
+        build_cube(cfg.sites, serial, progress=False)
+
+    failures: list[BaseException] = []
+
+    def build(address: str) -> None:
+        try:
+            build_cube(cfg.sites, cfg.cube, scheduler=address, progress=False)
+        except BaseException as err:  # reported below
+            failures.append(err)
+
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        pids = client.run(os.getpid)
+        thread = threading.Thread(target=build, args=(cluster.scheduler_address,))
+        thread.start()
+        t0 = time.time()
+        store = cfg.cube.output
+        while not (store.is_dir() and any(".tmp-" in p.name for p in store.iterdir())):
+            assert thread.is_alive() and time.time() - t0 < 120, "the build never started"
+            time.sleep(0.05)
+        time.sleep(0.3)  # the workers are reading and writing chunks
+        victim = sorted(pids.values())[0]
+        os.kill(victim, signal.SIGKILL)
+        killed_mid_build = thread.is_alive()
+        thread.join(timeout=300)
+        assert victim not in client.run(os.getpid).values()  # the nanny started a new worker
+    assert killed_mid_build, "the build had finished before the worker was killed"
+    assert not thread.is_alive() and not failures, failures
+    assert cube_sites(cfg.cube.output) == cube_sites(serial.output)
+    for site in cube_sites(serial.output):
+        xr.testing.assert_identical(
+            open_cube(cfg.cube.output, site).load().drop_attrs(),
+            open_cube(serial.output, site).load().drop_attrs(),
+        )
+
+
 def test_sites_with_bands_in_another_order_are_aligned_by_name(tmp_path, rng):
     from agbcube.train.data import read_chips
 

@@ -1,0 +1,181 @@
+"""Benchmark of how agbcube's stages scale with the number of sites (issue 8, item 5).
+
+A hand-run benchmark, not a test. For each factor ``k`` (``--factors``, default 1,2,4,8,16) it
+writes a config with ``k`` copies of the three benchmark sites (``3 k`` sites, every copy reading
+the same rasters under its own name, so the cube, the chips and the training set grow ``k``-fold
+while each site stays the same) and runs the three CLI stages on it, each in a fresh process:
+
+1. ``agbcube build-cube CFG -q`` (threads scheduler),
+2. ``agbcube folds CFG --no-maps -q``,
+3. ``agbcube train CFG --device cpu --epochs E -q`` with ``patience`` = E, so every fold trains
+   exactly E epochs (default E = 3) whatever its validation curve, and the ``hgb-pixel``
+   baseline on (its pixel sample is capped, so its cost is flat in k).
+
+Reported per stage: wall time of the process (including Python start-up and imports, ~3 s), peak
+RSS (``ru_maxrss`` from ``os.wait4``), and for training the chips per fold. The cubes are written
+under ``--workdir`` (default ``/tmp/agbcube-bench-scaling``, deleted unless ``--keep``; 16× needs
+about 1.5 GB).
+
+Command line
+------------
+::
+
+    python bench/scaling.py --factors 1,2,4,8,16 --epochs 3
+
+Results go to ``--results`` (default ``bench/results/scaling.json``) and a Markdown table is
+printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+SITES = ("achanakmar", "betul", "khaoyai")
+SHARED = REPO.parent / "shared" / "benchmark" / "raw"
+
+
+def write_config(workdir: Path, k: int, epochs: int) -> Path:
+    """A config with ``k`` copies of the benchmark sites, outputs under ``workdir/x{k}``."""
+    import yaml
+
+    base = yaml.safe_load((REPO / "configs" / "benchmark.yaml").read_text())
+    out = workdir / f"x{k}"
+    out.mkdir(parents=True, exist_ok=True)
+    sites = [
+        {
+            "name": f"{name}_{c}",
+            "satellite": str(SHARED / "satellite" / f"{name}_satellite.tif"),
+            "biomass": str(SHARED / "biomass" / f"{name}_biomass.tif"),
+        }
+        for c in range(k)
+        for name in SITES
+    ]
+    cfg = {
+        **base,
+        "sites": sites,
+        "cube": {**base["cube"], "output": str(out / "cube.zarr")},
+        "folds": {**base["folds"], "output": str(out / "folds.parquet")},
+        "train": {**base.get("train", {}), "patience": epochs, "output": str(out / "run")},
+    }
+    path = out / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def run(cmd: list[str]) -> dict[str, Any]:
+    """Run a command; its wall time and peak RSS (GB)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out = proc.stdout.read() if proc.stdout else b""
+    _, status, usage = os.wait4(proc.pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    result = {
+        "wall_s": round(time.perf_counter() - t0, 2),
+        "peak_rss_gb": round(usage.ru_maxrss * 1024 / 1e9, 3),
+        "returncode": code,
+    }
+    if code != 0:
+        result["tail"] = out.decode(errors="replace")[-2000:]
+    return result
+
+
+def bench_factor(k: int, args: argparse.Namespace) -> dict[str, Any]:
+    cfg = write_config(args.workdir, k, args.epochs)
+    agb = [sys.executable, "-m", "agbcube.cli"]
+    row: dict[str, Any] = {"factor": k, "sites": 3 * k}
+    row["build_cube"] = run([*agb, "build-cube", str(cfg), "-q", "--overwrite"])
+    row["folds"] = run([*agb, "folds", str(cfg), "--no-maps", "-q"])
+    row["train"] = run(
+        [
+            *agb,
+            "train",
+            str(cfg),
+            "--device",
+            "cpu",
+            "--epochs",
+            str(args.epochs),
+            "-q",
+            "--overwrite",
+        ]
+    )
+    out = cfg.parent
+    import pandas as pd
+
+    if (out / "folds.parquet").exists():
+        folds = pd.read_parquet(out / "folds.parquet", columns=["chip_id"])
+        row["chips"] = len(folds)
+    row["cube_gb"] = round(
+        sum(p.stat().st_size for p in (out / "cube.zarr").rglob("*") if p.is_file()) / 1e9, 3
+    )
+    return row
+
+
+def _cell(stage: dict[str, Any]) -> str:
+    if stage["returncode"] != 0:
+        return f"failed ({stage['returncode']}) | –"
+    return f"{stage['wall_s']:.1f} | {stage['peak_rss_gb']:.2f}"
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = (
+        "| × benchmark | sites | chips | cube GB | build-cube s | peak GB | folds s | peak GB "
+        "| train s | peak GB |\n|---|---|---|---|---|---|---|---|---|---|"
+    )
+    lines = [head]
+    for r in rows:
+        lines.append(
+            f"| {r['factor']}× | {r['sites']} | {r.get('chips', '–')} | {r['cube_gb']:.2f} | "
+            f"{_cell(r['build_cube'])} | {_cell(r['folds'])} | {_cell(r['train'])} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--factors", default="1,2,4,8,16")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/agbcube-bench-scaling"))
+    p.add_argument("--keep", action="store_true")
+    p.add_argument("--results", type=Path, default=REPO / "bench" / "results" / "scaling.json")
+    args = p.parse_args(argv)
+    if not SHARED.exists():
+        sys.exit(f"{SHARED} not found: this benchmark needs ../shared/benchmark")
+    rows = []
+    try:
+        for k in (int(f) for f in args.factors.split(",")):
+            print(f"[{k}x] {3 * k} sites", file=sys.stderr, flush=True)
+            rows.append(bench_factor(k, args))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(args.workdir, ignore_errors=True)
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(
+        json.dumps(
+            {
+                "date": datetime.now(UTC).isoformat(timespec="seconds"),
+                "machine": f"{platform.node()} {os.cpu_count()} CPUs",
+                "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+                "epochs": args.epochs,
+                "rows": rows,
+            },
+            indent=2,
+        )
+    )
+    print(table(rows))
+    print(f"\nresults: {args.results}")
+
+
+if __name__ == "__main__":
+    main()
