@@ -16,6 +16,7 @@ lists the finished sites and says whether the whole build completed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -566,7 +567,12 @@ def build_cube(
     os.environ.setdefault("GDAL_CACHEMAX", "256")
     # Validate everything first: a bad third site must not fail after an hour on the first two.
     check_scheduler(scheduler)
-    planned = {site.name: build_site_cube(site, cube) for site in sites}
+    for site in sites:
+        build_site_cube(site, cube).close()
+    # Each site's lazy cube (its open rasters and its task graph, ~40 MB for a benchmark site)
+    # is planned again when its turn comes and closed after it, so memory stays flat in the
+    # number of sites, not only in their size.
+    planned = {site.name: functools.partial(build_site_cube, site, cube) for site in sites}
     with output_lock(store, what="cube"):
         meta = _root_meta(store)
         if meta is None and store.exists() and (not store.is_dir() or any(store.iterdir())):
@@ -582,24 +588,12 @@ def build_cube(
         _write_root_meta(store, meta)
         results: dict[str, dict[str, Any]] = {}
         with dask_scheduler(scheduler) as client:
-            for name, ds in planned.items():
-                key = json.loads(ds.attrs["provenance"])["key"]
-                summary = {
-                    "shape": [int(ds.sizes["y"]), int(ds.sizes["x"])],
-                    "bands": int(ds.sizes["band"]),
-                    "indices": int(ds.sizes["band"]) - int(ds.attrs["n_raw_bands"]),
-                    "overlap": ds.attrs["overlap_fraction"],
-                }
-                if not overwrite and meta["sites"].get(name) == key and (store / name).is_dir():
-                    stats = json.loads(_site_attrs(store, name).get("stats", "{}"))
-                    results[name] = {"status": "up to date", **summary, **stats}
-                    say(f"site '{name}': up to date, skipped (--overwrite rebuilds)")
-                    continue
-                stats = write_site(ds, store, client=client, progress=progress)
-                meta["sites"][name] = key
-                _write_root_meta(store, meta)
-                results[name] = {"status": "built", **summary, **stats}
-                say(f"site '{name}': built {summary['shape']} px, {summary['bands']} bands")
+            for name, plan in planned.items():
+                with plan() as ds:
+                    results[name] = _build_one(
+                        ds, store, meta, overwrite=overwrite, client=client, progress=progress
+                    )
+                say(_build_message(name, results[name]))
         for stale in set(meta["sites"]) - set(planned):
             remove_path(store / stale)
             meta["sites"].pop(stale)
@@ -607,6 +601,39 @@ def build_cube(
         meta["complete"] = True
         _write_root_meta(store, meta)
     return results
+
+
+def _build_one(
+    ds: xr.Dataset,
+    store: Path,
+    meta: dict[str, Any],
+    *,
+    overwrite: bool,
+    client: Any,
+    progress: bool,
+) -> dict[str, Any]:
+    """Write one planned site unless it is up to date; record it in the root metadata."""
+    name = ds.attrs["site"]
+    key = json.loads(ds.attrs["provenance"])["key"]
+    summary = {
+        "shape": [int(ds.sizes["y"]), int(ds.sizes["x"])],
+        "bands": int(ds.sizes["band"]),
+        "indices": int(ds.sizes["band"]) - int(ds.attrs["n_raw_bands"]),
+        "overlap": ds.attrs["overlap_fraction"],
+    }
+    if not overwrite and meta["sites"].get(name) == key and (store / name).is_dir():
+        stats = json.loads(_site_attrs(store, name).get("stats", "{}"))
+        return {"status": "up to date", **summary, **stats}
+    stats = write_site(ds, store, client=client, progress=progress)
+    meta["sites"][name] = key
+    _write_root_meta(store, meta)
+    return {"status": "built", **summary, **stats}
+
+
+def _build_message(name: str, result: dict[str, Any]) -> str:
+    if result["status"] == "up to date":
+        return f"site '{name}': up to date, skipped (--overwrite rebuilds)"
+    return f"site '{name}': built {result['shape']} px, {result['bands']} bands"
 
 
 def _remove_leftovers(store: Path) -> None:

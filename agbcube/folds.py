@@ -177,6 +177,10 @@ class HybridSiteSpatialKFold(BaseCrossValidator):
         regions more compact.
     random_state : int
         Seed; equal seeds give equal folds.
+    layout : int or mapping of site to int
+        Which of a site's random layouts (seeded by ``random_state``, the site's name and this
+        number) to use; 0 is the default. :func:`make_folds` moves on to the next layout when
+        one leaves a fold too few training chips.
 
     Notes
     -----
@@ -199,12 +203,14 @@ class HybridSiteSpatialKFold(BaseCrossValidator):
         validation_fraction: float = 0.15,
         clusters_per_fold: int = 4,
         random_state: int = 0,
+        layout: int | Mapping[str, int] = 0,
     ) -> None:
         self.n_splits = n_splits
         self.buffer_m = buffer_m
         self.validation_fraction = validation_fraction
         self.clusters_per_fold = clusters_per_fold
         self.random_state = random_state
+        self.layout = layout
 
     def get_n_splits(self, X: Any = None, y: Any = None, groups: Any = None) -> int:
         return self.n_splits
@@ -242,6 +248,14 @@ class HybridSiteSpatialKFold(BaseCrossValidator):
                 raise FoldError(f"buffer_m has no value for site '{site}'")
             return float(self.buffer_m[site])
         return float(self.buffer_m)
+
+    def _layout_of(self, site: str) -> int:
+        return int(self.layout.get(site, 0) if isinstance(self.layout, Mapping) else self.layout)
+
+    def _rng(self, site: str, *more: int) -> np.random.Generator:
+        layout = self._layout_of(site)
+        # layout 0 keeps the generator (and the folds) of earlier versions
+        return _site_rng(self.random_state, site, *((layout,) if layout else ()), *more)
 
     def assign(self, X: gpd.GeoDataFrame, *, groups: Any = None) -> pd.DataFrame:
         """Test fold and per-fold role of every chip.
@@ -293,11 +307,13 @@ class HybridSiteSpatialKFold(BaseCrossValidator):
             )
         n_clusters = min(n, self.n_splits * self.clusters_per_fold)
         centres = shapely.get_coordinates(shapely.centroid(geoms))
-        km = KMeans(n_clusters=n_clusters, n_init=10, random_state=self.random_state)
+        layout = self._layout_of(site)
+        km_seed = self.random_state + 7919 * layout  # other layouts, other clusters too
+        km = KMeans(n_clusters=n_clusters, n_init=10, random_state=km_seed)
         labels = km.fit_predict(centres)
         sizes = np.bincount(labels, minlength=n_clusters).astype(np.float64)
         where = np.array([centres[labels == c].mean(0) for c in range(n_clusters)])
-        rng = _site_rng(self.random_state, site)
+        rng = self._rng(site)
         # Seeds: farthest-point sampling from a random cluster, so regions start far apart.
         seeds = [int(rng.integers(n_clusters))]
         d = np.linalg.norm(where - where[seeds[0]], axis=1)
@@ -351,7 +367,7 @@ class HybridSiteSpatialKFold(BaseCrossValidator):
                         for c in candidates
                     ]
                 )
-                jitter = _site_rng(self.random_state, site, k).random(candidates.size)
+                jitter = self._rng(site, k).random(candidates.size)
                 want = self.validation_fraction * pool.sum()
                 taken = 0
                 for c in candidates[np.lexsort((jitter, gap))][:-1]:
@@ -517,13 +533,15 @@ def make_folds(config: Any, *, echo: Any = None) -> gpd.GeoDataFrame:
     -------
     gpd.GeoDataFrame
         The chip columns, ``cluster``, ``fold`` and ``role_0`` … ``role_{K-1}``;
-        ``attrs["agbcube"]`` holds the per-site chip summary, buffers, variograms and the audit.
+        ``attrs["agbcube"]`` holds the per-site chip summary, buffers, fold layouts, variograms
+        and the audit.
     """
     from agbcube.cube import cube_sites, open_cube
 
     say = echo or (lambda _msg: None)
     chips_cfg, folds_cfg = config.chips, config.folds
     parts, summaries, buffers, variograms = [], {}, {}, {}
+    layouts: dict[str, int] = {}
     for site in cube_sites(config.cube.output):
         ds = open_cube(config.cube.output, site)
         gdf, summary = make_chips(
@@ -540,9 +558,10 @@ def make_folds(config: Any, *, echo: Any = None) -> gpd.GeoDataFrame:
             continue
         if folds_cfg.buffer_m == "auto":
             variograms[site] = estimate_range_m(ds, random_state=folds_cfg.seed)
-            buffers[site] = _auto_buffer(gdf, variograms[site]["range_m"], folds_cfg)
+            buffers[site], layouts[site] = _auto_buffer(gdf, variograms[site]["range_m"], folds_cfg)
         else:
             buffers[site] = max(float(folds_cfg.buffer_m), folds_cfg.min_buffer_m)
+            layouts[site] = _first_layout(gdf, buffers[site], folds_cfg)
         say(
             f"site '{site}': {summary['kept']} chips of {summary['candidates']} "
             f"(dropped {summary['dropped_low_valid_agb']} for AGB, "
@@ -558,6 +577,7 @@ def make_folds(config: Any, *, echo: Any = None) -> gpd.GeoDataFrame:
         validation_fraction=folds_cfg.validation_fraction,
         clusters_per_fold=folds_cfg.clusters_per_fold,
         random_state=folds_cfg.seed,
+        layout=layouts,
     )
     roles = cv.assign(chips)
     out = gpd.GeoDataFrame(pd.concat([chips, roles], axis=1), geometry="geometry", crs=chips.crs)
@@ -566,6 +586,7 @@ def make_folds(config: Any, *, echo: Any = None) -> gpd.GeoDataFrame:
         "chips": chips_cfg.model_dump(mode="json"),
         "folds": folds_cfg.model_dump(mode="json"),
         "buffer_m": buffers,
+        "layout": layouts,
         "variograms": variograms,
         "chip_summary": summaries,
         "audit": leakage_audit(out, folds_cfg.n_folds),
@@ -573,7 +594,12 @@ def make_folds(config: Any, *, echo: Any = None) -> gpd.GeoDataFrame:
     return out
 
 
-def _train_share(chips: gpd.GeoDataFrame, buffer_m: float, folds_cfg: Any) -> float:
+LAYOUTS = 8  # layouts tried per site before a buffer is judged too wide for it
+
+
+def _train_share(
+    chips: gpd.GeoDataFrame, buffer_m: float, folds_cfg: Any, layout: int = 0
+) -> float:
     """Smallest share, over folds, of a site's non-test chips left for training (0 if none)."""
     cv = HybridSiteSpatialKFold(
         folds_cfg.n_folds,
@@ -581,6 +607,7 @@ def _train_share(chips: gpd.GeoDataFrame, buffer_m: float, folds_cfg: Any) -> fl
         validation_fraction=folds_cfg.validation_fraction,
         clusters_per_fold=folds_cfg.clusters_per_fold,
         random_state=folds_cfg.seed,
+        layout=layout,
     )
     try:
         roles = cv.assign(chips)
@@ -593,28 +620,59 @@ def _train_share(chips: gpd.GeoDataFrame, buffer_m: float, folds_cfg: Any) -> fl
     return float(min(shares))
 
 
-def _auto_buffer(chips: gpd.GeoDataFrame, range_m: float, folds_cfg: Any) -> float:
+def _first_layout(chips: gpd.GeoDataFrame, buffer_m: float, folds_cfg: Any) -> int:
+    """The first of a site's layouts whose every fold keeps ``min_train_fraction`` to train on.
+
+    Which fold a region of a small site falls in decides how much of the site its buffer ring
+    takes; another layout (another random start) often keeps enough where the first does not.
+    Returns 0 when none does at this buffer (the error, if any, then comes from the splitter).
+    """
+    for layout in range(LAYOUTS):
+        if _train_share(chips, buffer_m, folds_cfg, layout) >= folds_cfg.min_train_fraction:
+            return layout
+    return 0
+
+
+def _auto_buffer(chips: gpd.GeoDataFrame, range_m: float, folds_cfg: Any) -> tuple[float, int]:
     """The variogram range, or the largest smaller buffer that keeps enough training chips.
 
     A range comparable to the site's size would buffer away every training chip; then the
     buffer is shrunk (never below ``min_buffer_m``) until every fold keeps
-    ``min_train_fraction`` of the site's non-test chips, with a warning that says so.
+    ``min_train_fraction`` of the site's non-test chips, with a warning that says so. Each
+    buffer is tried with up to :data:`LAYOUTS` layouts of the site's folds.
+
+    Returns
+    -------
+    buffer_m : float
+    layout : int
+        The layout to deal the site's folds with.
     """
     site = str(chips["site"].iloc[0])
     floor = folds_cfg.min_buffer_m
     want = max(range_m, floor)
-    if _train_share(chips, want, folds_cfg) >= folds_cfg.min_train_fraction:
-        return want
-    if _train_share(chips, floor, folds_cfg) < folds_cfg.min_train_fraction:
+
+    def layout_at(buffer_m: float) -> int | None:
+        for layout in range(LAYOUTS):
+            share = _train_share(chips, buffer_m, folds_cfg, layout)
+            if share >= folds_cfg.min_train_fraction:
+                return layout
+        return None
+
+    layout = layout_at(want)
+    if layout is not None:
+        return want, layout
+    layout = layout_at(floor)
+    if layout is None:
         raise FoldError(
             f"site '{site}': even the minimum buffer of {floor:.0f} m leaves a fold with less "
-            f"than {folds_cfg.min_train_fraction:.0%} of the site's chips to train on; lower "
-            "folds.min_buffer_m or folds.n_folds, or use smaller chips"
+            f"than {folds_cfg.min_train_fraction:.0%} of the site's chips to train on (tried "
+            f"{LAYOUTS} fold layouts); lower folds.min_buffer_m or folds.n_folds, or use "
+            "smaller chips"
         )
     lo, hi = floor, want
     for _ in range(10):
         mid = 0.5 * (lo + hi)
-        if _train_share(chips, mid, folds_cfg) >= folds_cfg.min_train_fraction:
+        if _train_share(chips, mid, folds_cfg, layout) >= folds_cfg.min_train_fraction:
             lo = mid
         else:
             hi = mid
@@ -626,7 +684,7 @@ def _auto_buffer(chips: gpd.GeoDataFrame, range_m: float, folds_cfg: Any) -> flo
         UserWarning,
         stacklevel=3,
     )
-    return lo
+    return lo, layout
 
 
 def _sidecar(path: Path, suffix: str) -> Path:

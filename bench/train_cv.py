@@ -2,10 +2,11 @@
 
 The original pipeline's protocol: 24-px chips with 10 % overlap, batch 16, at most 100 epochs,
 patience 20, Huber loss, augmentation, hard-negative mining and test-time augmentation (the
-defaults of ``train``). Besides the wall time it reports the model's pure compute: the
-forward+backward+step throughput of the same network on random data at the same batch size,
-times the number of training samples the run processed; the gap between the two is everything
-that is not model compute (data path, validation, mining passes, checkpoints, I/O).
+defaults of ``train``, used whatever the config's ``train`` section says). Besides the wall
+time it reports the model's pure compute: the forward+backward+step throughput of the same
+network on random data at the same batch size, times the number of training samples the run
+processed; the gap between the two is everything that is not model compute (data path,
+validation, mining passes, checkpoints, I/O).
 
 Anchors (BENCHMARKS.md): the original pipeline took 482 s on this 2-core CPU and 181 s on one
 H100; its forward+backward+step ran at 420 samples/s at batch 16 here.
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from agbcube.config import load_config
+from agbcube.config import TrainConfig, load_config
 from agbcube.train import run_cv
 from agbcube.train.loop import build_model, resolve_device
 
@@ -69,7 +70,9 @@ def main() -> None:
     args = parser.parse_args()
 
     cfg = load_config(args.config)
-    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"baseline": "none"})})
+    # The original protocol is train's defaults, whatever the config's own train section says.
+    protocol = TrainConfig(baseline="none", output=cfg.train.output)
+    cfg = cfg.model_copy(update={"train": protocol})
     device = resolve_device(args.device)
     t0 = time.perf_counter()
     metrics = run_cv(

@@ -402,10 +402,10 @@ def test_zarr_round_trip_keeps_crs_and_attrs(simple_site, tmp_path):
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 @given(
-    ny=st.integers(3, 40),
-    nx=st.integers(3, 40),
+    ny=st.integers(3, 70),
+    nx=st.integers(3, 70),
     n_band=st.integers(1, 4),
-    chunks=st.integers(4, 33),
+    chunks=st.integers(16, 40),
     dtype=st.sampled_from(["uint16", "int16", "float32", "float64"]),
     tagged=st.booleans(),
     seed=st.integers(0, 10**6),

@@ -145,6 +145,46 @@ def test_errors_name_site_and_numbers():
         HybridSiteSpatialKFold(3).assign(pd.DataFrame({"site": ["a"]}))
 
 
+def test_a_site_with_fewer_chips_than_clusters():
+    """9 chips a site where 3 folds × 4 clusters want 12: still a balanced true partition."""
+    chips = chip_layout(2, 3, 3)
+    roles = HybridSiteSpatialKFold(3, clusters_per_fold=4, random_state=0).assign(chips)
+    _check_invariants(chips, roles, 3, 0.0)
+    for site in ("s0", "s1"):
+        counts = roles.loc[(chips.site == site).to_numpy(), "fold"].value_counts()
+        assert sorted(counts) == [3, 3, 3]
+
+
+def test_another_layout_rescues_a_site_the_first_one_buffers_away():
+    """Where a region falls decides how much its buffer ring takes: the next layouts are tried."""
+    from types import SimpleNamespace
+
+    from agbcube.folds import _auto_buffer, _first_layout, _train_share
+
+    chips = chip_layout(1, 7, 7)
+    cfg = SimpleNamespace(
+        n_folds=4,
+        validation_fraction=0.15,
+        clusters_per_fold=4,
+        seed=0,
+        min_train_fraction=0.1,
+        min_buffer_m=100.0,
+    )
+    with pytest.raises(FoldError, match="leaves no training chips"):
+        HybridSiteSpatialKFold(4, buffer_m=100.0, layout=0).assign(chips)
+    layout = _first_layout(chips, 100.0, cfg)
+    assert layout > 0 and _train_share(chips, 100.0, cfg, layout) >= 0.1
+    assert all(_train_share(chips, 100.0, cfg, k) < 0.1 for k in range(layout))
+    assert _auto_buffer(chips, 100.0, cfg) == (100.0, layout)
+    roles = HybridSiteSpatialKFold(4, buffer_m=100.0, layout={"s0": layout}).assign(chips)
+    _check_invariants(chips, roles, 4, 100.0)
+    # layout 0 is the splitter's default: the same folds as before layouts existed
+    pd.testing.assert_frame_equal(
+        HybridSiteSpatialKFold(3, buffer_m=50.0, layout=0).assign(chip_layout(2, 6, 6)),
+        HybridSiteSpatialKFold(3, buffer_m=50.0).assign(chip_layout(2, 6, 6)),
+    )
+
+
 def test_geographic_chips_use_metres():
     """On EPSG:4326 a buffer of 150 m must act in metres, not degrees."""
     chips = chip_layout(1, 10, 10).to_crs(4326)
