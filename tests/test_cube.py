@@ -232,6 +232,21 @@ def test_bad_inputs_fail_before_compute(simple_site, tmp_path):
         build_site_cube(_site(simple_site), _cube(tmp_path, indices=["S2_NDMI_T1"]))
 
 
+def test_zero_band_stack_is_a_clear_error(simple_site, tmp_path):
+    """A stack declaring no bands (a VRT: GDAL writes no band-less GeoTIFF) is refused by name.
+
+    GDAL itself will not open it; the error names the site, the file and what GDAL said.
+    """
+    vrt = tmp_path / "empty.vrt"
+    vrt.write_text(
+        '<VRTDataset rasterXSize="48" rasterYSize="40">'
+        "<SRS>EPSG:4326</SRS><GeoTransform>80.0, 0.0004, 0, 22.0, 0, -0.0004</GeoTransform>"
+        "</VRTDataset>"
+    )
+    with pytest.raises(InputFileError, match=r"site 'simple' satellite: .*empty.vrt.*bands"):
+        build_site_cube(_site({**simple_site, "satellite": vrt}), _cube(tmp_path))
+
+
 def test_single_band_stack_builds(simple_site, tmp_path):
     one = write_raster(tmp_path / "one.tif", simple_site["stack"][:1], descriptions=["CH"])
     ds = build_site_cube(_site({**simple_site, "satellite": one}), _cube(tmp_path))
