@@ -249,6 +249,12 @@ class TrainConfig(_Section):
     oversampling_factor: float = Field(
         default=2.0, ge=1, description="Weight of the hardest chip relative to an easy one."
     )
+    refit: bool = Field(
+        default=False,
+        description="After early stopping, train a fresh model for the best number of epochs on "
+        "every chip beyond the test buffer (the validation chips and their buffer ring too) and "
+        "predict the test chips with it.",
+    )
     tta: bool = Field(default=True, description="Test-time augmentation.")
     tta_rotations: int = Field(default=4, ge=1, le=8, description="Dihedral transforms averaged.")
     hgb_max_pixels: int = Field(

@@ -732,6 +732,24 @@ def _n_folds(folds: pd.DataFrame) -> int:
     return sum(1 for c in folds.columns if c.startswith("role_"))
 
 
+def training_pool(folds: gpd.GeoDataFrame, k: int) -> np.ndarray:
+    """Positions of the chips fold ``k`` may train on once validation is over.
+
+    Every chip outside the test fold and beyond the site's buffer of every test chip: the
+    training and validation chips, and the ring buffered around the validation chips only.
+    Without the folds' buffers in ``attrs`` (folds not made by :func:`make_folds`), the
+    training and validation chips.
+    """
+    fold = folds["fold"].to_numpy()
+    buffers = folds.attrs.get("agbcube", {}).get("buffer_m")
+    if not buffers:
+        return np.flatnonzero(folds[f"role_{k}"].isin(["train", "val"]).to_numpy())
+    sites = folds["site"].to_numpy().astype(str)
+    metric = _metric_geometries(folds, sites)
+    near = _within(metric, fold == k, fold != k, sites, lambda site: float(buffers[site]))
+    return np.flatnonzero((fold != k) & ~near)
+
+
 def read_folds(path: str | Path) -> gpd.GeoDataFrame:
     """Read a folds GeoParquet written by :func:`write_folds` (metadata in ``attrs``)."""
     import pyarrow.parquet as pq

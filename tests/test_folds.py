@@ -185,6 +185,39 @@ def test_another_layout_rescues_a_site_the_first_one_buffers_away():
     )
 
 
+def test_training_pool_is_every_chip_beyond_the_test_buffer():
+    from agbcube.folds import training_pool
+
+    chips = chip_layout(2, 10, 12)
+    roles = HybridSiteSpatialKFold(3, buffer_m=150.0, random_state=0).assign(chips)
+    folds = gpd.GeoDataFrame(pd.concat([chips, roles], axis=1), crs=chips.crs)
+    folds.attrs["agbcube"] = {"buffer_m": {"s0": 150.0, "s1": 150.0}}
+    geoms = folds.geometry.to_numpy()
+    for k in range(3):
+        role = folds[f"role_{k}"].to_numpy()
+        pool = np.zeros(len(folds), bool)
+        pool[training_pool(folds, k)] = True
+        assert pool[np.isin(role, ["train", "val"])].all()  # train and val are in it
+        assert not pool[role == "test"].any()
+        assert (pool & (role == "buffer")).any()  # and the ring around validation
+        for site in ("s0", "s1"):
+            here = (folds.site == site).to_numpy()
+            d = shapely.distance(geoms[here & pool][:, None], geoms[here & (role == "test")])
+            assert d.min() > 150.0
+            # nothing else is beyond the buffer: the pool is all of it
+            rest = here & ~pool & (role != "test")
+            assert (
+                shapely.distance(geoms[rest][:, None], geoms[here & (role == "test")]).min(1)
+                <= 150.0
+            ).all()
+    # folds without their buffers: training and validation chips
+    folds.attrs = {}
+    role = folds["role_0"].to_numpy()
+    np.testing.assert_array_equal(
+        training_pool(folds, 0), np.flatnonzero(np.isin(role, ["train", "val"]))
+    )
+
+
 def test_geographic_chips_use_metres():
     """On EPSG:4326 a buffer of 150 m must act in metres, not degrees."""
     chips = chip_layout(1, 10, 10).to_crs(4326)

@@ -397,13 +397,19 @@ def test_streamed_and_device_resident_runs_give_the_same_results(demo_config, de
                         "data_path": path,
                         "num_workers": 0,
                         "head": "dense",
+                        "refit": True,
                     }
                 )
             }
         )
 
-    run_cv(cfg("device"), output=tmp_path / "d", device="cpu", plots=False)
+    metrics = run_cv(cfg("device"), output=tmp_path / "d", device="cpu", plots=False)
     run_cv(cfg("stream"), output=tmp_path / "s", device="cpu", plots=False)
+    # refit: a second model per fold, trained on every chip beyond the test buffer
+    for k, info in metrics["folds"].items():
+        assert info["n_refit"] > info["n_train"] + info["n_val"] - 1
+        assert info["refit_epochs"] == info["best_epoch"] + 1
+        assert (tmp_path / "d" / f"fold_{k}" / "checkpoint_refit.pt").exists()
     a = pd.read_parquet(tmp_path / "d" / "predictions.parquet")
     b = pd.read_parquet(tmp_path / "s" / "predictions.parquet")
     pd.testing.assert_frame_equal(a, b)

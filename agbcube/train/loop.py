@@ -127,6 +127,7 @@ def fit_fold(
     centres: torch.Tensor | None = None,
     echo: Callable[[str], None] | None = None,
     label: str = "",
+    restore_best: bool = True,
 ) -> FoldFit:
     """Train ``model`` on one fold's chips.
 
@@ -158,6 +159,9 @@ def fit_fold(
         Receives one line per epoch.
     label : str
         Prefix of those lines (e.g. ``"fold 2"``).
+    restore_best : bool
+        Early stopping with the best epoch's weights restored (default); ``False`` trains
+        every epoch and keeps the last weights (a refit for a known number of epochs).
 
     Returns
     -------
@@ -285,7 +289,7 @@ def fit_fold(
             "seconds": seconds,
         }
         fit.history.append(record)
-        if math.isfinite(val_loss) and val_loss < best - 1e-7:
+        if not restore_best or (math.isfinite(val_loss) and val_loss < best - 1e-7):
             best, wait, fit.best_epoch = val_loss, 0, epoch
             fit.state_dict = copy.deepcopy(model.state_dict())
         else:

@@ -237,6 +237,7 @@ class _FoldData:
             self.target = TargetTransform.fit(target[self.train], log=tcfg.log_target)
             target = self.target.encode(target)
             self.std = Standardiser.fit(inputs[self.train])
+            self.source = lambda idx: DeviceChips(inputs[idx], target[idx], self.std, dev)
             self.train_src = DeviceChips(inputs[self.train], target[self.train], self.std, dev)
             self.val_src = (
                 DeviceChips(inputs[self.val], target[self.val], self.std, dev)
@@ -281,6 +282,13 @@ class _FoldData:
         self.val_src = (
             StreamSource(val_ds, dev, num_workers=tcfg.num_workers) if self.val.size else None
         )
+
+        def source(idx: np.ndarray) -> StreamSource:
+            ds = dataset(idx, self.std)
+            ds.target_transform = self.target
+            return StreamSource(ds, dev, num_workers=tcfg.num_workers)
+
+        self.source = source
         first_x, _ = train_ds.raw(0)
         self.in_channels, self.size_px = first_x.shape[0], first_x.shape[-1]
         self.bands = tcfg.bands or _cube_bands(config)
@@ -318,6 +326,7 @@ def _train_fold(
     """Train fold ``k`` (the CNN and/or the baseline) and write its predictions and model."""
     import torch
 
+    from agbcube.folds import training_pool
     from agbcube.train.data import make_target
     from agbcube.train.loop import build_model, chip_centres_km, fit_fold, predict
 
@@ -356,6 +365,26 @@ def _train_fold(
                 echo=say,
                 label=f"fold {k}",
             )
+            if tcfg.refit:
+                pool = training_pool(folds, k)
+                info.update(n_refit=int(pool.size), refit_epochs=fit.best_epoch + 1)
+                torch.manual_seed(seed + 500_000)
+                model = build_model(tcfg, data.in_channels, data.size_px).to(dev)
+                fit_fold(
+                    model,
+                    data.source(pool),
+                    None,
+                    tcfg,
+                    n_spectral=data.in_channels - (2 if coords else 0),
+                    seed=seed + 500_000,
+                    epochs=fit.best_epoch + 1,
+                    checkpoint=fold_dir / "checkpoint_refit.pt",
+                    resume=resume,
+                    centres=torch.from_numpy(chip_centres_km(folds.iloc[pool])).to(dev),
+                    echo=say,
+                    label=f"fold {k} refit on {pool.size} chips",
+                    restore_best=False,
+                )
         outs, agbs = [], []
         for xb, agb_b in data.test_blocks():
             x = torch.from_numpy(data.std.apply(xb)).to(dev)
@@ -395,8 +424,9 @@ def _train_fold(
         from agbcube.train.baseline import fit_hgb_pixels, predict_hgb_pixels
 
         t1 = time.perf_counter()
+        # every chip beyond the test buffer: the baseline needs no validation set
         fit_x, fit_agb = data.baseline_chips(
-            np.concatenate([train, val]), tcfg.hgb_max_pixels, tcfg.seed + k
+            training_pool(folds, k), tcfg.hgb_max_pixels, tcfg.seed + k
         )
         target = make_target(fit_agb, log=tcfg.log_target, per_chip=False)
         hgb = fit_hgb_pixels(
