@@ -14,7 +14,22 @@ from uuid import uuid4
 
 from agbcube.errors import OutputLockedError
 
-__all__ = ["atomic_path", "output_lock", "remove_path", "temporary_sibling", "write_json_atomic"]
+__all__ = [
+    "atomic_path",
+    "digest",
+    "output_lock",
+    "remove_path",
+    "temporary_sibling",
+    "write_json_atomic",
+]
+
+
+def digest(obj: object) -> str:
+    """A short, stable key of a JSON-able description (what an output depends on)."""
+    import hashlib
+
+    text = json.dumps(obj, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def temporary_sibling(path: Path, tag: str = "tmp") -> Path:

@@ -17,7 +17,6 @@ lists the finished sites and says whether the whole build completed.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import math
 import os
@@ -35,7 +34,7 @@ from rasterio.errors import RasterioIOError
 
 from agbcube import __version__
 from agbcube._dask import check_scheduler, compute, dask_scheduler
-from agbcube._io import output_lock, remove_path, replace_path, temporary_sibling
+from agbcube._io import digest, output_lock, remove_path, replace_path, temporary_sibling
 from agbcube.bands import resolve_band_names
 from agbcube.config import CubeConfig, GridSpec, SiteConfig
 from agbcube.errors import (
@@ -337,8 +336,7 @@ def site_provenance(site: SiteConfig, cube: CubeConfig) -> dict[str, Any]:
         "site": site.model_dump(mode="json"),
         "cube": cube.model_dump(mode="json", exclude={"output"}),
     }
-    key = hashlib.sha256(json.dumps(deps, sort_keys=True).encode()).hexdigest()[:16]
-    return {"key": key, **deps, "versions": _versions()}
+    return {"key": digest(deps), **deps, "versions": _versions()}
 
 
 def _versions() -> dict[str, str]:

@@ -561,7 +561,8 @@ def make_folds(config: Any, *, echo: Any = None) -> gpd.GeoDataFrame:
             buffers[site], layouts[site] = _auto_buffer(gdf, variograms[site]["range_m"], folds_cfg)
         else:
             buffers[site] = max(float(folds_cfg.buffer_m), folds_cfg.min_buffer_m)
-            layouts[site] = _first_layout(gdf, buffers[site], folds_cfg)
+            # none enough: layout 0, and the splitter's error if a fold keeps nothing at all
+            layouts[site] = _first_layout(gdf, buffers[site], folds_cfg) or 0
         say(
             f"site '{site}': {summary['kept']} chips of {summary['candidates']} "
             f"(dropped {summary['dropped_low_valid_agb']} for AGB, "
@@ -620,17 +621,17 @@ def _train_share(
     return float(min(shares))
 
 
-def _first_layout(chips: gpd.GeoDataFrame, buffer_m: float, folds_cfg: Any) -> int:
+def _first_layout(chips: gpd.GeoDataFrame, buffer_m: float, folds_cfg: Any) -> int | None:
     """The first of a site's layouts whose every fold keeps ``min_train_fraction`` to train on.
 
     Which fold a region of a small site falls in decides how much of the site its buffer ring
     takes; another layout (another random start) often keeps enough where the first does not.
-    Returns 0 when none does at this buffer (the error, if any, then comes from the splitter).
+    None when none of :data:`LAYOUTS` does at this buffer.
     """
     for layout in range(LAYOUTS):
         if _train_share(chips, buffer_m, folds_cfg, layout) >= folds_cfg.min_train_fraction:
             return layout
-    return 0
+    return None
 
 
 def _auto_buffer(chips: gpd.GeoDataFrame, range_m: float, folds_cfg: Any) -> tuple[float, int]:
@@ -650,18 +651,10 @@ def _auto_buffer(chips: gpd.GeoDataFrame, range_m: float, folds_cfg: Any) -> tup
     site = str(chips["site"].iloc[0])
     floor = folds_cfg.min_buffer_m
     want = max(range_m, floor)
-
-    def layout_at(buffer_m: float) -> int | None:
-        for layout in range(LAYOUTS):
-            share = _train_share(chips, buffer_m, folds_cfg, layout)
-            if share >= folds_cfg.min_train_fraction:
-                return layout
-        return None
-
-    layout = layout_at(want)
+    layout = _first_layout(chips, want, folds_cfg)
     if layout is not None:
         return want, layout
-    layout = layout_at(floor)
+    layout = _first_layout(chips, floor, folds_cfg)
     if layout is None:
         raise FoldError(
             f"site '{site}': even the minimum buffer of {floor:.0f} m leaves a fold with less "

@@ -32,7 +32,6 @@ equally weighted (the CNN gives no importance).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ import xarray as xr
 
 from agbcube._io import (
     atomic_path,
+    digest,
     output_lock,
     remove_path,
     replace_path,
@@ -223,8 +223,6 @@ class _TileSpec:
     device: str
     n_features: int
     crs: str | None  # WKT, when the models take lon/lat channels
-    x: np.ndarray  # the site's x coordinates (for lon/lat)
-    y: np.ndarray
 
 
 def _windows_touching(n: int, window: int, stride: int, start: int, size: int) -> np.ndarray:
@@ -247,11 +245,13 @@ def _predict_tile(
     offset: tuple[int, int],
     core: tuple[int, int],
     spec: _TileSpec,
+    xy: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """Predict one tile (the core): ``(4, core_y, core_x)`` float32.
 
     ``source`` holds the features of global rows ``top:`` and columns ``left:``, covering
-    every window of the global grid that touches the core (and the core itself).
+    every window of the global grid that touches the core (and the core itself); ``xy`` the
+    x and y coordinates of those columns and rows, when the models take lon/lat channels.
     """
     import torch
 
@@ -264,12 +264,10 @@ def _predict_tile(
     window = spec.window
     ys = _windows_touching(n_y, window, spec.stride, r0, ny)
     xs = _windows_touching(n_x, window, spec.stride, c0, nx)
-    if spec.crs is not None:
+    if spec.crs is not None and xy is not None:
         from agbcube.train.data import lonlat_of
 
-        h, w = feats.shape[1:]
-        coords = lonlat_of(spec.x[left : left + w], spec.y[top : top + h], spec.crs)
-        feats = np.concatenate([feats, coords])
+        feats = np.concatenate([feats, lonlat_of(*xy, spec.crs)])
     # a site smaller than one window: its single window reaches past the edge (NaN there)
     need = (ys[-1] + window - top, xs[-1] + window - left)
     if need[0] > feats.shape[1] or need[1] > feats.shape[2]:
@@ -379,7 +377,7 @@ def predict_site(
     -------
     xr.Dataset
         ``agb_mean``, ``agb_std``, ``di``, ``aoa`` (y, x) float32, dask-backed, with the CRS;
-        ``attrs["tiles"]`` gives the tile grid's row and column offsets.
+        one Dask chunk per tile.
     """
     import dask
     import dask.array as dsa
@@ -401,9 +399,8 @@ def predict_site(
         device=device,
         n_features=feats.sizes["band"],
         crs=ds.rio.crs.to_wkt() if coordinates else None,
-        x=ds["x"].values,
-        y=ds["y"].values,
     )
+    x, y = ds["x"].values, ds["y"].values
     members = [(m[0], m[1], m[2] if len(m) > 2 else _Decode(log_target)) for m in models]
     # one graph key each, so a cluster ships the models and the AOA reference once per worker
     members_d = dask.delayed(members, traverse=False)
@@ -412,7 +409,7 @@ def predict_site(
     loaded = feats.chunks is None and getattr(feats.variable, "_in_memory", False)
     rows = []
     ychunks, xchunks = _axis_chunks(shape[0], block_px), _axis_chunks(shape[1], block_px)
-    y_off, x_off = np.cumsum((0, *ychunks[:-1])), np.cumsum((0, *xchunks[:-1]))
+    y_off, x_off = _offsets(ychunks), _offsets(xchunks)
     for r0, ny in zip(y_off, ychunks, strict=True):
         ys = _windows_touching(shape[0], window_px, spec.stride, int(r0), ny)
         top, bottom = int(ys[0]), min(shape[0], int(ys[-1]) + window_px)
@@ -431,6 +428,7 @@ def predict_site(
                 offset=(int(r0), int(c0)),
                 core=(ny, nx),
                 spec=spec,
+                xy=(x[left:right], y[top:bottom]) if coordinates else None,
             )
             row.append(dsa.from_delayed(tile, shape=(4, ny, nx), dtype=np.float32))
         rows.append(row)
@@ -465,6 +463,11 @@ def default_block(shape: tuple[int, int], window: int, largest: int = 512) -> in
     """Tile side: ``largest``, or half the site's longer side (at least 4 windows) if smaller."""
     half = -(-max(shape) // 2)
     return int(min(largest, max(half, 4 * window)))
+
+
+def _offsets(chunks: Sequence[int]) -> np.ndarray:
+    """Start of each chunk along an axis."""
+    return np.cumsum((0, *chunks[:-1]))
 
 
 def _axis_chunks(n: int, block: int) -> tuple[int, ...]:
@@ -634,7 +637,7 @@ def predict_run(
     )
     # What the maps depend on: an interrupted write resumes only into maps made the same way.
     ensemble = (run_dir / "ensemble.pt").stat()
-    maps.attrs["key"] = _key(
+    maps.attrs["key"] = digest(
         {
             "ensemble": [str((run_dir / "ensemble.pt").resolve()), ensemble.st_size],
             "ensemble_mtime_ns": ensemble.st_mtime_ns,
@@ -648,12 +651,6 @@ def predict_run(
         }
     )
     return maps
-
-
-def _key(obj: Any) -> str:
-    import hashlib
-
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def write_maps(
@@ -688,9 +685,7 @@ def write_maps(
         written = [zpath]
         stored = xr.open_zarr(zpath, consolidated=True, zarr_format=2)
         crs, transform = maps.rio.crs, maps.rio.transform()
-        for name in stored.data_vars:
-            if name == "spatial_ref":
-                continue
+        for name in _layers_of(stored):
             tif, png = output / f"{name}.tif", output / f"{name}.png"
             _write_cog(stored[name], tif, crs=crs, transform=transform, mask=name == "aoa")
             with atomic_path(png) as tmp:
@@ -735,7 +730,7 @@ def _write_tiles(
     marks.mkdir(exist_ok=True)
     stacked = dsa.stack([maps[v].data for v in layers]).rechunk({0: -1})
     blocks = stacked.to_delayed(optimize_graph=True)[0]
-    y_off, x_off = np.cumsum((0, *chunks[0][:-1])), np.cumsum((0, *chunks[1][:-1]))
+    y_off, x_off = _offsets(chunks[0]), _offsets(chunks[1])
     tasks = []
     for iy, r0 in enumerate(y_off):
         for ix, c0 in enumerate(x_off):

@@ -238,12 +238,8 @@ class _FoldData:
             target = self.target.encode(target)
             self.std = Standardiser.fit(inputs[self.train])
             self.source = lambda idx: DeviceChips(inputs[idx], target[idx], self.std, dev)
-            self.train_src = DeviceChips(inputs[self.train], target[self.train], self.std, dev)
-            self.val_src = (
-                DeviceChips(inputs[self.val], target[self.val], self.std, dev)
-                if self.val.size
-                else None
-            )
+            self.train_src = self.source(self.train)
+            self.val_src = self.source(self.val) if self.val.size else None
             self.in_channels, self.size_px = inputs.shape[1], chips.x.shape[-1]
             self.bands = chips.bands
             test_x, test_agb = inputs[self.test], chips.agb[self.test]
@@ -277,11 +273,6 @@ class _FoldData:
         self.target = TargetTransform.fit(train_target, log=tcfg.log_target)
         train_ds.standardiser, train_ds.target_transform = self.std, self.target
         self.train_src = StreamSource(train_ds, dev, num_workers=tcfg.num_workers)
-        val_ds = dataset(self.val, self.std)
-        val_ds.target_transform = self.target
-        self.val_src = (
-            StreamSource(val_ds, dev, num_workers=tcfg.num_workers) if self.val.size else None
-        )
 
         def source(idx: np.ndarray) -> StreamSource:
             ds = dataset(idx, self.std)
@@ -289,6 +280,7 @@ class _FoldData:
             return StreamSource(ds, dev, num_workers=tcfg.num_workers)
 
         self.source = source
+        self.val_src = source(self.val) if self.val.size else None
         first_x, _ = train_ds.raw(0)
         self.in_channels, self.size_px = first_x.shape[0], first_x.shape[-1]
         self.bands = tcfg.bands or _cube_bands(config)
@@ -333,6 +325,9 @@ def _train_fold(
     tcfg = config.train
     data = _FoldData(k, folds, chips, config, dev)
     train, val, test = data.train, data.val, data.test
+    # every chip beyond the test buffer: what a refit and the baseline (no validation) train on
+    with_hgb = HGB in (tcfg.model, tcfg.baseline)
+    pool = training_pool(folds, k) if (tcfg.refit and tcfg.model == CNN) or with_hgb else None
     meta = folds[["chip_id", "site"]].iloc[test].reset_index(drop=True)
     preds: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # model -> (chip Mg/ha, pixel Mg/ha)
     info: dict[str, Any] = {
@@ -366,7 +361,6 @@ def _train_fold(
                 label=f"fold {k}",
             )
             if tcfg.refit:
-                pool = training_pool(folds, k)
                 info.update(n_refit=int(pool.size), refit_epochs=fit.best_epoch + 1)
                 torch.manual_seed(seed + 500_000)
                 model = build_model(tcfg, data.in_channels, data.size_px).to(dev)
@@ -420,14 +414,11 @@ def _train_fold(
             history=fit.history,
         )
     info["cnn_s"] = time.perf_counter() - t0
-    if tcfg.model == HGB or tcfg.baseline == HGB:
+    if with_hgb:
         from agbcube.train.baseline import fit_hgb_pixels, predict_hgb_pixels
 
         t1 = time.perf_counter()
-        # every chip beyond the test buffer: the baseline needs no validation set
-        fit_x, fit_agb = data.baseline_chips(
-            training_pool(folds, k), tcfg.hgb_max_pixels, tcfg.seed + k
-        )
+        fit_x, fit_agb = data.baseline_chips(pool, tcfg.hgb_max_pixels, tcfg.seed + k)
         target = make_target(fit_agb, log=tcfg.log_target, per_chip=False)
         hgb = fit_hgb_pixels(
             fit_x, target, max_pixels=tcfg.hgb_max_pixels, random_state=tcfg.seed + k
