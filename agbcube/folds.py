@@ -46,6 +46,7 @@ __all__ = [
     "ROLES",
     "HybridSiteSpatialKFold",
     "estimate_range_m",
+    "label_mask",
     "leakage_audit",
     "make_folds",
     "read_folds",
@@ -399,14 +400,17 @@ def _site_rng(seed: int, site: str, *more: int) -> np.random.Generator:
 def _metric_geometries(X: gpd.GeoDataFrame, sites: np.ndarray) -> np.ndarray:
     """Footprints in metres: each site in its own UTM zone."""
     out = np.empty(len(X), dtype=object)
-    geo = X.geometry.to_crs(4326) if not X.crs.is_projected else X.geometry
     for site in pd.unique(sites):
         idx = np.flatnonzero(sites == site)
-        part = geo.iloc[idx]
-        if not X.crs.is_projected:
-            part = part.to_crs(part.estimate_utm_crs())
-        out[idx] = part.to_numpy()
+        out[idx] = X.geometry.iloc[idx].to_crs(_metric_crs(X, idx)).to_numpy()
     return out
+
+
+def _metric_crs(X: gpd.GeoDataFrame, idx: np.ndarray) -> Any:
+    """The CRS in which a site's distances are measured: its own if projected, else its UTM."""
+    if X.crs.is_projected:
+        return X.crs
+    return X.geometry.iloc[idx].to_crs(4326).estimate_utm_crs()
 
 
 def _within(
@@ -741,6 +745,85 @@ def training_pool(folds: gpd.GeoDataFrame, k: int) -> np.ndarray:
     metric = _metric_geometries(folds, sites)
     near = _within(metric, fold == k, fold != k, sites, lambda site: float(buffers[site]))
     return np.flatnonzero((fold != k) & ~near)
+
+
+def label_mask(
+    folds: gpd.GeoDataFrame,
+    k: int,
+    lonlat: np.ndarray,
+    *,
+    validation: bool,
+    min_fraction: float = 0.25,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """The chips fold ``k`` may take AGB labels from, pixel by pixel.
+
+    A pixel's label may be trained on when its centre lies farther than the site's buffer from
+    every test footprint (and, with ``validation``, from every validation footprint, whose
+    chips are then left out too). Chips of the buffer ring whose far side clears the buffer
+    thus give their far pixels; the chip-level roles throw the whole chip away. Inputs are not
+    restricted: features are known everywhere, as when predicting a map.
+
+    Parameters
+    ----------
+    folds : gpd.GeoDataFrame
+        From :func:`make_folds` (its ``attrs`` hold the per-site buffers).
+    k : int
+        The fold.
+    lonlat : np.ndarray, (n_chips, 2, h, w)
+        Longitude and latitude of every pixel centre of every chip of ``folds``.
+    validation : bool
+        Also keep labels beyond the buffer of the validation chips (training with early
+        stopping); without it, the pool of a refit.
+    min_fraction : float
+        A chip joins when at least this share of its pixels may be trained on.
+
+    Returns
+    -------
+    positions : np.ndarray of int
+        Rows of ``folds``.
+    mask : np.ndarray of bool, (len(positions), h, w)
+        Pixels whose labels may be trained on.
+    min_distance_m : float
+        The smallest distance from such a pixel's centre to an excluded footprint (``inf``
+        when nothing is excluded).
+    """
+    from pyproj import Transformer
+
+    role = folds[f"role_{k}"].to_numpy().astype(str)
+    excluded = role == "test"
+    if validation:
+        excluded |= role == "val"
+    buffers = folds.attrs.get("agbcube", {}).get("buffer_m")
+    if not buffers:  # folds not made by make_folds: the roles' chips, whole
+        keep = role == "train" if validation else np.isin(role, ["train", "val"])
+        pos = np.flatnonzero(keep)
+        return pos, np.ones((pos.size, *lonlat.shape[2:]), dtype=bool), np.inf
+    sites = folds["site"].to_numpy().astype(str)
+    metric = _metric_geometries(folds, sites)
+    n, _, h, w = lonlat.shape
+    mask = np.ones((n, h, w), dtype=bool)
+    nearest = np.inf
+    for site in pd.unique(sites):
+        in_site = np.flatnonzero(sites == site)
+        cand = in_site[~excluded[in_site]]
+        src = in_site[excluded[in_site]]
+        if cand.size == 0 or src.size == 0:
+            continue
+        to_m = Transformer.from_crs(4326, _metric_crs(folds, in_site), always_xy=True)
+        px, py = to_m.transform(lonlat[cand, 0].ravel(), lonlat[cand, 1].ravel())
+        tree = shapely.STRtree(metric[src])
+        (i, _), d = tree.query_nearest(
+            shapely.points(px, py), all_matches=False, return_distance=True
+        )
+        dist = np.empty(px.size)
+        dist[i] = d
+        clear = (dist > float(buffers[site])).reshape(cand.size, h, w)
+        mask[cand] = clear
+        if clear.any():
+            nearest = min(nearest, float(dist[clear.ravel()].min()))
+    mask[excluded] = False
+    pos = np.flatnonzero(mask.mean(axis=(1, 2)) >= min_fraction)
+    return pos, mask[pos], nearest
 
 
 def read_folds(path: str | Path) -> gpd.GeoDataFrame:

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import shapely
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from agbcube.errors import FoldError
@@ -216,6 +216,58 @@ def test_training_pool_is_every_chip_beyond_the_test_buffer():
     np.testing.assert_array_equal(
         training_pool(folds, 0), np.flatnonzero(np.isin(role, ["train", "val"]))
     )
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    buffer_m=st.sampled_from([0.0, 60.0, 110.0, 160.0]),
+    validation=st.booleans(),
+    seed=st.integers(0, 50),
+)
+def test_label_mask_keeps_exactly_the_pixels_beyond_the_buffer(buffer_m, validation, seed):
+    """Brute force, pixel by pixel: a label is kept iff its centre clears every excluded chip."""
+    from pyproj import Transformer
+
+    from agbcube.folds import label_mask
+
+    chips = chip_layout(2, 9, 10, drop=0.1, seed=seed)
+    try:
+        roles = HybridSiteSpatialKFold(3, buffer_m=buffer_m, random_state=seed).assign(chips)
+    except FoldError:  # a buffer too wide for this layout: nothing to check
+        assume(False)
+    folds = gpd.GeoDataFrame(pd.concat([chips, roles], axis=1), crs=chips.crs)
+    folds.attrs["agbcube"] = {"buffer_m": {"s0": buffer_m, "s1": buffer_m}}
+    px = 4  # 25 m pixels in 100 m chips
+    b = folds.geometry.bounds.to_numpy()
+    step = (b[:, 2] - b[:, 0]) / px
+    centre = (np.arange(px) + 0.5)[None, :] * step[:, None]
+    xx = np.broadcast_to((b[:, 0, None] + centre)[:, None, :], (len(folds), px, px))
+    yy = np.broadcast_to((b[:, 3, None] - centre)[:, :, None], (len(folds), px, px))
+    lon, lat = Transformer.from_crs(CRS, 4326, always_xy=True).transform(xx, yy)
+    k = seed % 3
+    pos, mask, nearest = label_mask(folds, k, np.stack([lon, lat], axis=1), validation=validation)
+    role = folds[f"role_{k}"].to_numpy()
+    excluded = (role == "test") | ((role == "val") if validation else False)
+    assert not excluded[pos].any()
+    # every chip the roles allow is in, whole
+    allowed = np.flatnonzero(np.isin(role, ["train"] if validation else ["train", "val"]))
+    assert set(allowed) <= set(pos)
+    assert mask[np.isin(pos, allowed)].all()
+    geoms = folds.geometry.to_numpy()
+    sites = folds["site"].to_numpy()
+    for j, i in enumerate(pos):
+        src = geoms[excluded & (sites == sites[i])]
+        if len(src) == 0:
+            assert mask[j].all()
+            continue
+        pts = shapely.points(xx[i].ravel(), yy[i].ravel())
+        d = shapely.distance(pts[:, None], src[None, :]).min(1).reshape(px, px)
+        np.testing.assert_array_equal(mask[j], d > buffer_m)
+        assert mask[j].mean() >= 0.25
+        if mask[j].any():
+            assert d[mask[j]].min() >= nearest - 1e-6
+    if mask.any() and np.isfinite(nearest):
+        assert nearest > buffer_m
 
 
 def test_geographic_chips_use_metres():
