@@ -255,15 +255,33 @@ class TrainConfig(_Section):
         "every chip beyond the test buffer (the validation chips and their buffer ring too) and "
         "predict the test chips with it.",
     )
+    ensemble: int = Field(
+        default=1,
+        ge=1,
+        description="Models per fold from different seeds, their predictions averaged (with "
+        "refit: one early-stopped run picks the epochs, then this many refits).",
+    )
+    label_buffer: Literal["chip", "pixel"] = Field(
+        default="chip",
+        description="'chip': train on the chips the folds' roles allow, whole; 'pixel': also on "
+        "the pixels of buffer-ring chips whose centres lie beyond the buffer (their nearer "
+        "pixels masked; features stay inputs, as when predicting).",
+    )
     tta: bool = Field(default=True, description="Test-time augmentation.")
     tta_rotations: int = Field(default=4, ge=1, le=8, description="Dihedral transforms averaged.")
     hgb_max_pixels: int = Field(
         default=60000, ge=100, description="Training pixels sampled for the hgb-pixel model."
     )
-    data_path: Literal["auto", "device", "stream"] = Field(
+    data_path: Literal["auto", "device", "chunks", "stream"] = Field(
         default="auto",
-        description="'device': load the fold's chips once into device memory; 'stream': read "
-        "with prefetching workers; 'auto': device when they fit.",
+        description="'device': load the fold's chips once into device memory; 'chunks': read "
+        "the cube chunk by chunk in storage order, each chunk once per pass, chips shuffled "
+        "within a buffer (cubes larger than memory); 'stream': read chip by chip in the exact "
+        "order of the device path, with prefetching workers (slow; a reference); 'auto': "
+        "device when the chips fit, else chunks.",
+    )
+    shuffle_chips: int = Field(
+        default=2048, ge=1, description="Shuffle buffer of data_path: chunks (chips)."
     )
     num_workers: int = Field(default=2, ge=0, description="Loader workers when streaming.")
     amp: bool = Field(default=True, description="Mixed precision on GPU.")

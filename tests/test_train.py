@@ -106,6 +106,94 @@ def test_streamed_and_device_batches_are_equal(demo_config, demo_folds, demo_chi
         assert torch.equal(ia, ib)
 
 
+@pytest.fixture(scope="module")
+def small_chunk_cube(demo_config, tmp_path_factory):
+    """The demo cube again with 20-px chunks: 16-px chips straddle tile edges, edge tiles are
+    partial."""
+    from agbcube.cube import build_cube
+
+    cube = demo_config.cube.model_copy(
+        update={"chunks": 20, "output": tmp_path_factory.mktemp("c20") / "cube.zarr"}
+    )
+    build_cube(demo_config.sites, cube, progress=False)
+    return cube.output
+
+
+def test_chunked_chips_cut_the_same_chips_reading_each_tile_once(
+    demo_config, demo_folds, demo_chips, small_chunk_cube
+):
+    from agbcube.train.data import ChunkedChips
+
+    size = demo_config.chips.size
+    ds = ChunkedChips(
+        small_chunk_cube,
+        demo_folds,
+        size_px=size,
+        standardiser=None,
+        coordinates=True,
+        log_target=True,
+    )
+    rng = np.random.default_rng(0)
+    positions = rng.choice(len(demo_folds), size=len(demo_folds) + 17)  # repeats, some absent
+    got_x, got_a, got_p = (np.concatenate(v) for v in zip(*ds.blocks(positions), strict=True))
+    np.testing.assert_array_equal(np.sort(got_p), np.sort(positions))
+    expect = model_inputs(demo_chips, coordinates=True)
+    np.testing.assert_array_equal(got_x, expect[got_p])
+    np.testing.assert_array_equal(got_a, demo_chips.agb[got_p])
+    # every 20-px tile under the chips read once, no more
+    tiles = set()
+    for p in np.unique(positions):
+        r, c, site = demo_folds.row.iloc[p], demo_folds.col.iloc[p], demo_folds.site.iloc[p]
+        for ti in range(r // 20, (r + size - 1) // 20 + 1):
+            for tj in range(c // 20, (c + size - 1) // 20 + 1):
+                tiles.add((site, ti, tj))
+    assert ds.tiles_read == len(tiles)
+
+
+def test_chunked_batches_hold_each_chip_as_often_as_asked(
+    demo_config, demo_folds, demo_chips, small_chunk_cube
+):
+    from agbcube.train.data import ChunkedChips
+
+    idx = np.arange(40)
+    inputs = model_inputs(demo_chips, coordinates=False)
+    std = Standardiser.fit(inputs[idx])
+    mask = np.random.default_rng(1).random((40, 16, 16)) > 0.3
+    ds = ChunkedChips(
+        small_chunk_cube,
+        demo_folds.iloc[idx],
+        size_px=16,
+        standardiser=std,
+        coordinates=False,
+        log_target=True,
+        label_mask=mask,
+        shuffle_chips=16,
+    )
+    order = torch.multinomial(
+        torch.ones(40), 60, replacement=True, generator=torch.Generator().manual_seed(2)
+    )
+    seen = []
+    sizes = []
+    for xb, yb, ib in ds.iterate(order, 8):
+        i = ib.numpy()
+        seen.append(i)
+        sizes.append(len(i))
+        torch.testing.assert_close(xb, torch.from_numpy(std.apply(inputs[idx][i])), rtol=0, atol=0)
+        want = make_target(
+            np.where(mask[i], demo_chips.agb[idx][i], np.nan), log=True, per_chip=False
+        )
+        torch.testing.assert_close(yb, torch.from_numpy(want), rtol=0, atol=0, equal_nan=True)
+    np.testing.assert_array_equal(np.sort(np.concatenate(seen)), np.sort(order.numpy()))
+    # full batches but the last of each site
+    assert sum(n != 8 for n in sizes) <= demo_folds.iloc[idx]["site"].nunique()
+    # not simply storage order: the shuffle buffer mixes chips
+    assert not (np.diff(np.concatenate(seen)) >= 0).all()
+    # an abandoned pass stops its reader thread
+    it = ds.iterate(order, 8)
+    next(it)
+    it.close()
+
+
 @pytest.mark.parametrize("head", ["chip", "dense"])
 @pytest.mark.parametrize("norm", ["instance", "batch", "none"])
 def test_model_shapes(head, norm):
@@ -382,7 +470,10 @@ def test_run_cv_writes_every_output(demo_config, demo_folds, tmp_path):
         assert set(np.unique(src.read(1))) <= {0, 1, 255}
 
 
-def test_streamed_and_device_resident_runs_give_the_same_results(demo_config, demo_folds, tmp_path):
+@pytest.mark.parametrize("label_buffer", ["chip", "pixel"])
+def test_streamed_and_device_resident_runs_give_the_same_results(
+    demo_config, demo_folds, tmp_path, label_buffer
+):
     from agbcube.train import run_cv
 
     def cfg(path: str):
@@ -398,6 +489,7 @@ def test_streamed_and_device_resident_runs_give_the_same_results(demo_config, de
                         "num_workers": 0,
                         "head": "dense",
                         "refit": True,
+                        "label_buffer": label_buffer,
                     }
                 )
             }
@@ -410,6 +502,15 @@ def test_streamed_and_device_resident_runs_give_the_same_results(demo_config, de
         assert info["n_refit"] > info["n_train"] + info["n_val"] - 1
         assert info["refit_epochs"] == info["best_epoch"] + 1
         assert (tmp_path / "d" / f"fold_{k}" / "checkpoint_refit.pt").exists()
+        role = demo_folds[f"role_{k}"]
+        if label_buffer == "pixel":  # buffer-ring chips give the pixels beyond the buffer
+            assert info["n_train"] >= (role == "train").sum()
+            assert info["n_train_px"] > 0
+            assert info["min_label_distance_m"] > min(
+                demo_folds.attrs["agbcube"]["buffer_m"].values()
+            )
+        else:
+            assert info["n_train"] == (role == "train").sum()
     a = pd.read_parquet(tmp_path / "d" / "predictions.parquet")
     b = pd.read_parquet(tmp_path / "s" / "predictions.parquet")
     pd.testing.assert_frame_equal(a, b)
@@ -417,6 +518,85 @@ def test_streamed_and_device_resident_runs_give_the_same_results(demo_config, de
     wb = torch.load(tmp_path / "s" / "fold_1" / "model.pt", weights_only=False)
     for name, t in wa["state_dict"].items():
         assert torch.equal(t, wb["state_dict"][name]), name
+
+
+def test_chunked_run_predicts_every_test_chip_in_order(demo_config, demo_folds, tmp_path):
+    from agbcube.train import run_cv
+
+    def cfg(path: str):
+        return demo_config.model_copy(
+            update={
+                "train": demo_config.train.model_copy(
+                    update={
+                        "epochs": 2,
+                        "conv_channels": [8],
+                        "fc_units": [8],
+                        "data_path": path,
+                        "head": "dense",
+                        "label_buffer": "pixel",
+                        "refit": True,
+                        "shuffle_chips": 32,
+                    }
+                )
+            }
+        )
+
+    metrics = run_cv(cfg("chunks"), output=tmp_path / "c", device="cpu", plots=False)
+    run_cv(cfg("device"), output=tmp_path / "d", device="cpu", plots=False)
+    assert metrics["run"]["data_path"] == "chunks"
+    a = pd.read_parquet(tmp_path / "c" / "predictions.parquet")
+    b = pd.read_parquet(tmp_path / "d" / "predictions.parquet")
+    pd.testing.assert_frame_equal(
+        a[["chip_id", "site", "fold", "model", "agb_true"]],
+        b[["chip_id", "site", "fold", "model", "agb_true"]],
+    )
+    assert np.isfinite(a["agb_pred"]).all()
+    for k, info in metrics["folds"].items():
+        assert info["data_path"] == "chunks"
+        assert info["n_train"] == metrics_device_n_train(tmp_path / "d", k)
+
+
+def test_ensemble_averages_its_members(demo_config, demo_folds, demo_chips, tmp_path):
+    from agbcube.train import run_cv
+    from agbcube.train.loop import predict
+    from agbcube.train.run import load_ensemble
+
+    train = demo_config.train.model_copy(
+        update={
+            "epochs": 1,
+            "conv_channels": [8],
+            "baseline": "none",
+            "head": "dense",
+            "refit": True,
+            "ensemble": 2,
+            "tta": False,
+        }
+    )
+    cfg = demo_config.model_copy(update={"train": train})
+    metrics = run_cv(cfg, output=tmp_path / "e", device="cpu", plots=False)
+    n_folds = len(metrics["folds"])
+    assert all(info["ensemble"] == 2 for info in metrics["folds"].values())
+    assert (tmp_path / "e" / "fold_0" / "model_1.pt").exists()
+    models, _ = load_ensemble(tmp_path / "e")
+    assert len(models) == 2 * n_folds
+    # fold 0's predictions are the mean of its two members' maps, in Mg/ha
+    test = np.flatnonzero(demo_folds["fold"].to_numpy() == 0)
+    inputs = model_inputs(demo_chips, coordinates=train.coordinates == "geographic")
+    maps = []
+    for model, std, target in models[:2]:
+        x = torch.from_numpy(std.apply(inputs[test]))
+        maps.append(target.decode(predict(model, x).numpy()))
+    assert not np.allclose(maps[0], maps[1])  # two different models
+    pix = np.where(np.isfinite(demo_chips.agb[test]), np.mean(maps, axis=0), np.nan)
+    expect = np.nanmean(pix.reshape(len(test), -1), axis=1)
+    got = pd.read_parquet(tmp_path / "e" / "predictions.parquet").query("fold == 0")
+    np.testing.assert_allclose(got["agb_pred"].to_numpy(), expect, rtol=1e-5)
+
+
+def metrics_device_n_train(run, k):
+    import json
+
+    return json.loads((run / "metrics.json").read_text())["folds"][str(k)]["n_train"]
 
 
 def test_out_of_memory_names_the_batch_size(monkeypatch):

@@ -27,11 +27,13 @@ from agbcube.errors import BandError
 
 __all__ = [
     "ChipSet",
+    "ChunkedChips",
     "DeviceChips",
     "Standardiser",
     "StreamSource",
     "StreamingChips",
     "TargetTransform",
+    "chip_lonlat",
     "chip_windows",
     "make_target",
     "read_chips",
@@ -121,6 +123,21 @@ def lonlat_of(x: np.ndarray, y: np.ndarray, crs: Any) -> np.ndarray:
 def _lonlat_grid(ds: xr.Dataset) -> np.ndarray:
     """(2, y, x) longitude/latitude of every pixel centre of a site's cube."""
     return lonlat_of(ds["x"].values, ds["y"].values, ds.rio.crs)
+
+
+def chip_lonlat(store: str | Path, chips: pd.DataFrame, *, size_px: int) -> np.ndarray:
+    """(n, 2, size, size) longitude/latitude of the chips' pixel centres (no data is read)."""
+    from agbcube.cube import open_cube
+
+    out = np.empty((len(chips), 2, size_px, size_px), np.float32)
+    rows, cols = chips["row"].to_numpy(), chips["col"].to_numpy()
+    for site in pd.unique(chips["site"]):
+        mask = (chips["site"] == site).to_numpy()
+        grid = _lonlat_grid(open_cube(store, site))
+        for pos in np.flatnonzero(mask):
+            r, c = int(rows[pos]), int(cols[pos])
+            out[pos] = grid[:, r : r + size_px, c : c + size_px]
+    return out
 
 
 def read_chips(
@@ -374,6 +391,7 @@ class StreamingChips:
     """A torch ``Dataset`` of chips read lazily from the cube with xbatcher (out of core).
 
     Items are ``(inputs, target)`` numpy arrays, standardised like :class:`DeviceChips`.
+    ``label_mask`` (n, h, w), when given, hides the AGB of the pixels it leaves False.
     Each worker opens the store itself; dask runs synchronously inside workers so that
     threads × processes do not oversubscribe the cores.
     """
@@ -391,8 +409,10 @@ class StreamingChips:
         chip_target: bool = False,
         bands: Sequence[str] | None = None,
         target_transform: TargetTransform | None = None,
+        label_mask: np.ndarray | None = None,
     ) -> None:
         self.store = str(store)
+        self.label_mask = label_mask
         self.sites = chips["site"].to_numpy().astype(str)
         self.rows = chips["row"].to_numpy()
         self.cols = chips["col"].to_numpy()
@@ -432,13 +452,21 @@ class StreamingChips:
         if self.coordinates:
             sel = bgen._batch_selectors.selectors[k][0]
             x = np.concatenate([x, lonlat[:, sel["y"], sel["x"]]], axis=0)
-        return x, patch["agb"].values
+        agb = patch["agb"].values
+        if self.label_mask is not None:
+            agb = np.where(self.label_mask[i], agb, np.float32(np.nan))
+        return x, agb
 
-    def raw_blocks(self, block: int = 256) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """All chips in order, ``block`` at a time: ``(inputs, agb)`` stacks."""
+    def blocks(self, block: int = 256) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """All chips in order, ``block`` at a time: ``(inputs, agb, positions)`` stacks."""
         for start in range(0, len(self), block):
-            items = [self.raw(i) for i in range(start, min(len(self), start + block))]
-            yield np.stack([x for x, _ in items]), np.stack([a for _, a in items])
+            stop = min(len(self), start + block)
+            items = [self.raw(i) for i in range(start, stop)]
+            yield (
+                np.stack([x for x, _ in items]),
+                np.stack([a for _, a in items]),
+                np.arange(start, stop),
+            )
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         x, agb = self.raw(i)
@@ -502,3 +530,373 @@ def make_target(agb: np.ndarray, *, log: bool, per_chip: bool) -> np.ndarray:
         agb = (total / np.maximum(valid.sum(axis=(1, 2)), 1)).astype(np.float32)
     out = np.log1p(agb) if log else agb
     return np.ascontiguousarray(out, dtype=np.float32)
+
+
+class ChunkedChips:
+    """A fold's chips read from the cube chunk by chunk: for cubes larger than memory.
+
+    Each pass visits, site by site and in raster order, the chunk tiles that hold the chips
+    asked for, decompressing every tile once: the tiles of the current and the next tile row
+    stay cached, for chips that straddle tile edges, and nothing else is held. All chips of a
+    tile are cut in one vectorised gather. A background thread reads ahead while the caller
+    trains (Zarr's decompression releases the GIL).
+
+    Training batches mix the chips of consecutive tiles: the chips read are shuffled within a
+    buffer of ``shuffle_chips`` (sites are visited in a random order) rather than over the whole
+    fold, the usual trade of out-of-core training. The device-resident path shuffles fully.
+
+    Parameters
+    ----------
+    store : str or Path
+        The cube.
+    chips : pd.DataFrame
+        Rows with ``site``, ``row`` and ``col`` (pixel offsets of the chips' corners).
+    size_px : int
+        Chip side.
+    standardiser : Standardiser or None
+        Needed by :meth:`iterate`, not by :meth:`blocks`.
+    coordinates : bool
+        Append lon/lat channels.
+    log_target, chip_target : bool
+        As in :func:`make_target`.
+    bands : list of str, optional
+        Feature bands (default all, in the first site's order).
+    target_transform : TargetTransform, optional
+    label_mask : np.ndarray of bool, (n, h, w), optional
+        AGB is hidden (NaN) where False.
+    device : torch.device or str
+        Where :meth:`iterate` delivers batches.
+    shuffle_chips : int
+        Size of the shuffle buffer.
+    prefetch : int
+        Tiles read ahead.
+    """
+
+    def __init__(
+        self,
+        store: str | Path,
+        chips: pd.DataFrame,
+        *,
+        size_px: int,
+        standardiser: Standardiser | None,
+        coordinates: bool,
+        log_target: bool,
+        chip_target: bool = False,
+        bands: Sequence[str] | None = None,
+        target_transform: TargetTransform | None = None,
+        label_mask: np.ndarray | None = None,
+        device: Any = "cpu",
+        shuffle_chips: int = 2048,
+        prefetch: int = 4,
+    ) -> None:
+        import torch
+
+        self.store = str(store)
+        self.sites = chips["site"].to_numpy().astype(str)
+        self.rows = chips["row"].to_numpy().astype(np.int64)
+        self.cols = chips["col"].to_numpy().astype(np.int64)
+        self.size_px = size_px
+        self.standardiser, self.target_transform = standardiser, target_transform
+        self.coordinates, self.log_target, self.chip_target = coordinates, log_target, chip_target
+        self.bands = list(bands) if bands is not None else None
+        self.label_mask = label_mask
+        self.device = torch.device(device)
+        self.shuffle_chips, self.prefetch = max(1, shuffle_chips), max(1, prefetch)
+        self.tiles_read = 0  # decompressed tiles, over the object's life (for benchmarks)
+
+    def __len__(self) -> int:
+        return len(self.sites)
+
+    def _open(self, site: str) -> tuple[xr.Dataset, np.ndarray | None]:
+        """The site's lazy cube and the positions of our bands in it (``None``: all, in order).
+
+        Bands are picked from each decompressed tile: a band selection on the lazy array
+        would make Zarr gather orthogonally, 2-3x slower than reading the whole chunk.
+        """
+        from agbcube.cube import open_cube
+
+        ds = open_cube(self.store, site, chunks=None)[["features", "agb"]]
+        have = [str(b) for b in ds["band"].values]
+        if self.bands is None:
+            self.bands = have
+        _select_bands(ds, self.bands, site)  # names a missing band
+        index = np.array([have.index(b) for b in self.bands])
+        return ds, None if np.array_equal(index, np.arange(len(have))) else index
+
+    def tiles(
+        self, positions: np.ndarray, site_order: Sequence[str] | None = None
+    ) -> Iterator[tuple[str, Any]]:
+        """What a pass reads, in storage order: ``("site", _SitePlan)`` then its tiles.
+
+        Each tile is ``("tile", (key, features, agb))``, decompressed once, in raster order of
+        the tiles the chips touch (bands picked from the tile, lon/lat appended when asked).
+        """
+        sites = self.sites[positions]
+        for site in site_order if site_order is not None else pd.unique(sites):
+            ds, band_index = self._open(site)
+            plan = _SitePlan.make(ds, self, positions[sites == site])
+            yield "site", plan
+            crs = ds.rio.crs if self.coordinates else None
+            xs, ys = ds["x"].values, ds["y"].values
+            for key in plan.tile_order:
+                ti, tj = divmod(int(key), plan.n_tj)
+                ys_, xs_ = (
+                    slice(ti * plan.th, (ti + 1) * plan.th),
+                    slice(tj * plan.tw, (tj + 1) * plan.tw),
+                )
+                tile = ds.isel(y=ys_, x=xs_)
+                fx = np.asarray(tile["features"].values, np.float32)
+                if band_index is not None:
+                    fx = fx[band_index]
+                if self.coordinates:
+                    fx = np.concatenate([fx, lonlat_of(xs[xs_], ys[ys_], crs)])
+                self.tiles_read += 1
+                yield "tile", (int(key), fx, np.asarray(tile["agb"].values, np.float32))
+
+    def _gather(
+        self, plan: _SitePlan, tiles: dict, chips: np.ndarray, transform: Any = None
+    ) -> tuple[Any, Any, np.ndarray]:
+        """Chips (rows of ``plan``) cut from the tiles they span, one slice copy per tile.
+
+        Returns inputs ``(n, channel, size, size)`` and AGB ``(n, size, size)`` (torch, CPU;
+        labels outside ``label_mask`` NaN) and the chips' positions in the table.
+        ``transform`` (``(n,)``) applies each chip's dihedral transform within its copy. Tiles
+        are released once their last chip is cut.
+        """
+        import torch
+
+        from agbcube.train.model import dihedral
+
+        s = self.size_px
+        n_in = next(iter(tiles.values()))[0].shape[0]
+        x = torch.empty((len(chips), n_in, s, s))
+        agb = torch.empty((len(chips), s, s))
+        pos = plan.positions[chips]
+        masks = None if self.label_mask is None else torch.from_numpy(self.label_mask[pos])
+        nan = torch.tensor(float("nan"))
+        turns = np.zeros(len(chips), np.int64) if transform is None else np.asarray(transform)
+        for i, j in enumerate(chips):
+            r, c = int(plan.rows[j]), int(plan.cols[j])
+            spans = [
+                (ti, tj)
+                for ti in range(r // plan.th, (r + s - 1) // plan.th + 1)
+                for tj in range(c // plan.tw, (c + s - 1) // plan.tw + 1)
+            ]
+            if len(spans) == 1:  # inside one tile: a view of it
+                ti, tj = spans[0]
+                tx, ta = tiles[ti * plan.n_tj + tj]
+                y0, x0 = r - ti * plan.th, c - tj * plan.tw
+                cx, ca = tx[:, y0 : y0 + s, x0 : x0 + s], ta[y0 : y0 + s, x0 : x0 + s]
+            else:  # across tile edges: assembled
+                cx, ca = torch.empty((n_in, s, s)), torch.empty((s, s))
+                for ti, tj in spans:
+                    tx, ta = tiles[ti * plan.n_tj + tj]
+                    y0, x0 = ti * plan.th, tj * plan.tw
+                    ya, yb = max(y0, r), min(y0 + tx.shape[1], r + s)
+                    xa, xb = max(x0, c), min(x0 + tx.shape[2], c + s)
+                    cx[:, ya - r : yb - r, xa - c : xb - c] = tx[
+                        :, ya - y0 : yb - y0, xa - x0 : xb - x0
+                    ]
+                    ca[ya - r : yb - r, xa - c : xb - c] = ta[ya - y0 : yb - y0, xa - x0 : xb - x0]
+            if masks is not None:
+                ca = torch.where(masks[i], ca, nan)
+            if turns[i]:
+                cx, ca = dihedral(cx, int(turns[i])), dihedral(ca, int(turns[i]))
+            x[i].copy_(cx)
+            agb[i].copy_(ca)
+            for ti, tj in spans:
+                self._release(plan, tiles, ti * plan.n_tj + tj, 1)
+        return x, agb, pos
+
+    @staticmethod
+    def _release(plan: _SitePlan, tiles: dict, key: int, n: int) -> None:
+        plan.users[key] -= n
+        if plan.users[key] == 0:
+            del tiles[key]
+
+    def _ready(
+        self, stream: Iterator[tuple[str, Any]]
+    ) -> Iterator[tuple[_SitePlan, dict, np.ndarray]]:
+        """``(plan, tiles, chips)`` each time a tile completes some chips (their last tile).
+
+        Tiles are kept as they were read (``(channel, h, w)``, shared with torch, no copy).
+        """
+        import torch
+
+        plan, tiles = None, {}
+        for kind, item in stream:
+            if kind == "site":
+                plan, tiles = item, {}
+                continue
+            key, fx, fa = item
+            tiles[key] = (torch.from_numpy(fx), torch.from_numpy(fa))
+            chips = plan.completed_by(key)
+            if chips.size:
+                yield plan, tiles, chips
+
+    def blocks(
+        self, positions: np.ndarray | None = None
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Raw chips in storage order: ``(inputs, agb Mg/ha, positions)`` per tile read.
+
+        ``positions`` (default every chip, once) may repeat a chip; it is then cut again.
+        """
+        positions = np.arange(len(self)) if positions is None else np.asarray(positions)
+        for plan, tiles, chips in self._ready(self.tiles(positions)):
+            x, agb, pos = self._gather(plan, tiles, chips)
+            yield x.numpy(), agb.numpy(), pos
+
+    def iterate(
+        self, order: Any, batch_size: int, augment: Any = None
+    ) -> Iterator[tuple[Any, Any, Any]]:
+        """Yield ``(x, y, index)`` batches of the chips in ``order`` (each as often as listed).
+
+        The batches follow storage order within the shuffle buffer, not ``order`` itself: the
+        ``index`` of each batch says which chips it holds. A reader thread only reads and
+        decompresses tiles, in storage order; this thread cuts, standardises and augments.
+        """
+        import queue
+        import threading
+
+        import torch
+
+        std = self.standardiser
+        assert std is not None
+        positions = np.asarray(order.cpu() if hasattr(order, "cpu") else order, dtype=np.int64)
+        rng = np.random.default_rng(positions[:64].tolist())  # follows the caller's generator
+        present = pd.unique(self.sites[positions])
+        site_order = [present[i] for i in rng.permutation(len(present))]
+        ready: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+        done = object()
+
+        def read() -> None:
+            try:
+                for item in self.tiles(positions, site_order):
+                    while not stop.is_set():
+                        try:
+                            ready.put(item, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+                ready.put(done)
+            except BaseException as err:  # surfaced in the consumer
+                ready.put(err)
+
+        def received() -> Iterator[tuple[str, Any]]:
+            while True:
+                item = ready.get()
+                if item is done:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+
+        mean = torch.from_numpy(std.mean)[:, None, None]
+        scale = torch.from_numpy(std.std)[:, None, None]
+
+        def batch(plan: _SitePlan, tiles: dict, chips: np.ndarray) -> tuple[Any, Any, Any]:
+            aug = augment(len(chips)) if augment is not None else None
+            x, agb, pos = self._gather(plan, tiles, chips, None if aug is None else aug.transform)
+            x.sub_(mean).div_(scale).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+            if aug is not None and aug.gain is not None:  # x is this batch's own
+                x[:, : aug.gain.shape[1]] *= aug.gain[:, :, None, None]
+            y = make_target(agb.numpy(), log=self.log_target, per_chip=self.chip_target)
+            if self.target_transform is not None:
+                y = self.target_transform.encode(y)
+            return (
+                x.to(self.device, non_blocking=True),
+                torch.from_numpy(y).to(self.device, non_blocking=True),
+                torch.as_tensor(pos, device=self.device),
+            )
+
+        reader = threading.Thread(target=read, name="agbcube-chunk-reader", daemon=True)
+        reader.start()
+        # The shuffle buffer: chips (rows of the current site's plan) whose tiles are all read,
+        # each given a random priority within shuffle_chips of its arrival; batches take the
+        # lowest priorities once the buffer holds shuffle_chips. A chip thus leaves within
+        # about shuffle_chips arrivals, and so do the tiles it holds: memory stays bounded.
+        pool = np.empty(0, np.int64)
+        priority = np.empty(0)
+        arrived = 0
+        current: Any = None
+        current_tiles: dict = {}
+
+        def take(n: int) -> np.ndarray:
+            nonlocal pool, priority
+            first = np.argpartition(priority, n - 1)[:n] if n < pool.size else np.arange(pool.size)
+            chosen = pool[first]
+            keep = np.ones(pool.size, bool)
+            keep[first] = False
+            pool, priority = pool[keep], priority[keep]
+            return chosen
+
+        try:
+            for plan, tiles, chips in self._ready(received()):
+                if plan is not current:  # a new site: the last one's chips go first
+                    while pool.size:
+                        yield batch(current, current_tiles, take(min(batch_size, pool.size)))
+                    current, current_tiles = plan, tiles
+                pool = np.concatenate([pool, chips])
+                priority = np.concatenate(
+                    [priority, arrived + self.shuffle_chips * rng.random(chips.size)]
+                )
+                arrived += chips.size
+                while pool.size >= self.shuffle_chips + batch_size:
+                    yield batch(plan, tiles, take(batch_size))
+            while pool.size:
+                yield batch(current, current_tiles, take(min(batch_size, pool.size)))
+        finally:
+            stop.set()
+            reader.join(timeout=5)
+
+
+@dataclass
+class _SitePlan:
+    """Which tiles of a site a pass reads, and which chips each tile completes."""
+
+    positions: np.ndarray  # the chips' rows in the ChunkedChips table (repeats allowed)
+    rows: np.ndarray
+    cols: np.ndarray
+    th: int
+    tw: int
+    n_tj: int  # tiles per tile row
+    tile_order: np.ndarray  # flat tile keys (ti * n_tj + tj), raster order
+    users: dict[int, int]  # chips still to cut from each tile
+    by_last: dict[int, np.ndarray]  # chips whose last tile (raster order) is the key
+
+    @classmethod
+    def make(cls, ds: xr.Dataset, owner: ChunkedChips, positions: np.ndarray) -> _SitePlan:
+        chunks = ds["features"].encoding.get("chunks") or (0, 256, 256)
+        th, tw = int(chunks[-2]), int(chunks[-1])
+        n_tj = -(-ds.sizes["x"] // tw)
+        s = owner.size_px
+        rows, cols = owner.rows[positions], owner.cols[positions]
+        ti0, tj0 = rows // th, cols // tw
+        ti1, tj1 = (rows + s - 1) // th, (cols + s - 1) // tw
+        keys = []
+        for di in range(int((ti1 - ti0).max()) + 1):
+            for dj in range(int((tj1 - tj0).max()) + 1):
+                spans = (ti0 + di <= ti1) & (tj0 + dj <= tj1)
+                keys.append(((ti0 + di) * n_tj + tj0 + dj)[spans])
+        tile_keys, n_users = np.unique(np.concatenate(keys), return_counts=True)
+        last = ti1 * n_tj + tj1
+        order = np.argsort(last, kind="stable")
+        cuts = np.flatnonzero(np.diff(last[order])) + 1
+        by_last = {int(last[g[0]]): g for g in np.split(order, cuts)}
+        return cls(
+            positions,
+            rows,
+            cols,
+            th,
+            tw,
+            n_tj,
+            tile_keys,
+            dict(zip(tile_keys.tolist(), n_users.tolist(), strict=True)),
+            by_last,
+        )
+
+    def completed_by(self, key: int) -> np.ndarray:
+        return self.by_last.get(key, np.empty(0, np.int64))

@@ -99,12 +99,12 @@ def _per_sample(
 ) -> torch.Tensor:
     """Loss of every chip in one batched pass (for hard-negative mining and validation)."""
     model.eval()
-    losses = []
-    for x, y, _ in data.iterate(torch.arange(len(data)), 512):
+    losses = torch.full((len(data),), float("nan"), device=data.device)
+    for x, y, idx in data.iterate(torch.arange(len(data)), 512):  # any order: idx says which
         with _autocast(x.device, amp):
             pred = model(x.contiguous()).float()
-        losses.append(per_sample_loss(pred, y, kind=kind, delta=delta))
-    return torch.cat(losses)
+        losses[idx] = per_sample_loss(pred, y, kind=kind, delta=delta)
+    return losses
 
 
 def _autocast(device: torch.device, amp: bool):

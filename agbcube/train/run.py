@@ -5,6 +5,7 @@ Run directory::
     config.yaml            the resolved configuration
     folds.parquet          the folds used (a copy)
     fold_k/model.pt        the fold's model, standardisation and settings
+    fold_k/model_m.pt      further members of the fold's ensemble (train.ensemble > 1)
     fold_k/checkpoint.pt   last epoch's full training state (for --resume)
     fold_k/DONE            written last: the fold is complete
     predictions.parquet    chip_id, site, fold, model, agb_true, agb_pred, log_true, log_pred
@@ -18,7 +19,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -127,9 +128,9 @@ def run_cv(
         with atomic_path(out / "folds.parquet") as tmp:
             shutil.copyfile(config.folds.output, tmp)
         t_read = time.perf_counter()
-        stream = _use_streaming(tcfg, folds, config, dev)
+        path = _data_path(tcfg, folds, config, dev)
         chips = None
-        if not stream:
+        if path == "device":
             chips = read_chips(
                 config.cube.output,
                 folds,
@@ -142,7 +143,7 @@ def run_cv(
                 f"{time.perf_counter() - t_read:.1f} s; training on {dev}, device-resident"
             )
         else:
-            say(f"streaming {len(folds)} chips from the cube; training on {dev}")
+            say(f"reading {len(folds)} chips from the cube ({path}); training on {dev}")
         rows, pixel_rows, fold_info = [], [], {}
         deterministic = torch.are_deterministic_algorithms_enabled()
         if dev.type == "cpu":
@@ -155,7 +156,7 @@ def run_cv(
                     say(f"fold {k}: complete, kept")
                 else:
                     remove_path(fold_dir / "DONE")
-                    _train_fold(k, folds, chips, config, dev, fold_dir, epochs, resume, say)
+                    _train_fold(k, folds, chips, config, dev, fold_dir, epochs, resume, say, path)
                 pred = pd.read_parquet(fold_dir / "predictions.parquet")
                 rows.append(pred)
                 pixel_rows.append(pd.read_parquet(fold_dir / "pixels.parquet"))
@@ -171,7 +172,7 @@ def run_cv(
             "device": str(dev),
             "wall_s": time.perf_counter() - t_start,
             "n_chips": len(folds),
-            "data_path": "stream" if stream else "device",
+            "data_path": path,
         }
         write_json_atomic(out / "metrics.json", metrics)
         if tcfg.model == CNN:
@@ -183,12 +184,12 @@ def run_cv(
     return metrics
 
 
-def _use_streaming(tcfg: Any, folds: pd.DataFrame, config: Any, dev: Any) -> bool:
+def _data_path(tcfg: Any, folds: pd.DataFrame, config: Any, dev: Any) -> str:
     """``data_path: auto``: device-resident when every chip fits in half the free memory."""
     import os
 
     if tcfg.data_path != "auto":
-        return tcfg.data_path == "stream"
+        return tcfg.data_path
     n_bands = len(tcfg.bands) if tcfg.bands else len(_cube_bands(config))
     need = len(folds) * (n_bands + 3) * config.chips.size**2 * 4 * 2  # host + device copies
     if dev.type == "cuda":
@@ -197,7 +198,7 @@ def _use_streaming(tcfg: Any, folds: pd.DataFrame, config: Any, dev: Any) -> boo
         free, _ = torch.cuda.mem_get_info(dev)
     else:
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return need > 0.5 * free
+    return "chunks" if need > 0.5 * free else "device"
 
 
 def _write_config(config: Any, path: Path, *, device: str, epochs: int | None) -> None:
@@ -210,91 +211,164 @@ def _write_config(config: Any, path: Path, *, device: str, epochs: int | None) -
 
 
 class _FoldData:
-    """One fold's chips, device-resident or streamed, behind one interface."""
+    """One fold's chips, device-resident or streamed, behind one interface.
 
-    def __init__(self, k: int, folds: pd.DataFrame, chips: Any, config: Any, dev: Any) -> None:
+    ``train`` (and ``pool``, the chips of a refit or of the baseline) are chip positions in
+    ``folds``; with ``train.label_buffer: pixel`` each comes with a mask of the pixels whose
+    labels may be trained on (``train_mask``, ``pool_mask``), else the masks are ``None``.
+    """
+
+    def __init__(
+        self,
+        k: int,
+        folds: pd.DataFrame,
+        chips: Any,
+        config: Any,
+        dev: Any,
+        path: str = "device",
+    ) -> None:
         from agbcube.train.data import (
+            ChunkedChips,
             DeviceChips,
             Standardiser,
             StreamingChips,
             StreamSource,
             TargetTransform,
+            chip_lonlat,
             make_target,
             model_inputs,
         )
 
         tcfg = config.train
         role = folds[f"role_{k}"].to_numpy()
+        self.k = k
         self.train, self.val, self.test = (
             np.flatnonzero(role == r) for r in ("train", "val", "test")
         )
+        self.train_mask: np.ndarray | None = None
+        self.label_distance_m = np.inf
+        self._lonlat = None
+        if tcfg.label_buffer == "pixel":
+            from agbcube.folds import label_mask
+
+            self._lonlat = (
+                chips.lonlat
+                if chips is not None
+                else chip_lonlat(config.cube.output, folds, size_px=config.chips.size)
+            )
+            self.train, self.train_mask, self.label_distance_m = label_mask(
+                folds, k, self._lonlat, validation=True
+            )
         coords = tcfg.coordinates == "geographic"
         dense = tcfg.head == "dense"
         self.chips, self.folds, self.config = chips, folds, config
         if chips is not None:  # device-resident
             inputs = model_inputs(chips, coordinates=coords)
-            target = make_target(chips.agb, log=tcfg.log_target, per_chip=not dense)
-            self.target = TargetTransform.fit(target[self.train], log=tcfg.log_target)
-            target = self.target.encode(target)
+
+            def target_of(idx: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+                agb = chips.agb[idx] if mask is None else np.where(mask, chips.agb[idx], np.nan)
+                return make_target(agb, log=tcfg.log_target, per_chip=not dense)
+
+            self.target = TargetTransform.fit(
+                target_of(self.train, self.train_mask), log=tcfg.log_target
+            )
             self.std = Standardiser.fit(inputs[self.train])
-            self.source = lambda idx: DeviceChips(inputs[idx], target[idx], self.std, dev)
-            self.train_src = self.source(self.train)
+            self.source = lambda idx, mask=None: DeviceChips(
+                inputs[idx], self.target.encode(target_of(idx, mask)), self.std, dev
+            )
+            self.train_src = self.source(self.train, self.train_mask)
             self.val_src = self.source(self.val) if self.val.size else None
             self.in_channels, self.size_px = inputs.shape[1], chips.x.shape[-1]
             self.bands = chips.bands
             test_x, test_agb = inputs[self.test], chips.agb[self.test]
             self.test_blocks = lambda: (
-                (test_x[i : i + 256], test_agb[i : i + 256]) for i in range(0, len(test_x), 256)
+                (
+                    test_x[i : i + 256],
+                    test_agb[i : i + 256],
+                    np.arange(i, min(i + 256, len(test_x))),
+                )
+                for i in range(0, len(test_x), 256)
             )
             return
 
-        def dataset(idx: np.ndarray, std: Any, with_coords: bool = coords) -> StreamingChips:
+        def dataset(
+            idx: np.ndarray,
+            std: Any,
+            with_coords: bool = coords,
+            mask: np.ndarray | None = None,
+        ) -> Any:
+            common = {
+                "size_px": config.chips.size,
+                "standardiser": std,
+                "coordinates": with_coords,
+                "log_target": tcfg.log_target,
+                "chip_target": not dense,
+                "bands": tcfg.bands,
+                "label_mask": mask,
+            }
+            if path == "chunks":
+                return ChunkedChips(
+                    config.cube.output,
+                    folds.iloc[idx],
+                    device=dev,
+                    shuffle_chips=tcfg.shuffle_chips,
+                    **common,
+                )
             return StreamingChips(
-                config.cube.output,
-                folds.iloc[idx],
-                size_px=config.chips.size,
-                stride_px=_stride(config.chips),
-                standardiser=std,
-                coordinates=with_coords,
-                log_target=tcfg.log_target,
-                chip_target=not dense,
-                bands=tcfg.bands,
+                config.cube.output, folds.iloc[idx], stride_px=_stride(config.chips), **common
             )
 
-        self.dataset = dataset
-        train_ds = dataset(self.train, None)
-        self.std = Standardiser.fit_blocks(x for x, _ in train_ds.raw_blocks())
-        train_target = np.concatenate(
-            [
-                make_target(a, log=tcfg.log_target, per_chip=not dense).ravel()
-                for _, a in train_ds.raw_blocks()
-            ]
-        )
-        self.target = TargetTransform.fit(train_target, log=tcfg.log_target)
-        train_ds.standardiser, train_ds.target_transform = self.std, self.target
-        self.train_src = StreamSource(train_ds, dev, num_workers=tcfg.num_workers)
-
-        def source(idx: np.ndarray) -> StreamSource:
-            ds = dataset(idx, self.std)
+        def source(idx: np.ndarray, mask: np.ndarray | None = None) -> Any:
+            ds = dataset(idx, self.std, mask=mask)
             ds.target_transform = self.target
+            if path == "chunks":
+                return ds  # it batches itself
             return StreamSource(ds, dev, num_workers=tcfg.num_workers)
 
-        self.source = source
-        self.val_src = source(self.val) if self.val.size else None
-        first_x, _ = train_ds.raw(0)
-        self.in_channels, self.size_px = first_x.shape[0], first_x.shape[-1]
-        self.bands = tcfg.bands or _cube_bands(config)
-        self.test_blocks = lambda: dataset(self.test, None).raw_blocks()
+        self.dataset = dataset
+        # one pass over the training chips fits the standardisation and the target transform
+        train_ds = dataset(self.train, None, mask=self.train_mask)
+        targets: list[np.ndarray] = []
 
-    def baseline_chips(self, idx: np.ndarray, max_pixels: int, seed: int) -> tuple[Any, Any]:
+        def features() -> Iterator[np.ndarray]:
+            for x, agb, _ in train_ds.blocks():
+                targets.append(make_target(agb, log=tcfg.log_target, per_chip=not dense).ravel())
+                yield x
+
+        self.std = Standardiser.fit_blocks(features())
+        self.target = TargetTransform.fit(np.concatenate(targets), log=tcfg.log_target)
+        self.source = source
+        self.train_src = source(self.train, self.train_mask)
+        self.val_src = source(self.val) if self.val.size else None
+        self.in_channels, self.size_px = int(self.std.mean.shape[0]), config.chips.size
+        self.bands = tcfg.bands or _cube_bands(config)
+        self.test_blocks = lambda: dataset(self.test, None).blocks()
+
+    def pool(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """Every chip (and pixel) beyond the test buffer: what a refit and the baseline use."""
+        from agbcube.folds import label_mask, training_pool
+
+        if self._lonlat is None:
+            return training_pool(self.folds, self.k), None
+        pos, mask, distance = label_mask(self.folds, self.k, self._lonlat, validation=False)
+        self.label_distance_m = min(self.label_distance_m, distance)
+        return pos, mask
+
+    def baseline_chips(
+        self, idx: np.ndarray, mask: np.ndarray | None, max_pixels: int, seed: int
+    ) -> tuple[Any, Any]:
         """Raw features and AGB of the chips at ``idx`` (a subsample when streaming)."""
         if self.chips is not None:
-            return self.chips.x[idx], self.chips.agb[idx]
+            agb = self.chips.agb[idx]
+            return self.chips.x[idx], agb if mask is None else np.where(mask, agb, np.nan)
         per_chip = self.config.chips.size**2
         n = min(idx.size, int(np.ceil(1.5 * max_pixels / per_chip)))
-        pick = np.sort(np.random.default_rng(seed).choice(idx, size=n, replace=False))
-        blocks = list(self.dataset(pick, None, with_coords=False).raw_blocks())
-        return np.concatenate([x for x, _ in blocks]), np.concatenate([a for _, a in blocks])
+        pick = np.sort(np.random.default_rng(seed).choice(idx.size, size=n, replace=False))
+        ds = self.dataset(
+            idx[pick], None, with_coords=False, mask=None if mask is None else mask[pick]
+        )
+        blocks = list(ds.blocks())
+        return np.concatenate([b[0] for b in blocks]), np.concatenate([b[1] for b in blocks])
 
 
 def _cube_bands(config: Any) -> list[str]:
@@ -314,20 +388,22 @@ def _train_fold(
     epochs: int | None,
     resume: bool,
     say: Callable[[str], None],
+    path: str = "device",
 ) -> None:
     """Train fold ``k`` (the CNN and/or the baseline) and write its predictions and model."""
     import torch
 
-    from agbcube.folds import training_pool
     from agbcube.train.data import make_target
     from agbcube.train.loop import build_model, chip_centres_km, fit_fold, predict
 
     tcfg = config.train
-    data = _FoldData(k, folds, chips, config, dev)
+    data = _FoldData(k, folds, chips, config, dev, path)
     train, val, test = data.train, data.val, data.test
     # every chip beyond the test buffer: what a refit and the baseline (no validation) train on
     with_hgb = HGB in (tcfg.model, tcfg.baseline)
-    pool = training_pool(folds, k) if (tcfg.refit and tcfg.model == CNN) or with_hgb else None
+    pool, pool_mask = (None, None)
+    if (tcfg.refit and tcfg.model == CNN) or with_hgb:
+        pool, pool_mask = data.pool()
     meta = folds[["chip_id", "site"]].iloc[test].reset_index(drop=True)
     preds: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # model -> (chip Mg/ha, pixel Mg/ha)
     info: dict[str, Any] = {
@@ -335,14 +411,19 @@ def _train_fold(
         "n_train": int(train.size),
         "n_val": int(val.size),
         "n_test": int(test.size),
-        "data_path": "device" if chips is not None else "stream",
+        "data_path": path,
     }
+    if data.train_mask is not None:
+        info["label_buffer"] = "pixel"
+        info["n_train_px"] = int(data.train_mask.sum())
     agb_test = None
     t0 = time.perf_counter()
     if tcfg.model == CNN:
         coords = tcfg.coordinates == "geographic"
         centres = torch.from_numpy(chip_centres_km(folds.iloc[train])).to(dev)
         seed = tcfg.seed * 1000 + k
+        n_spectral = data.in_channels - (2 if coords else 0)
+        members = []
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             torch.manual_seed(seed)
             model = build_model(tcfg, data.in_channels, data.size_px).to(dev)
@@ -351,7 +432,7 @@ def _train_fold(
                 data.train_src,
                 data.val_src,
                 tcfg,
-                n_spectral=data.in_channels - (2 if coords else 0),
+                n_spectral=n_spectral,
                 seed=seed,
                 epochs=epochs,
                 checkpoint=fold_dir / "checkpoint.pt",
@@ -360,32 +441,61 @@ def _train_fold(
                 echo=say,
                 label=f"fold {k}",
             )
+            if not tcfg.refit:
+                members.append(model)
             if tcfg.refit:
                 info.update(n_refit=int(pool.size), refit_epochs=fit.best_epoch + 1)
-                torch.manual_seed(seed + 500_000)
-                model = build_model(tcfg, data.in_channels, data.size_px).to(dev)
-                fit_fold(
-                    model,
-                    data.source(pool),
-                    None,
-                    tcfg,
-                    n_spectral=data.in_channels - (2 if coords else 0),
-                    seed=seed + 500_000,
-                    epochs=fit.best_epoch + 1,
-                    checkpoint=fold_dir / "checkpoint_refit.pt",
-                    resume=resume,
-                    centres=torch.from_numpy(chip_centres_km(folds.iloc[pool])).to(dev),
-                    echo=say,
-                    label=f"fold {k} refit on {pool.size} chips",
-                    restore_best=False,
-                )
-        outs, agbs = [], []
-        for xb, agb_b in data.test_blocks():
+                pool_src = data.source(pool, pool_mask)
+                pool_centres = torch.from_numpy(chip_centres_km(folds.iloc[pool])).to(dev)
+            for m in range(tcfg.ensemble):
+                suffix = f"_{m}" if m else ""
+                if tcfg.refit:  # a fresh model, the chosen number of epochs, on the pool
+                    m_seed = seed + 500_000 + 100_000 * m
+                    torch.manual_seed(m_seed)
+                    model = build_model(tcfg, data.in_channels, data.size_px).to(dev)
+                    fit_fold(
+                        model,
+                        pool_src,
+                        None,
+                        tcfg,
+                        n_spectral=n_spectral,
+                        seed=m_seed,
+                        epochs=fit.best_epoch + 1,
+                        checkpoint=fold_dir / f"checkpoint_refit{suffix}.pt",
+                        resume=resume,
+                        centres=pool_centres,
+                        echo=say,
+                        label=f"fold {k} refit{suffix} on {pool.size} chips",
+                        restore_best=False,
+                    )
+                    members.append(model)
+                elif m:  # another early-stopped model from another seed
+                    m_seed = seed + 100_000 * m
+                    torch.manual_seed(m_seed)
+                    model = build_model(tcfg, data.in_channels, data.size_px).to(dev)
+                    fit_fold(
+                        model,
+                        data.train_src,
+                        data.val_src,
+                        tcfg,
+                        n_spectral=n_spectral,
+                        seed=m_seed,
+                        epochs=epochs,
+                        checkpoint=fold_dir / f"checkpoint{suffix}.pt",
+                        resume=resume,
+                        centres=centres,
+                        echo=say,
+                        label=f"fold {k} member {m}",
+                    )
+                    members.append(model)
+        tta = tcfg.tta_rotations if tcfg.tta else 1
+
+        def cnn(xb: np.ndarray) -> np.ndarray:  # the members' mean, in Mg/ha
             x = torch.from_numpy(data.std.apply(xb)).to(dev)
-            outs.append(predict(model, x, tta=tcfg.tta_rotations if tcfg.tta else 1).cpu().numpy())
-            agbs.append(agb_b)
-        raw, agb_test = np.concatenate(outs), np.concatenate(agbs)
-        mg = data.target.decode(raw)
+            outs = [data.target.decode(predict(m, x, tta=tta).cpu().numpy()) for m in members]
+            return np.mean(outs, axis=0)
+
+        mg, agb_test = _in_test_order(data.test_blocks(), cnn)
         if tcfg.head == "dense":
             pix = np.where(np.isfinite(agb_test), mg, np.nan)
             chip_pred = np.nanmean(pix.reshape(len(pix), -1), axis=1)
@@ -393,19 +503,24 @@ def _train_fold(
             chip_pred = mg
             pix = np.broadcast_to(mg[:, None, None], agb_test.shape)
         preds[CNN] = (chip_pred, pix)
-        torch.save(
-            {
-                "state_dict": model.state_dict(),
-                "standardiser": data.std.to_dict(),
-                "target": data.target.to_dict(),
-                "in_channels": int(data.in_channels),
-                "size_px": int(data.size_px),
-                "bands": list(data.bands),
-                "train": tcfg.model_dump(mode="json"),
-                "fold": k,
-            },
-            fold_dir / "model.pt",
-        )
+        for stale in fold_dir.glob("model_*.pt"):  # of an earlier, larger ensemble
+            stale.unlink()
+        info["ensemble"] = len(members)
+        for m, member in enumerate(members):
+            torch.save(
+                {
+                    "state_dict": member.state_dict(),
+                    "standardiser": data.std.to_dict(),
+                    "target": data.target.to_dict(),
+                    "in_channels": int(data.in_channels),
+                    "size_px": int(data.size_px),
+                    "bands": list(data.bands),
+                    "train": tcfg.model_dump(mode="json"),
+                    "fold": k,
+                    "member": m,
+                },
+                fold_dir / (f"model_{m}.pt" if m else "model.pt"),
+            )
         info.update(
             best_epoch=fit.best_epoch,
             epochs_run=len(fit.history),
@@ -418,17 +533,15 @@ def _train_fold(
         from agbcube.train.baseline import fit_hgb_pixels, predict_hgb_pixels
 
         t1 = time.perf_counter()
-        fit_x, fit_agb = data.baseline_chips(pool, tcfg.hgb_max_pixels, tcfg.seed + k)
+        fit_x, fit_agb = data.baseline_chips(pool, pool_mask, tcfg.hgb_max_pixels, tcfg.seed + k)
         target = make_target(fit_agb, log=tcfg.log_target, per_chip=False)
         hgb = fit_hgb_pixels(
             fit_x, target, max_pixels=tcfg.hgb_max_pixels, random_state=tcfg.seed + k
         )
-        outs, agbs = [], []
         n_feat = len(data.bands)
-        for xb, agb_b in data.test_blocks():
-            outs.append(predict_hgb_pixels(hgb, xb[:, :n_feat]))
-            agbs.append(agb_b)
-        raw, agb_test = np.concatenate(outs), np.concatenate(agbs)
+        raw, agb_test = _in_test_order(
+            data.test_blocks(), lambda xb: predict_hgb_pixels(hgb, xb[:, :n_feat])
+        )
         mg = np.expm1(raw) if tcfg.log_target else raw
         pix = np.where(np.isfinite(agb_test), mg, np.nan)
         preds[HGB] = (np.nanmean(pix.reshape(len(pix), -1), axis=1), pix)
@@ -463,7 +576,20 @@ def _train_fold(
         )
     pd.concat(frames, ignore_index=True).to_parquet(fold_dir / "predictions.parquet", index=False)
     pd.concat(pixel_frames, ignore_index=True).to_parquet(fold_dir / "pixels.parquet", index=False)
+    if data.train_mask is not None:
+        info["min_label_distance_m"] = data.label_distance_m
     (fold_dir / "DONE").write_text(json.dumps(info, default=float))  # written last
+
+
+def _in_test_order(blocks: Any, fn: Callable[[np.ndarray], np.ndarray]) -> tuple[Any, Any]:
+    """``fn`` of each ``(inputs, agb, positions)`` block, outputs and AGB in test-chip order."""
+    outs, agbs, where = [], [], []
+    for xb, agb_b, pos in blocks:
+        outs.append(fn(xb))
+        agbs.append(agb_b)
+        where.append(pos)
+    order = np.argsort(np.concatenate(where), kind="stable")
+    return np.concatenate(outs)[order], np.concatenate(agbs)[order]
 
 
 def _metrics(
@@ -498,9 +624,12 @@ def _metrics(
 def _write_ensemble(out: Path, n_folds: int) -> None:
     import torch
 
-    members = [
-        torch.load(out / f"fold_{k}" / "model.pt", weights_only=False) for k in range(n_folds)
-    ]
+    members = []
+    for k in range(n_folds):
+        fold_dir = out / f"fold_{k}"
+        extra = sorted(fold_dir.glob("model_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+        for path in [fold_dir / "model.pt", *extra]:
+            members.append(torch.load(path, weights_only=False))
     with atomic_path(out / "ensemble.pt") as tmp:
         torch.save({"format": 1, "members": members}, tmp)
 
