@@ -593,6 +593,32 @@ def test_ensemble_averages_its_members(demo_config, demo_folds, demo_chips, tmp_
     np.testing.assert_allclose(got["agb_pred"].to_numpy(), expect, rtol=1e-5)
 
 
+def test_training_needs_no_gdal(demo_dir, demo_config, demo_folds, tmp_path):
+    """A GPU machine that only trains needs no rasterio, rioxarray or odc-geo (GDAL)."""
+    import subprocess
+    import sys
+
+    script = f"""
+import json, sys
+for name in ("rasterio", "rioxarray", "odc", "odc.geo", "osgeo", "pyogrio", "fiona"):
+    sys.modules[name] = None  # importing any of them fails
+from agbcube.config import load_config
+from agbcube.train import run_cv
+cfg = load_config({str(demo_dir / "demo.yaml")!r})
+train = cfg.train.model_copy(update=dict(
+    epochs=1, conv_channels=[4], fc_units=[4], head="dense", data_path="chunks",
+    label_buffer="pixel", coordinates="geographic", baseline="none"))
+m = run_cv(cfg.model_copy(update=dict(train=train)), output={str(tmp_path / "run")!r},
+           device="cpu", plots=False)
+print(json.dumps(m["run"]))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert '"data_path": "chunks"' in done.stdout
+
+
 def metrics_device_n_train(run, k):
     import json
 

@@ -122,12 +122,14 @@ def lonlat_of(x: np.ndarray, y: np.ndarray, crs: Any) -> np.ndarray:
 
 def _lonlat_grid(ds: xr.Dataset) -> np.ndarray:
     """(2, y, x) longitude/latitude of every pixel centre of a site's cube."""
-    return lonlat_of(ds["x"].values, ds["y"].values, ds.rio.crs)
+    from agbcube._store import cube_crs
+
+    return lonlat_of(ds["x"].values, ds["y"].values, cube_crs(ds))
 
 
 def chip_lonlat(store: str | Path, chips: pd.DataFrame, *, size_px: int) -> np.ndarray:
     """(n, 2, size, size) longitude/latitude of the chips' pixel centres (no data is read)."""
-    from agbcube.cube import open_cube
+    from agbcube._store import open_cube
 
     out = np.empty((len(chips), 2, size_px, size_px), np.float32)
     rows, cols = chips["row"].to_numpy(), chips["col"].to_numpy()
@@ -138,6 +140,12 @@ def chip_lonlat(store: str | Path, chips: pd.DataFrame, *, size_px: int) -> np.n
             r, c = int(rows[pos]), int(cols[pos])
             out[pos] = grid[:, r : r + size_px, c : c + size_px]
     return out
+
+
+def _crs_or_none(ds: xr.Dataset, wanted: bool) -> str | None:
+    from agbcube._store import cube_crs
+
+    return cube_crs(ds) if wanted else None
 
 
 def read_chips(
@@ -169,7 +177,7 @@ def read_chips(
     -------
     ChipSet
     """
-    from agbcube.cube import open_cube
+    from agbcube._store import open_cube
 
     n = len(chips)
     parts: dict[str, Any] = {}
@@ -429,7 +437,7 @@ class StreamingChips:
 
     def _site(self, site: str) -> tuple[Any, dict, np.ndarray]:
         if site not in self._open:
-            from agbcube.cube import open_cube
+            from agbcube._store import open_cube
 
             ds = _select_bands(open_cube(self.store, site)[["features", "agb"]], self.bands, site)
             bgen = chip_windows(ds, size_px=self.size_px, stride_px=self.stride_px)
@@ -613,7 +621,7 @@ class ChunkedChips:
         Bands are picked from each decompressed tile: a band selection on the lazy array
         would make Zarr gather orthogonally, 2-3x slower than reading the whole chunk.
         """
-        from agbcube.cube import open_cube
+        from agbcube._store import open_cube
 
         ds = open_cube(self.store, site, chunks=None)[["features", "agb"]]
         have = [str(b) for b in ds["band"].values]
@@ -636,7 +644,7 @@ class ChunkedChips:
             ds, band_index = self._open(site)
             plan = _SitePlan.make(ds, self, positions[sites == site])
             yield "site", plan
-            crs = ds.rio.crs if self.coordinates else None
+            crs = _crs_or_none(ds, self.coordinates)
             xs, ys = ds["x"].values, ds["y"].values
             for key in plan.tile_order:
                 ti, tj = divmod(int(key), plan.n_tj)

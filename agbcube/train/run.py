@@ -372,7 +372,7 @@ class _FoldData:
 
 
 def _cube_bands(config: Any) -> list[str]:
-    from agbcube.cube import cube_sites, open_cube
+    from agbcube._store import cube_sites, open_cube
 
     site = cube_sites(config.cube.output)[0]
     return [str(b) for b in open_cube(config.cube.output, site)["band"].values]
