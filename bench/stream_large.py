@@ -22,7 +22,8 @@ Steps, in one process:
    cube, a chip at a time) for ``--anchor-s`` seconds, as the anchor.
 
 Before steps 2-5 the OS page cache is dropped (``/proc/sys/vm/drop_caches``, needs root) so
-every step reads from disk; the JSON says whether that worked. Peak RSS is the process's.
+every step reads from disk; the JSON says whether that worked. Each step records the process's
+peak RSS while it ran (sampled every 20 ms); ``peak_rss_gb`` at the top level is the whole run's.
 
 Usage::
 
@@ -61,6 +62,29 @@ def drop_caches() -> bool:
 
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+class RssPeak:
+    """The process's peak RSS while a block runs (sampled every 20 ms from /proc)."""
+
+    def __enter__(self) -> RssPeak:
+        import threading
+
+        self.peak_gb, self._stop = 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        page = os.sysconf("SC_PAGE_SIZE")
+        while not self._stop.is_set():
+            rss = int(Path("/proc/self/statm").read_text().split()[1]) * page / 1e9
+            self.peak_gb = max(self.peak_gb, rss)
+            self._stop.wait(0.02)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def make_cube(src_store: Path, src_site: str, out: Path, px: int) -> None:
@@ -278,20 +302,30 @@ def main() -> None:
         "n_chips": len(chips),
     }
     out["caches_dropped"] = drop_caches()
-    out["sequential"] = sequential(store)
+    with RssPeak() as rss:
+        out["sequential"] = sequential(store)
+    out["sequential"]["peak_rss_gb"] = rss.peak_gb
     print("sequential", out["sequential"], flush=True)
     drop_caches()
-    out["read_stage"] = read_stage(store, chips, args.size)
+    with RssPeak() as rss:
+        out["read_stage"] = read_stage(store, chips, args.size)
+    out["read_stage"]["peak_rss_gb"] = rss.peak_gb
     out["read_stage"]["vs_sequential"] = (
         out["read_stage"]["gb_per_s"] / out["sequential"]["gb_per_s"]
     )
     print("read stage", out["read_stage"], flush=True)
     drop_caches()
-    out["chunks"] = agbcube_chunks(store, chips, args.size, args.batch, seed=0)
+    with RssPeak() as rss:
+        out["chunks"] = agbcube_chunks(store, chips, args.size, args.batch, seed=0)
+    out["chunks"]["peak_rss_gb"] = rss.peak_gb
     out["chunks"]["vs_sequential"] = out["chunks"]["gb_per_s"] / out["sequential"]["gb_per_s"]
     print("chunks", out["chunks"], flush=True)
     drop_caches()
-    out["xbatcher_stream"] = xbatcher_anchor(store, chips, args.size, args.stride, args.anchor_s)
+    with RssPeak() as rss:
+        out["xbatcher_stream"] = xbatcher_anchor(
+            store, chips, args.size, args.stride, args.anchor_s
+        )
+    out["xbatcher_stream"]["peak_rss_gb"] = rss.peak_gb
     print("xbatcher", out["xbatcher_stream"], flush=True)
     out["peak_rss_gb"] = peak_rss_gb()
     args.results.parent.mkdir(parents=True, exist_ok=True)
