@@ -543,15 +543,17 @@ def make_target(agb: np.ndarray, *, log: bool, per_chip: bool) -> np.ndarray:
 class ChunkedChips:
     """A fold's chips read from the cube chunk by chunk: for cubes larger than memory.
 
-    Each pass visits, site by site and in raster order, the chunk tiles that hold the chips
-    asked for, decompressing every tile once: the tiles of the current and the next tile row
-    stay cached, for chips that straddle tile edges, and nothing else is held. All chips of a
-    tile are cut in one vectorised gather. A background thread reads ahead while the caller
-    trains (Zarr's decompression releases the GIL).
+    Each pass reads, site by site and in raster order, the chunk tiles that the chips asked
+    for touch, decompressing every tile once (a reader thread reads ahead while the caller
+    trains). A chip is cut, with one slice copy per tile it spans, once its last tile (in
+    raster order) has arrived, and a tile is released once its last chip is cut: what is held
+    is about two tile rows (chips straddling a row wait for the next) plus the shuffle buffer.
 
-    Training batches mix the chips of consecutive tiles: the chips read are shuffled within a
-    buffer of ``shuffle_chips`` (sites are visited in a random order) rather than over the whole
-    fold, the usual trade of out-of-core training. The device-resident path shuffles fully.
+    Training batches mix the chips of nearby tiles: each chip gets a random priority within
+    ``shuffle_chips`` arrivals and batches take the lowest (sites are visited in a random
+    order), rather than shuffling the whole fold, the usual trade of out-of-core training. The
+    device-resident path shuffles fully. On 2 cores the reads run at the store's sequential
+    rate and the cutting, standardising and augmenting halve it (BENCHMARKS.md).
 
     Parameters
     ----------
