@@ -266,7 +266,7 @@ class _FoldData:
             inputs = model_inputs(chips, coordinates=coords)
 
             def target_of(idx: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-                agb = chips.agb[idx] if mask is None else np.where(mask, chips.agb[idx], np.nan)
+                agb = self._labels(idx, mask)
                 return make_target(agb, log=tcfg.log_target, per_chip=not dense)
 
             self.target = TargetTransform.fit(
@@ -354,13 +354,17 @@ class _FoldData:
         self.label_distance_m = min(self.label_distance_m, distance)
         return pos, mask
 
+    def _labels(self, idx: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+        """AGB of the in-memory chips at ``idx``, NaN where ``mask`` hides the label."""
+        agb = self.chips.agb[idx]
+        return agb if mask is None else np.where(mask, agb, np.nan)
+
     def baseline_chips(
         self, idx: np.ndarray, mask: np.ndarray | None, max_pixels: int, seed: int
     ) -> tuple[Any, Any]:
         """Raw features and AGB of the chips at ``idx`` (a subsample when streaming)."""
         if self.chips is not None:
-            agb = self.chips.agb[idx]
-            return self.chips.x[idx], agb if mask is None else np.where(mask, agb, np.nan)
+            return self.chips.x[idx], self._labels(idx, mask)
         per_chip = self.config.chips.size**2
         n = min(idx.size, int(np.ceil(1.5 * max_pixels / per_chip)))
         pick = np.sort(np.random.default_rng(seed).choice(idx.size, size=n, replace=False))
@@ -424,70 +428,66 @@ def _train_fold(
         seed = tcfg.seed * 1000 + k
         n_spectral = data.in_channels - (2 if coords else 0)
         members = []
-        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-            torch.manual_seed(seed)
+
+        def train_model(m_seed: int, src: Any, val: Any, n_epochs: int | None, **kw: Any) -> Any:
+            """A fresh model initialised under ``m_seed`` and fitted: ``(model, fit)``."""
+            torch.manual_seed(m_seed)
             model = build_model(tcfg, data.in_channels, data.size_px).to(dev)
-            fit = fit_fold(
+            fitted = fit_fold(
                 model,
-                data.train_src,
-                data.val_src,
+                src,
+                val,
                 tcfg,
                 n_spectral=n_spectral,
-                seed=seed,
-                epochs=epochs,
-                checkpoint=fold_dir / "checkpoint.pt",
+                seed=m_seed,
+                epochs=n_epochs,
                 resume=resume,
-                centres=centres,
                 echo=say,
+                **kw,
+            )
+            return model, fitted
+
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            model, fit = train_model(
+                seed,
+                data.train_src,
+                data.val_src,
+                epochs,
+                checkpoint=fold_dir / "checkpoint.pt",
+                centres=centres,
                 label=f"fold {k}",
             )
-            if not tcfg.refit:
-                members.append(model)
             if tcfg.refit:
                 info.update(n_refit=int(pool.size), refit_epochs=fit.best_epoch + 1)
                 pool_src = data.source(pool, pool_mask)
                 pool_centres = torch.from_numpy(chip_centres_km(folds.iloc[pool])).to(dev)
+            else:
+                members.append(model)
             for m in range(tcfg.ensemble):
                 suffix = f"_{m}" if m else ""
                 if tcfg.refit:  # a fresh model, the chosen number of epochs, on the pool
-                    m_seed = seed + 500_000 + 100_000 * m
-                    torch.manual_seed(m_seed)
-                    model = build_model(tcfg, data.in_channels, data.size_px).to(dev)
-                    fit_fold(
-                        model,
+                    member, _ = train_model(
+                        seed + 500_000 + 100_000 * m,
                         pool_src,
                         None,
-                        tcfg,
-                        n_spectral=n_spectral,
-                        seed=m_seed,
-                        epochs=fit.best_epoch + 1,
+                        fit.best_epoch + 1,
                         checkpoint=fold_dir / f"checkpoint_refit{suffix}.pt",
-                        resume=resume,
                         centres=pool_centres,
-                        echo=say,
                         label=f"fold {k} refit{suffix} on {pool.size} chips",
                         restore_best=False,
                     )
-                    members.append(model)
+                    members.append(member)
                 elif m:  # another early-stopped model from another seed
-                    m_seed = seed + 100_000 * m
-                    torch.manual_seed(m_seed)
-                    model = build_model(tcfg, data.in_channels, data.size_px).to(dev)
-                    fit_fold(
-                        model,
+                    member, _ = train_model(
+                        seed + 100_000 * m,
                         data.train_src,
                         data.val_src,
-                        tcfg,
-                        n_spectral=n_spectral,
-                        seed=m_seed,
-                        epochs=epochs,
+                        epochs,
                         checkpoint=fold_dir / f"checkpoint{suffix}.pt",
-                        resume=resume,
                         centres=centres,
-                        echo=say,
                         label=f"fold {k} member {m}",
                     )
-                    members.append(model)
+                    members.append(member)
         tta = tcfg.tta_rotations if tcfg.tta else 1
 
         def cnn(xb: np.ndarray) -> np.ndarray:  # the members' mean, in Mg/ha
