@@ -5,26 +5,16 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 # Names are imported on first use (PEP 562), so that ``import agbcube.train`` pulls in only what
-# training needs: no rasterio/GDAL, odc-geo or dask.distributed on a GPU machine that only trains.
+# training needs: no rasterio/GDAL or odc-geo on a GPU machine that only trains.
+from agbcube import errors as _errors  # light: no third-party imports
+
 _EXPORTS = {
     "agbcube.bands": ("BAND_PRESETS", "resolve_band_names"),
     "agbcube.chips": ("make_chips",),
     "agbcube.config": ("Config", "config_reference", "load_config", "parse_config"),
     "agbcube.cube": ("build_cube", "build_site_cube"),
     "agbcube._store": ("cube_sites", "open_cube", "open_cube_tree"),
-    "agbcube.errors": (
-        "AgbcubeError",
-        "BandError",
-        "ConfigError",
-        "CubeError",
-        "FoldError",
-        "GridError",
-        "InputFileError",
-        "MissingCRSError",
-        "NoOverlapError",
-        "OutputLockedError",
-        "TrainingError",
-    ),
+    "agbcube.errors": tuple(_errors.__all__),
     "agbcube.folds": (
         "HybridSiteSpatialKFold",
         "estimate_range_m",
@@ -55,41 +45,4 @@ def __dir__() -> list[str]:
 
 # Training lives in `agbcube.train` (it imports torch; `import agbcube` does not).
 
-__all__ = [
-    "BAND_PRESETS",
-    "AgbcubeError",
-    "BandError",
-    "Config",
-    "ConfigError",
-    "CubeError",
-    "FoldError",
-    "GridError",
-    "HybridSiteSpatialKFold",
-    "InputFileError",
-    "MissingCRSError",
-    "NoOverlapError",
-    "OutputLockedError",
-    "TrainingError",
-    "__version__",
-    "build_cube",
-    "build_site_cube",
-    "chips_to_dataarray",
-    "compute_indices",
-    "config_reference",
-    "cube_sites",
-    "estimate_range_m",
-    "leakage_audit",
-    "load_config",
-    "make_chips",
-    "make_folds",
-    "open_cube",
-    "open_cube_tree",
-    "parse_config",
-    "plan_indices",
-    "predict_run",
-    "predict_site",
-    "read_folds",
-    "resolve_band_names",
-    "write_folds",
-    "write_maps",
-]
+__all__ = ["__version__", *sorted(_MODULE_OF)]
