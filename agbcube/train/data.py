@@ -142,12 +142,6 @@ def chip_lonlat(store: str | Path, chips: pd.DataFrame, *, size_px: int) -> np.n
     return out
 
 
-def _crs_or_none(ds: xr.Dataset, wanted: bool) -> str | None:
-    from agbcube._store import cube_crs
-
-    return cube_crs(ds) if wanted else None
-
-
 def read_chips(
     store: str | Path,
     chips: pd.DataFrame,
@@ -641,12 +635,14 @@ class ChunkedChips:
         Each tile is ``("tile", (key, features, agb))``, decompressed once, in raster order of
         the tiles the chips touch (bands picked from the tile, lon/lat appended when asked).
         """
+        from agbcube._store import cube_crs
+
         sites = self.sites[positions]
         for site in site_order if site_order is not None else pd.unique(sites):
             ds, band_index = self._open(site)
             plan = _SitePlan.make(ds, self, positions[sites == site])
             yield "site", plan
-            crs = _crs_or_none(ds, self.coordinates)
+            crs = cube_crs(ds) if self.coordinates else None
             xs, ys = ds["x"].values, ds["y"].values
             for key in plan.tile_order:
                 ti, tj = divmod(int(key), plan.n_tj)
