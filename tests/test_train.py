@@ -470,6 +470,14 @@ def test_run_cv_writes_every_output(demo_config, demo_folds, tmp_path):
         assert set(np.unique(src.read(1))) <= {0, 1, 255}
 
 
+def _small(demo_config, **train):
+    """The demo config with a small dense model, refit on, and these train settings."""
+    settings = {"epochs": 2, "conv_channels": [8], "fc_units": [8], "head": "dense", "refit": True}
+    return demo_config.model_copy(
+        update={"train": demo_config.train.model_copy(update={**settings, **train})}
+    )
+
+
 @pytest.mark.parametrize("label_buffer", ["chip", "pixel"])
 def test_streamed_and_device_resident_runs_give_the_same_results(
     demo_config, demo_folds, tmp_path, label_buffer
@@ -477,22 +485,8 @@ def test_streamed_and_device_resident_runs_give_the_same_results(
     from agbcube.train import run_cv
 
     def cfg(path: str):
-        return demo_config.model_copy(
-            update={
-                "train": demo_config.train.model_copy(
-                    update={
-                        "epochs": 2,
-                        "conv_channels": [8],
-                        "fc_units": [8],
-                        "baseline": "none",
-                        "data_path": path,
-                        "num_workers": 0,
-                        "head": "dense",
-                        "refit": True,
-                        "label_buffer": label_buffer,
-                    }
-                )
-            }
+        return _small(
+            demo_config, baseline="none", data_path=path, num_workers=0, label_buffer=label_buffer
         )
 
     metrics = run_cv(cfg("device"), output=tmp_path / "d", device="cpu", plots=False)
@@ -524,22 +518,7 @@ def test_chunked_run_predicts_every_test_chip_in_order(demo_config, demo_folds, 
     from agbcube.train import run_cv
 
     def cfg(path: str):
-        return demo_config.model_copy(
-            update={
-                "train": demo_config.train.model_copy(
-                    update={
-                        "epochs": 2,
-                        "conv_channels": [8],
-                        "fc_units": [8],
-                        "data_path": path,
-                        "head": "dense",
-                        "label_buffer": "pixel",
-                        "refit": True,
-                        "shuffle_chips": 32,
-                    }
-                )
-            }
-        )
+        return _small(demo_config, data_path=path, label_buffer="pixel", shuffle_chips=32)
 
     metrics = run_cv(cfg("chunks"), output=tmp_path / "c", device="cpu", plots=False)
     run_cv(cfg("device"), output=tmp_path / "d", device="cpu", plots=False)
@@ -561,18 +540,8 @@ def test_ensemble_averages_its_members(demo_config, demo_folds, demo_chips, tmp_
     from agbcube.train.loop import predict
     from agbcube.train.run import load_ensemble
 
-    train = demo_config.train.model_copy(
-        update={
-            "epochs": 1,
-            "conv_channels": [8],
-            "baseline": "none",
-            "head": "dense",
-            "refit": True,
-            "ensemble": 2,
-            "tta": False,
-        }
-    )
-    cfg = demo_config.model_copy(update={"train": train})
+    cfg = _small(demo_config, epochs=1, baseline="none", ensemble=2, tta=False)
+    train = cfg.train
     metrics = run_cv(cfg, output=tmp_path / "e", device="cpu", plots=False)
     n_folds = len(metrics["folds"])
     assert all(info["ensemble"] == 2 for info in metrics["folds"].values())
