@@ -267,6 +267,14 @@ class TrainConfig(_Section):
         "the pixels of buffer-ring chips whose centres lie beyond the buffer (their nearer "
         "pixels masked; features stay inputs, as when predicting).",
     )
+    context_px: int = Field(
+        default=0,
+        ge=0,
+        le=64,
+        description="Dense head: feature pixels read around every chip on each side, so its edge "
+        "pixels see their real neighbours (as in a map) rather than padding; inputs only, their "
+        "AGB is never a label. The conv stack's reach (one pixel per block) is enough.",
+    )
     tta: bool = Field(default=True, description="Test-time augmentation.")
     tta_rotations: int = Field(default=4, ge=1, le=8, description="Dihedral transforms averaged.")
     hgb_max_pixels: int = Field(
@@ -298,6 +306,15 @@ class TrainConfig(_Section):
     @classmethod
     def _resolve_output(cls, value: Path, info: ValidationInfo) -> Path:
         return _resolve(value, info)
+
+    @model_validator(mode="after")
+    def _context_needs_dense(self) -> TrainConfig:
+        if self.context_px and self.model == "cnn-coordinate" and self.head != "dense":
+            raise ValueError(
+                f"context_px: {self.context_px} needs head: dense (a chip head maps a fixed-size "
+                "chip to one value); set context_px: 0 or head: dense"
+            )
+        return self
 
 
 class Config(_Section):

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from agbcube.cube import open_cube
+from agbcube._store import open_cube
 from agbcube.train.data import DeviceChips, Standardiser, chip_windows
 from agbcube.train.model import draw_augmentation
 
@@ -145,6 +145,19 @@ def main() -> None:
     sec, n = timed(lambda: agbcube_epoch(True))
     results[f"agbcube gather + augmentation ({device.type})"] = rate(n, sec)
 
+    if device.type == "cuda":  # the GPU's own limit: device-to-device copy of pre-cut chips
+        src = torch.from_numpy(many).to(device)
+        dst_gpu = torch.empty_like(src)
+
+        def d2d() -> int:
+            dst_gpu.copy_(src)
+            torch.cuda.synchronize()
+            return len(src)
+
+        sec, n = timed(d2d)
+        results["device-to-device copy of pre-cut chips (GPU limit)"] = rate(n, sec)
+        gpu_limit = results["device-to-device copy of pre-cut chips (GPU limit)"]
+        gpu_share = {k: v / gpu_limit for k, v in results.items() if k.startswith("agbcube")}
     limit = results["memcpy of pre-cut chips (limit)"]
     in_ram = results["xbatcher BatchGenerator, in RAM"]
     report = {
@@ -158,6 +171,9 @@ def main() -> None:
         "share_of_memcpy": {k: v / limit for k, v in results.items()},
         "times_xbatcher_in_ram": {k: v / in_ram for k, v in results.items()},
     }
+    if device.type == "cuda":
+        report["share_of_gpu_copy"] = gpu_share
+        report["gpu_copy_GB_per_s"] = 2 * gpu_limit * bytes_per_chip / 1e9  # read + write
     out = ROOT / "bench" / "results" / f"streaming_{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))

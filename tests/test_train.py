@@ -69,6 +69,80 @@ def test_read_chips_matches_cube_windows(demo_config, demo_folds, demo_chips):
     )
 
 
+@pytest.fixture(scope="module")
+def demo_context_chips(demo_config, demo_folds):
+    return read_chips(
+        demo_config.cube.output,
+        demo_folds,
+        size_px=demo_config.chips.size,
+        stride_px=_stride(demo_config),
+        context_px=5,
+    )
+
+
+def _window(a: np.ndarray, r: int, c: int, s: int) -> np.ndarray:
+    """``a[..., r:r+s, c:c+s]`` with NaN where the window leaves ``a`` (r, c may be < 0)."""
+    out = np.full((*a.shape[:-2], s, s), np.nan, np.float32)
+    ya, yb = max(r, 0), min(r + s, a.shape[-2])
+    xa, xb = max(c, 0), min(c + s, a.shape[-1])
+    out[..., ya - r : yb - r, xa - c : xb - c] = a[..., ya:yb, xa:xb]
+    return out
+
+
+def test_context_windows_hold_features_around_the_chip_and_no_labels(
+    demo_config, demo_folds, demo_chips, demo_context_chips
+):
+    from agbcube.cube import open_cube
+
+    size, m = demo_config.chips.size, 5
+    ctx = demo_context_chips
+    assert ctx.x.shape[-2:] == (size + 2 * m,) * 2 and ctx.margin == m
+    # the chip itself is unchanged, its AGB too; the margin's AGB is never a label
+    np.testing.assert_array_equal(ctx.x[..., m:-m, m:-m], demo_chips.x)
+    np.testing.assert_array_equal(ctx.agb[..., m:-m, m:-m], demo_chips.agb)
+    assert np.isnan(ctx.agb[..., :m, :]).all() and np.isnan(ctx.agb[..., :, -m:]).all()
+    edge = np.flatnonzero((demo_folds.row.to_numpy() == 0) | (demo_folds.col.to_numpy() == 0))
+    assert edge.size  # some chips touch the site's edge: their context there is NaN
+    for i in (0, *edge[:2], len(demo_folds) - 1):
+        row = demo_folds.iloc[i]
+        ds = open_cube(demo_config.cube.output, row.site)
+        want = _window(ds.features.values, int(row.row) - m, int(row.col) - m, size + 2 * m)
+        np.testing.assert_array_equal(ctx.x[i], want)
+        # lon/lat of the window's pixels, NaN beyond the site like every input
+        lon = np.broadcast_to(ds.x.values, ds.agb.shape)
+        want = _window(lon, int(row.row) - m, int(row.col) - m, size + 2 * m)
+        np.testing.assert_allclose(ctx.lonlat[i, 0], want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("path", ["stream", "chunks"])
+def test_out_of_core_paths_cut_the_same_context_windows(
+    demo_config, demo_folds, demo_context_chips, small_chunk_cube, path
+):
+    from agbcube.train.data import ChunkedChips
+
+    idx = np.arange(len(demo_folds))
+    mask = np.random.default_rng(3).random((idx.size, 16, 16)) > 0.3
+    common = {
+        "size_px": demo_config.chips.size,
+        "standardiser": None,
+        "coordinates": True,
+        "log_target": True,
+        "label_mask": mask,
+        "context_px": 5,
+    }
+    if path == "chunks":  # 20-px tiles: windows span up to three tiles a side, or leave the site
+        ds = ChunkedChips(small_chunk_cube, demo_folds, **common)
+    else:
+        ds = StreamingChips(
+            demo_config.cube.output, demo_folds, stride_px=_stride(demo_config), **common
+        )
+    got_x, got_a, got_p = (np.concatenate(v) for v in zip(*ds.blocks(), strict=True))
+    ctx = demo_context_chips
+    np.testing.assert_array_equal(got_x, model_inputs(ctx, coordinates=True)[got_p])
+    labels = np.where(np.pad(mask, ((0, 0), (5, 5), (5, 5))), ctx.agb, np.nan)
+    np.testing.assert_array_equal(got_a, labels[got_p])
+
+
 def test_standardiser_uses_training_chips_and_imputes(rng):
     x = rng.normal(5, 2, (10, 3, 4, 4)).astype("float32")
     x[0, 1, 0, 0] = np.nan
@@ -514,11 +588,20 @@ def test_streamed_and_device_resident_runs_give_the_same_results(
         assert torch.equal(t, wb["state_dict"][name]), name
 
 
-def test_chunked_run_predicts_every_test_chip_in_order(demo_config, demo_folds, tmp_path):
+@pytest.mark.parametrize("context_px", [0, 3])
+def test_chunked_run_predicts_every_test_chip_in_order(
+    demo_config, demo_folds, tmp_path, context_px
+):
     from agbcube.train import run_cv
 
     def cfg(path: str):
-        return _small(demo_config, data_path=path, label_buffer="pixel", shuffle_chips=32)
+        return _small(
+            demo_config,
+            data_path=path,
+            label_buffer="pixel",
+            shuffle_chips=32,
+            context_px=context_px,
+        )
 
     metrics = run_cv(cfg("chunks"), output=tmp_path / "c", device="cpu", plots=False)
     run_cv(cfg("device"), output=tmp_path / "d", device="cpu", plots=False)
@@ -533,6 +616,14 @@ def test_chunked_run_predicts_every_test_chip_in_order(demo_config, demo_folds, 
     for k, info in metrics["folds"].items():
         assert info["data_path"] == "chunks"
         assert info["n_train"] == metrics_device_n_train(tmp_path / "d", k)
+        # the model sees the chip and its context; only the chip's pixels are scored
+        model = torch.load(tmp_path / "c" / f"fold_{k}" / "model.pt", weights_only=False)
+        assert model["size_px"] == demo_config.chips.size + 2 * context_px
+        assert model["context_px"] == context_px
+        pixels = pd.read_parquet(tmp_path / "c" / f"fold_{k}" / "pixels.parquet")
+        test = demo_folds[f"role_{k}"] == "test"
+        n_valid = np.rint(demo_folds.loc[test, "valid_fraction"] * demo_config.chips.size**2)
+        assert len(pixels) == 2 * int(n_valid.sum())  # the CNN's and the baseline's
 
 
 def test_ensemble_averages_its_members(demo_config, demo_folds, demo_chips, tmp_path):

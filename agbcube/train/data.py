@@ -46,19 +46,23 @@ class ChipSet:
 
     Attributes
     ----------
-    x : np.ndarray, (n, band, size, size) float32
-        Features, NaN where missing.
-    agb : np.ndarray, (n, size, size) float32
-        AGB in Mg/ha, NaN where missing.
-    lonlat : np.ndarray, (n, 2, size, size) float32
-        Longitude and latitude of every pixel centre.
+    x : np.ndarray, (n, band, w, w) float32
+        Features of each chip's window (the chip and ``margin`` pixels around it, NaN beyond
+        the site's edge), NaN where missing.
+    agb : np.ndarray, (n, w, w) float32
+        AGB in Mg/ha of the chip's own pixels, NaN where missing and in the margin.
+    lonlat : np.ndarray, (n, 2, w, w) float32
+        Longitude and latitude of every pixel centre of the window.
     bands : list of str
+    margin : int
+        Context pixels on each side of the chip (``train.context_px``); ``w = size + 2·margin``.
     """
 
     x: np.ndarray
     agb: np.ndarray
     lonlat: np.ndarray
     bands: list[str]
+    margin: int = 0
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -88,6 +92,34 @@ def chip_windows(ds: xr.Dataset, *, size_px: int, stride_px: int) -> Any:
         input_overlap={"y": size_px - stride_px, "x": size_px - stride_px},
         preload_batch=True,
     )
+
+
+def with_margin(ds: xr.Dataset, margin: int) -> xr.Dataset:
+    """A site's cube with ``margin`` NaN pixels around it, its x/y coordinates extended on the
+    grid's own spacing.
+
+    Windows of ``size + 2·margin`` on the chip grid of the padded cube then start at the same
+    offsets as the chips of the original one, each holding a chip and its context.
+    """
+    if not margin:
+        return ds
+    out = ds.pad(x=margin, y=margin, constant_values=np.nan)
+    ramp = np.arange(1, margin + 1)
+    for dim in ("x", "y"):
+        v = ds[dim].values.astype(np.float64)
+        step = v[1] - v[0] if v.size > 1 else 1.0
+        out = out.assign_coords(
+            {dim: np.concatenate([v[0] - step * ramp[::-1], v, v[-1] + step * ramp])}
+        )
+    return out
+
+
+def context_mask(mask: np.ndarray | None, margin: int, size_px: int) -> np.ndarray:
+    """Where a window's AGB may be a label: the chip's pixels that ``mask`` (``(..., size,
+    size)``, default all) allows, never the margin. Shape ``(..., size + 2m, size + 2m)``."""
+    core = np.ones((size_px, size_px), bool) if mask is None else np.asarray(mask, bool)
+    pad = [(0, 0)] * (core.ndim - 2) + [(margin, margin), (margin, margin)]
+    return np.pad(core, pad, constant_values=False) if margin else core
 
 
 def _patch_index(bgen: Any, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
@@ -120,11 +152,15 @@ def lonlat_of(x: np.ndarray, y: np.ndarray, crs: Any) -> np.ndarray:
     return np.stack([lon, lat]).astype(np.float32)
 
 
-def _lonlat_grid(ds: xr.Dataset) -> np.ndarray:
-    """(2, y, x) longitude/latitude of every pixel centre of a site's cube."""
+def _lonlat_grid(ds: xr.Dataset, margin: int = 0) -> np.ndarray:
+    """(2, y, x) longitude/latitude of every pixel centre of a site's cube, with ``margin``
+    NaN pixels around it (beyond the site every input is missing, coordinates too)."""
     from agbcube._store import cube_crs
 
-    return lonlat_of(ds["x"].values, ds["y"].values, cube_crs(ds))
+    grid = lonlat_of(ds["x"].values, ds["y"].values, cube_crs(ds))
+    if not margin:
+        return grid
+    return np.pad(grid, ((0, 0), (margin, margin), (margin, margin)), constant_values=np.nan)
 
 
 def chip_lonlat(store: str | Path, chips: pd.DataFrame, *, size_px: int) -> np.ndarray:
@@ -149,6 +185,7 @@ def read_chips(
     size_px: int,
     stride_px: int,
     bands: Sequence[str] | None = None,
+    context_px: int = 0,
     load_limit_bytes: float = 4e9,
 ) -> ChipSet:
     """Read chips from a cube with xbatcher, in the order of ``chips``.
@@ -163,6 +200,9 @@ def read_chips(
         Chip size and grid stride (from the chips settings the folds were made with).
     bands : list of str, optional
         Feature bands to keep (default all).
+    context_px : int
+        Features read around every chip on each side (NaN beyond the site's edge); the AGB
+        there stays NaN: context is input, never label.
     load_limit_bytes : float
         A site whose cube is smaller is read whole first (one sequential read), so xbatcher
         slices memory instead of issuing a small read per chip.
@@ -174,7 +214,8 @@ def read_chips(
     from agbcube._store import open_cube
 
     n = len(chips)
-    parts: dict[str, Any] = {}
+    window = size_px + 2 * context_px
+    core = context_mask(None, context_px, size_px)
     out_x = out_agb = out_ll = None
     names: list[str] = []
     positions = np.arange(n)
@@ -187,22 +228,22 @@ def read_chips(
         names = [str(b) for b in ds["band"].values]
         if ds.nbytes <= load_limit_bytes:
             ds = ds.load()
-        bgen = chip_windows(ds, size_px=size_px, stride_px=stride_px)
+        lonlat = _lonlat_grid(ds, context_px)
+        ds = with_margin(ds, context_px)
+        bgen = chip_windows(ds, size_px=window, stride_px=stride_px)
         index = _patch_index(bgen, chips["row"].to_numpy()[mask], chips["col"].to_numpy()[mask])
-        lonlat = _lonlat_grid(ds)
         if out_x is None:
-            out_x = np.empty((n, len(names), size_px, size_px), np.float32)
-            out_agb = np.empty((n, size_px, size_px), np.float32)
-            out_ll = np.empty((n, 2, size_px, size_px), np.float32)
+            out_x = np.empty((n, len(names), window, window), np.float32)
+            out_agb = np.empty((n, window, window), np.float32)
+            out_ll = np.empty((n, 2, window, window), np.float32)
         for pos, i in zip(positions[mask], index, strict=True):
             patch = bgen[int(i)]
             out_x[pos] = patch["features"].values
-            out_agb[pos] = patch["agb"].values
+            out_agb[pos] = np.where(core, patch["agb"].values, np.float32(np.nan))
             sel = bgen._batch_selectors.selectors[int(i)][0]
             out_ll[pos] = lonlat[:, sel["y"], sel["x"]]
-        parts[site] = int(mask.sum())
     assert out_x is not None and out_agb is not None and out_ll is not None
-    return ChipSet(out_x, out_agb, out_ll, names)
+    return ChipSet(out_x, out_agb, out_ll, names, context_px)
 
 
 @dataclass
@@ -393,7 +434,8 @@ class StreamingChips:
     """A torch ``Dataset`` of chips read lazily from the cube with xbatcher (out of core).
 
     Items are ``(inputs, target)`` numpy arrays, standardised like :class:`DeviceChips`.
-    ``label_mask`` (n, h, w), when given, hides the AGB of the pixels it leaves False.
+    ``label_mask`` (n, size, size), when given, hides the AGB of the pixels it leaves False.
+    ``context_px`` widens every window by that many feature pixels on each side (AGB NaN there).
     Each worker opens the store itself; dask runs synchronously inside workers so that
     threads × processes do not oversubscribe the cores.
     """
@@ -412,6 +454,7 @@ class StreamingChips:
         bands: Sequence[str] | None = None,
         target_transform: TargetTransform | None = None,
         label_mask: np.ndarray | None = None,
+        context_px: int = 0,
     ) -> None:
         self.store = str(store)
         self.label_mask = label_mask
@@ -419,6 +462,8 @@ class StreamingChips:
         self.rows = chips["row"].to_numpy()
         self.cols = chips["col"].to_numpy()
         self.size_px, self.stride_px = size_px, stride_px
+        self.margin = context_px
+        self._core = context_mask(None, context_px, size_px)
         self.standardiser = standardiser
         self.coordinates, self.log_target = coordinates, log_target
         self.chip_target = chip_target
@@ -434,12 +479,16 @@ class StreamingChips:
             from agbcube._store import open_cube
 
             ds = _select_bands(open_cube(self.store, site)[["features", "agb"]], self.bands, site)
-            bgen = chip_windows(ds, size_px=self.size_px, stride_px=self.stride_px)
+            lonlat = _lonlat_grid(ds, self.margin)
+            ds = with_margin(ds, self.margin)
+            bgen = chip_windows(
+                ds, size_px=self.size_px + 2 * self.margin, stride_px=self.stride_px
+            )
             starts = {
                 (s[0]["y"].start, s[0]["x"].start): i
                 for i, s in bgen._batch_selectors.selectors.items()
             }
-            self._open[site] = (bgen, starts, _lonlat_grid(ds))
+            self._open[site] = (bgen, starts, lonlat)
         return self._open[site]
 
     def raw(self, i: int) -> tuple[np.ndarray, np.ndarray]:
@@ -455,9 +504,12 @@ class StreamingChips:
             sel = bgen._batch_selectors.selectors[k][0]
             x = np.concatenate([x, lonlat[:, sel["y"], sel["x"]]], axis=0)
         agb = patch["agb"].values
-        if self.label_mask is not None:
-            agb = np.where(self.label_mask[i], agb, np.float32(np.nan))
-        return x, agb
+        keep = (
+            self._core
+            if self.label_mask is None
+            else context_mask(self.label_mask[i], self.margin, self.size_px)
+        )
+        return x, np.where(keep, agb, np.float32(np.nan))
 
     def blocks(self, block: int = 256) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """All chips in order, ``block`` at a time: ``(inputs, agb, positions)`` stacks."""
@@ -566,8 +618,11 @@ class ChunkedChips:
     bands : list of str, optional
         Feature bands (default all, in the first site's order).
     target_transform : TargetTransform, optional
-    label_mask : np.ndarray of bool, (n, h, w), optional
+    label_mask : np.ndarray of bool, (n, size, size), optional
         AGB is hidden (NaN) where False.
+    context_px : int
+        Feature pixels cut around every chip on each side (NaN beyond the site's edge; AGB NaN
+        in that margin).
     device : torch.device or str
         Where :meth:`iterate` delivers batches.
     shuffle_chips : int
@@ -589,6 +644,7 @@ class ChunkedChips:
         bands: Sequence[str] | None = None,
         target_transform: TargetTransform | None = None,
         label_mask: np.ndarray | None = None,
+        context_px: int = 0,
         device: Any = "cpu",
         shuffle_chips: int = 2048,
         prefetch: int = 4,
@@ -604,6 +660,7 @@ class ChunkedChips:
         self.coordinates, self.log_target, self.chip_target = coordinates, log_target, chip_target
         self.bands = list(bands) if bands is not None else None
         self.label_mask = label_mask
+        self.margin = context_px
         self.device = torch.device(device)
         self.shuffle_chips, self.prefetch = max(1, shuffle_chips), max(1, prefetch)
         self.tiles_read = 0  # decompressed tiles, over the object's life (for benchmarks)
@@ -673,28 +730,28 @@ class ChunkedChips:
 
         from agbcube.train.model import dihedral
 
-        s = self.size_px
+        s = plan.window
         n_in = next(iter(tiles.values()))[0].shape[0]
         x = torch.empty((len(chips), n_in, s, s))
         agb = torch.empty((len(chips), s, s))
         pos = plan.positions[chips]
-        masks = None if self.label_mask is None else torch.from_numpy(self.label_mask[pos])
+        core = None if self.label_mask is None else self.label_mask[pos]
+        masks = torch.from_numpy(context_mask(core, self.margin, self.size_px))
+        masks = masks.expand(len(chips), s, s)
         nan = torch.tensor(float("nan"))
         turns = np.zeros(len(chips), np.int64) if transform is None else np.asarray(transform)
         for i, j in enumerate(chips):
-            r, c = int(plan.rows[j]), int(plan.cols[j])
-            spans = [
-                (ti, tj)
-                for ti in range(r // plan.th, (r + s - 1) // plan.th + 1)
-                for tj in range(c // plan.tw, (c + s - 1) // plan.tw + 1)
-            ]
-            if len(spans) == 1:  # inside one tile: a view of it
+            r, c = int(plan.rows[j]), int(plan.cols[j])  # the window's corner (may be < 0)
+            spans = plan.spans(r, c)
+            inside = r >= 0 and c >= 0 and r + s <= plan.n_y and c + s <= plan.n_x
+            if len(spans) == 1 and inside:  # inside one tile: a view of it
                 ti, tj = spans[0]
                 tx, ta = tiles[ti * plan.n_tj + tj]
                 y0, x0 = r - ti * plan.th, c - tj * plan.tw
                 cx, ca = tx[:, y0 : y0 + s, x0 : x0 + s], ta[y0 : y0 + s, x0 : x0 + s]
-            else:  # across tile edges: assembled
-                cx, ca = torch.empty((n_in, s, s)), torch.empty((s, s))
+            else:  # across tile (or site) edges: assembled, NaN beyond the site
+                cx = torch.full((n_in, s, s), float("nan"))
+                ca = torch.full((s, s), float("nan"))
                 for ti, tj in spans:
                     tx, ta = tiles[ti * plan.n_tj + tj]
                     y0, x0 = ti * plan.th, tj * plan.tw
@@ -704,8 +761,7 @@ class ChunkedChips:
                         :, ya - y0 : yb - y0, xa - x0 : xb - x0
                     ]
                     ca[ya - r : yb - r, xa - c : xb - c] = ta[ya - y0 : yb - y0, xa - x0 : xb - x0]
-            if masks is not None:
-                ca = torch.where(masks[i], ca, nan)
+            ca = torch.where(masks[i], ca, nan)
             if turns[i]:
                 cx, ca = dihedral(cx, int(turns[i])), dihedral(ca, int(turns[i]))
             x[i].copy_(cx)
@@ -869,6 +925,9 @@ class _SitePlan:
     th: int
     tw: int
     n_tj: int  # tiles per tile row
+    n_y: int  # the site's rows and columns
+    n_x: int
+    window: int  # chip plus context on both sides
     tile_order: np.ndarray  # flat tile keys (ti * n_tj + tj), raster order
     users: dict[int, int]  # chips still to cut from each tile
     by_last: dict[int, np.ndarray]  # chips whose last tile (raster order) is the key
@@ -877,11 +936,12 @@ class _SitePlan:
     def make(cls, ds: xr.Dataset, owner: ChunkedChips, positions: np.ndarray) -> _SitePlan:
         chunks = ds["features"].encoding.get("chunks") or (0, 256, 256)
         th, tw = int(chunks[-2]), int(chunks[-1])
-        n_tj = -(-ds.sizes["x"] // tw)
-        s = owner.size_px
-        rows, cols = owner.rows[positions], owner.cols[positions]
-        ti0, tj0 = rows // th, cols // tw
-        ti1, tj1 = (rows + s - 1) // th, (cols + s - 1) // tw
+        n_y, n_x = ds.sizes["y"], ds.sizes["x"]
+        n_tj = -(-n_x // tw)
+        s = owner.size_px + 2 * owner.margin
+        rows = owner.rows[positions] - owner.margin
+        cols = owner.cols[positions] - owner.margin
+        ti0, tj0, ti1, tj1 = _tile_range(rows, cols, s, th, tw, n_y, n_x)
         keys = []
         for di in range(int((ti1 - ti0).max()) + 1):
             for dj in range(int((tj1 - tj0).max()) + 1):
@@ -899,10 +959,30 @@ class _SitePlan:
             th,
             tw,
             n_tj,
+            n_y,
+            n_x,
+            s,
             tile_keys,
             dict(zip(tile_keys.tolist(), n_users.tolist(), strict=True)),
             by_last,
         )
 
+    def spans(self, r: int, c: int) -> list[tuple[int, int]]:
+        """The tiles a window with corner ``(r, c)`` overlaps."""
+        ti0, tj0, ti1, tj1 = (
+            int(v) for v in _tile_range(r, c, self.window, self.th, self.tw, self.n_y, self.n_x)
+        )
+        return [(ti, tj) for ti in range(ti0, ti1 + 1) for tj in range(tj0, tj1 + 1)]
+
     def completed_by(self, key: int) -> np.ndarray:
         return self.by_last.get(key, np.empty(0, np.int64))
+
+
+def _tile_range(rows: Any, cols: Any, s: int, th: int, tw: int, n_y: int, n_x: int) -> tuple:
+    """First and last tile row/column that ``s``-pixel windows at ``(rows, cols)`` overlap,
+    clipped to the site (a window's context may reach past its edge)."""
+    ti0 = np.clip(rows, 0, n_y - 1) // th
+    tj0 = np.clip(cols, 0, n_x - 1) // tw
+    ti1 = np.clip(rows + s - 1, 0, n_y - 1) // th
+    tj1 = np.clip(cols + s - 1, 0, n_x - 1) // tw
+    return ti0, tj0, ti1, tj1

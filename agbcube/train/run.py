@@ -137,6 +137,7 @@ def run_cv(
                 size_px=config.chips.size,
                 stride_px=_stride(config.chips),
                 bands=tcfg.bands,
+                context_px=tcfg.context_px,
             )
             say(
                 f"read {len(chips)} chips × {chips.x.shape[1]} bands in "
@@ -191,7 +192,8 @@ def _data_path(tcfg: Any, folds: pd.DataFrame, config: Any, dev: Any) -> str:
     if tcfg.data_path != "auto":
         return tcfg.data_path
     n_bands = len(tcfg.bands) if tcfg.bands else len(_cube_bands(config))
-    need = len(folds) * (n_bands + 3) * config.chips.size**2 * 4 * 2  # host + device copies
+    window = config.chips.size + 2 * tcfg.context_px
+    need = len(folds) * (n_bands + 3) * window**2 * 4 * 2  # host + device copies
     if dev.type == "cuda":
         import torch
 
@@ -251,10 +253,11 @@ class _FoldData:
         if tcfg.label_buffer == "pixel":
             from agbcube.folds import label_mask
 
+            m, size = tcfg.context_px, config.chips.size
             self._lonlat = (
-                chips.lonlat
+                chips.lonlat[:, :, m : m + size, m : m + size]  # the chips', not their context's
                 if chips is not None
-                else chip_lonlat(config.cube.output, folds, size_px=config.chips.size)
+                else chip_lonlat(config.cube.output, folds, size_px=size)
             )
             self.train, self.train_mask, self.label_distance_m = label_mask(
                 folds, k, self._lonlat, validation=True
@@ -305,6 +308,7 @@ class _FoldData:
                 "chip_target": not dense,
                 "bands": tcfg.bands,
                 "label_mask": mask,
+                "context_px": tcfg.context_px,
             }
             if path == "chunks":
                 return ChunkedChips(
@@ -340,7 +344,8 @@ class _FoldData:
         self.source = source
         self.train_src = source(self.train, self.train_mask)
         self.val_src = source(self.val) if self.val.size else None
-        self.in_channels, self.size_px = int(self.std.mean.shape[0]), config.chips.size
+        self.in_channels = int(self.std.mean.shape[0])
+        self.size_px = config.chips.size + 2 * tcfg.context_px  # the window the model sees
         self.bands = tcfg.bands or _cube_bands(config)
         self.test_blocks = lambda: dataset(self.test, None).blocks()
 
@@ -356,8 +361,12 @@ class _FoldData:
 
     def _labels(self, idx: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
         """AGB of the in-memory chips at ``idx``, NaN where ``mask`` hides the label."""
-        agb = self.chips.agb[idx]
-        return agb if mask is None else np.where(mask, agb, np.nan)
+        from agbcube.train.data import context_mask
+
+        agb = self.chips.agb[idx]  # NaN in the context margin already
+        if mask is None:
+            return agb
+        return np.where(context_mask(mask, self.chips.margin, self.config.chips.size), agb, np.nan)
 
     def baseline_chips(
         self, idx: np.ndarray, mask: np.ndarray | None, max_pixels: int, seed: int
@@ -514,6 +523,7 @@ def _train_fold(
                     "target": data.target.to_dict(),
                     "in_channels": int(data.in_channels),
                     "size_px": int(data.size_px),
+                    "context_px": int(tcfg.context_px),
                     "bands": list(data.bands),
                     "train": tcfg.model_dump(mode="json"),
                     "fold": k,
