@@ -221,7 +221,11 @@ class TrainConfig(_Section):
     bands: list[str] | None = Field(
         default=None, description="Feature bands to use (default: all bands of the cube)."
     )
-    log_target: bool = Field(default=True, description="Train on log(AGB).")
+    log_target: bool = Field(
+        default=True,
+        description="Train on log(AGB). Its back-transform predicts the median, which runs low "
+        "where AGB is high and skewed; false trains in Mg/ha, like the metrics.",
+    )
     loss: Literal["mse", "huber", "spatial"] = Field(default="huber", description="Loss.")
     huber_delta: float = Field(default=1.0, gt=0, description="Huber delta (target units).")
     spatial_loss_weight: float = Field(
