@@ -613,7 +613,7 @@ def predict_run(
     models, spec = load_ensemble(run_dir, device=device)
     tcfg = spec["train"]
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-    size = int(spec["size_px"])
+    size = int(spec["size_px"]) - 2 * int(tcfg.get("context_px", 0))  # the chips, not windows
     dense = tcfg["head"] == "dense"
     window = window_px or (4 * size if dense else size)
     reference = None

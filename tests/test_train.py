@@ -624,6 +624,20 @@ def test_chunked_run_predicts_every_test_chip_in_order(
         test = demo_folds[f"role_{k}"] == "test"
         n_valid = np.rint(demo_folds.loc[test, "valid_fraction"] * demo_config.chips.size**2)
         assert len(pixels) == 2 * int(n_valid.sum())  # the CNN's and the baseline's
+    if context_px:  # the run maps a site like any dense run, its AOA from the chips themselves
+        from typer.testing import CliRunner
+
+        from agbcube.cli import app
+
+        maps = tmp_path / "maps"
+        result = CliRunner().invoke(
+            app, ["predict", str(tmp_path / "c"), "--site", "beta", "--output", str(maps), "-q"]
+        )
+        assert result.exit_code == 0, result.output
+        with rasterio.open(maps / "agb_mean.tif") as src:
+            assert np.isfinite(src.read(1)).mean() > 0.9
+        with rasterio.open(maps / "aoa.tif") as src:
+            assert (src.read(1) == 1).any()
 
 
 def test_ensemble_averages_its_members(demo_config, demo_folds, demo_chips, tmp_path):
