@@ -492,7 +492,8 @@ class StreamingChips:
         return self._open[site]
 
     def raw(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """Chip ``i`` unstandardised: inputs ``(channel, h, w)`` and AGB ``(h, w)`` in Mg/ha."""
+        """Chip ``i``'s window unstandardised: inputs ``(channel, w, w)`` and AGB ``(w, w)`` in
+        Mg/ha (NaN in the context margin and where ``label_mask`` hides it)."""
         import dask
 
         bgen, starts, lonlat = self._site(self.sites[i])
@@ -719,10 +720,11 @@ class ChunkedChips:
     def _gather(
         self, plan: _SitePlan, tiles: dict, chips: np.ndarray, transform: Any = None
     ) -> tuple[Any, Any, np.ndarray]:
-        """Chips (rows of ``plan``) cut from the tiles they span, one slice copy per tile.
+        """Chip windows (rows of ``plan``) cut from the tiles they span, one slice copy per tile.
 
-        Returns inputs ``(n, channel, size, size)`` and AGB ``(n, size, size)`` (torch, CPU;
-        labels outside ``label_mask`` NaN) and the chips' positions in the table.
+        Returns inputs ``(n, channel, w, w)`` (``w``: the chip plus its context, NaN beyond the
+        site) and AGB ``(n, w, w)`` (torch, CPU; NaN outside ``label_mask`` and in the context)
+        and the chips' positions in the table.
         ``transform`` (``(n,)``) applies each chip's dihedral transform within its copy. Tiles
         are released once their last chip is cut.
         """
