@@ -588,9 +588,9 @@ def test_streamed_and_device_resident_runs_give_the_same_results(
         assert torch.equal(t, wb["state_dict"][name]), name
 
 
-@pytest.mark.parametrize("context_px", [0, 3])
+@pytest.mark.parametrize(("context_px", "log_target"), [(0, True), (3, False)])
 def test_chunked_run_predicts_every_test_chip_in_order(
-    demo_config, demo_folds, tmp_path, context_px
+    demo_config, demo_folds, tmp_path, context_px, log_target
 ):
     from agbcube.train import run_cv
 
@@ -601,6 +601,7 @@ def test_chunked_run_predicts_every_test_chip_in_order(
             label_buffer="pixel",
             shuffle_chips=32,
             context_px=context_px,
+            log_target=log_target,
         )
 
     metrics = run_cv(cfg("chunks"), output=tmp_path / "c", device="cpu", plots=False)
