@@ -123,10 +123,6 @@ def run_all(jobs: list[tuple[str, int, Path]], args: argparse.Namespace) -> dict
     return status
 
 
-def _r2(true: np.ndarray, pred: np.ndarray) -> float:
-    return float(1 - ((true - pred) ** 2).sum() / ((true - true.mean()) ** 2).sum())
-
-
 def summarise(output: Path, status: dict[str, str] | None = None) -> dict:
     """Per-site R² and bias of every finished run, and each variant's mean and range."""
     runs: dict[str, dict] = {}
