@@ -62,6 +62,16 @@ def test_wrong_types_name_the_key_path():
         parse_config({"sites": []})
 
 
+@pytest.mark.parametrize("setting", [{"context_px": 4}, {"chip_loss_weight": 1.0}])
+def test_dense_only_settings_name_the_head(setting):
+    key = next(iter(setting))
+    with pytest.raises(ConfigError, match=rf"train: .*{key}: .* needs head: dense"):
+        parse_config({**BASE, "train": {**setting, "head": "chip"}})
+    assert getattr(parse_config({**BASE, "train": {**setting, "head": "dense"}}).train, key)
+    # the baseline has no head: the setting is simply unused
+    parse_config({**BASE, "train": {**setting, "head": "chip", "model": "hgb-pixel"}})
+
+
 def test_grid_spec_and_bad_grid():
     cfg = parse_config({**BASE, "cube": {"grid": {"crs": "EPSG:32643", "resolution": 30}}})
     assert cfg.cube.grid == GridSpec(crs="EPSG:32643", resolution=30)
