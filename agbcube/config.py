@@ -231,12 +231,6 @@ class TrainConfig(_Section):
     spatial_loss_weight: float = Field(
         default=0.2, ge=0, description="Weight of the residual-autocorrelation penalty."
     )
-    chip_loss_weight: float = Field(
-        default=0.0,
-        ge=0,
-        description="Dense head: weight of a loss term on each chip's mean AGB (predicted vs "
-        "labelled, over its labelled pixels), added to the per-pixel loss.",
-    )
     conv_channels: list[int] = Field(
         default=[32, 64, 128], min_length=1, description="Output channels of the conv blocks."
     )
@@ -318,16 +312,11 @@ class TrainConfig(_Section):
         return _resolve(value, info)
 
     @model_validator(mode="after")
-    def _dense_only_settings(self) -> TrainConfig:
+    def _context_needs_dense(self) -> TrainConfig:
         if self.context_px and self.model == "cnn-coordinate" and self.head != "dense":
             raise ValueError(
                 f"context_px: {self.context_px} needs head: dense (a chip head maps a fixed-size "
                 "chip to one value); set context_px: 0 or head: dense"
-            )
-        if self.chip_loss_weight and self.model == "cnn-coordinate" and self.head != "dense":
-            raise ValueError(
-                f"chip_loss_weight: {self.chip_loss_weight} needs head: dense (a chip head's "
-                "loss is already on the chip's mean); set chip_loss_weight: 0 or head: dense"
             )
         return self
 

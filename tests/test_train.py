@@ -291,21 +291,6 @@ def test_losses_known_values():
     assert per_sample_loss(p, t, kind="mse").item() == pytest.approx(5.0)
 
 
-def test_chip_loss_term_scores_the_chip_mean_of_valid_pixels():
-    t = torch.tensor([[[1.0, float("nan")], [3.0, float("nan")]]])
-    # residuals -1 and +1 on the valid pixels: the chip mean is exact, so no chip term
-    p = torch.tensor([[[0.0, 50.0], [4.0, -50.0]]])
-    assert per_sample_loss(p, t, kind="mse", chip_weight=2.0).item() == pytest.approx(1.0)
-    # a level error of 1 everywhere: pixel term 1, chip term 2 × 1
-    p = torch.tensor([[[2.0, 0.0], [4.0, 0.0]]])
-    assert per_sample_loss(p, t, kind="mse", chip_weight=2.0).item() == pytest.approx(3.0)
-    assert make_loss("mse", chip_weight=2.0)(p, t).item() == pytest.approx(3.0)
-    # the chip head has one value per chip already: the term changes nothing
-    assert per_sample_loss(
-        torch.tensor([2.0]), torch.tensor([1.0]), kind="mse", chip_weight=2.0
-    ).item() == pytest.approx(1.0)
-
-
 def test_spatial_loss_penalises_autocorrelated_residuals():
     torch.manual_seed(0)
     target = torch.zeros(4, 16, 16)

@@ -94,16 +94,16 @@ def predict(
 
 
 @torch.no_grad()
-def _per_sample(model: torch.nn.Module, data: Any, cfg: Any) -> torch.Tensor:
+def _per_sample(
+    model: torch.nn.Module, data: Any, kind: str, delta: float, amp: bool
+) -> torch.Tensor:
     """Loss of every chip in one batched pass (for hard-negative mining and validation)."""
     model.eval()
     losses = torch.full((len(data),), float("nan"), device=data.device)
     for x, y, idx in data.iterate(torch.arange(len(data)), 512):  # any order: idx says which
-        with _autocast(x.device, cfg.amp):
+        with _autocast(x.device, amp):
             pred = model(x.contiguous()).float()
-        losses[idx] = per_sample_loss(
-            pred, y, kind=cfg.loss, delta=cfg.huber_delta, chip_weight=cfg.chip_loss_weight
-        )
+        losses[idx] = per_sample_loss(pred, y, kind=kind, delta=delta)
     return losses
 
 
@@ -174,12 +174,7 @@ def fit_fold(
     """
     device = train.device
     n_epochs = int(epochs if epochs is not None else cfg.epochs)
-    loss_fn = make_loss(
-        cfg.loss,
-        delta=cfg.huber_delta,
-        spatial_weight=cfg.spatial_loss_weight,
-        chip_weight=cfg.chip_loss_weight,
-    )
+    loss_fn = make_loss(cfg.loss, delta=cfg.huber_delta, spatial_weight=cfg.spatial_loss_weight)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=n_epochs)
     g_sample = torch.Generator().manual_seed(seed)
@@ -226,7 +221,7 @@ def fit_fold(
     for epoch in range(start, n_epochs):
         t0 = time.perf_counter()
         if cfg.hard_negative_mining and epoch >= cfg.hnm_start_epoch:
-            losses = _per_sample(model, train, cfg).cpu()
+            losses = _per_sample(model, train, cfg.loss, cfg.huber_delta, cfg.amp).cpu()
             losses = torch.nan_to_num(losses, nan=0.0, posinf=0.0)
             top = losses.max().clamp(min=1e-12)
             weights = 1.0 + (cfg.oversampling_factor - 1.0) * losses / top
@@ -281,7 +276,7 @@ def fit_fold(
             break
         train_loss = (total / max(steps, 1)).item()
         if val is not None and len(val):
-            val_loss = _per_sample(model, val, cfg).mean().item()
+            val_loss = _per_sample(model, val, cfg.loss, cfg.huber_delta, cfg.amp).mean().item()
         else:
             val_loss = train_loss
         seconds = time.perf_counter() - t0

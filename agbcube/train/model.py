@@ -206,19 +206,12 @@ def _elementwise(pred: torch.Tensor, target: torch.Tensor, kind: str, delta: flo
 
 
 def per_sample_loss(
-    pred: torch.Tensor,
-    target: torch.Tensor,
-    *,
-    kind: str = "huber",
-    delta: float = 1.0,
-    chip_weight: float = 0.0,
+    pred: torch.Tensor, target: torch.Tensor, *, kind: str = "huber", delta: float = 1.0
 ) -> torch.Tensor:
     """Loss per sample: ``(n,)``.
 
     For the chip head ``pred`` and ``target`` are ``(n,)``; for the dense head they are
-    ``(n, h, w)`` and the loss is the mean over each chip's valid (finite) target pixels, plus
-    ``chip_weight`` × the same loss between the means of the chip's predicted and labelled
-    pixels (its valid ones), which weighs the chip-level error a chip-level metric scores.
+    ``(n, h, w)`` and the loss is the mean over each chip's valid (finite) target pixels.
     """
     base = "huber" if kind == "spatial" else kind
     if target.dim() == 1:  # chip head: one target per chip
@@ -227,12 +220,7 @@ def per_sample_loss(
     t = torch.where(valid, target, torch.zeros_like(target))
     count = valid.sum(dim=(-2, -1)).clamp(min=1)
     el = _elementwise(pred, t, base, delta)
-    loss = (el * valid).sum(dim=(-2, -1)) / count
-    if chip_weight > 0:
-        pred_mean = (pred * valid).sum(dim=(-2, -1)) / count
-        target_mean = t.sum(dim=(-2, -1)) / count
-        loss = loss + chip_weight * _elementwise(pred_mean, target_mean, base, delta)
-    return loss
+    return (el * valid).sum(dim=(-2, -1)) / count
 
 
 def _moran_dense(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -262,19 +250,16 @@ def _moran_chips(pred: torch.Tensor, target: torch.Tensor, centres: torch.Tensor
     return (len(z) / w.sum().clamp(min=1e-8)) * num / (z**2).sum().clamp(min=1e-8)
 
 
-def make_loss(
-    kind: str, *, delta: float = 1.0, spatial_weight: float = 0.2, chip_weight: float = 0.0
-):
+def make_loss(kind: str, *, delta: float = 1.0, spatial_weight: float = 0.2):
     """A loss ``f(pred, target, centres=None) -> scalar`` over valid targets.
 
-    The mean of :func:`per_sample_loss` (``chip_weight`` is its chip-mean term). ``"spatial"``
-    is the Huber loss plus ``spatial_weight`` × the positive part of the Moran's I
+    ``"spatial"`` is the Huber loss plus ``spatial_weight`` × the positive part of the Moran's I
     of the residuals (within each chip for the dense head; across the batch's chips, from their
     ``centres``, for the chip head), which penalises spatially autocorrelated errors.
     """
 
     def loss(pred: torch.Tensor, target: torch.Tensor, centres: torch.Tensor | None = None):
-        base = per_sample_loss(pred, target, kind=kind, delta=delta, chip_weight=chip_weight).mean()
+        base = per_sample_loss(pred, target, kind=kind, delta=delta).mean()
         if kind != "spatial":
             return base
         if pred.dim() == 3:
