@@ -247,6 +247,10 @@ def _metrics_table(metrics: dict) -> Table:
     def fmt(value, spec: str) -> str:
         return "–" if value is None else format(value, spec)
 
+    def r2(m: dict) -> str:
+        ci = m.get("r2_ci95")
+        return fmt(m["r2"], ".3f") + ("" if not ci else f" [{ci[0]:.2f}, {ci[1]:.2f}]")
+
     for model, m in metrics["models"].items():
         chip, pix = m["chip"]["mg_ha"], m["pixel"]["mg_ha"]
         for site in [*chip["per_site"], "overall"]:
@@ -255,12 +259,25 @@ def _metrics_table(metrics: dict) -> Table:
             table.add_row(
                 model,
                 site,
-                fmt(c["r2"], ".3f"),
+                r2(c),
                 fmt(c["rmse"], ".1f"),
-                fmt(p["r2"], ".3f"),
+                r2(p),
                 fmt(p["rmse"], ".1f"),
                 fmt(c["bias"], "+.1f"),
             )
+    diff = metrics.get("difference")
+    if diff and diff.get("chip"):
+        a, b = diff["models"]
+        cells = []
+        for site, d in diff["chip"].items():
+            ci = d["ci95"]
+            cells.append(
+                f"{site} {fmt(d['r2'], '+.3f')}"
+                + ("" if not ci else f" [{ci[0]:+.2f}, {ci[1]:+.2f}]")
+            )
+        table.caption = (
+            f"R² [95 % interval, resampling chips]. Chip R² of {a} minus {b}: " + "; ".join(cells)
+        )
     return table
 
 

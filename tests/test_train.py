@@ -12,6 +12,7 @@ from agbcube.train.data import (
     Standardiser,
     StreamingChips,
     StreamSource,
+    TargetTransform,
     make_target,
     model_inputs,
     read_chips,
@@ -280,6 +281,18 @@ def test_model_shapes(head, norm):
     assert model(torch.randn(2, 3, 24, 24)).shape[0] == 2
 
 
+@pytest.mark.parametrize("log", [False, True])
+def test_target_transform_round_trips_and_never_decodes_below_zero(log):
+    agb = np.array([0.0, 5.0, 80.0, 300.0, np.nan], dtype=np.float32)
+    target = TargetTransform.fit(make_target(agb[None, None], log=log, per_chip=False), log=log)
+    encoded = target.encode(make_target(agb, log=log, per_chip=False))
+    assert abs(np.nanmean(encoded)) < 1e-5 and np.nanstd(encoded) == pytest.approx(1, rel=1e-4)
+    np.testing.assert_allclose(target.decode(encoded), agb, rtol=1e-4, atol=1e-3)
+    # an output far below the training range is 0 Mg/ha, not negative AGB
+    assert target.decode(np.array([-50.0]))[0] == 0.0
+    assert TargetTransform.from_dict(target.to_dict()) == target
+
+
 def test_losses_known_values():
     pred = torch.tensor([1.0, 3.0])
     target = torch.tensor([1.0, 1.0])
@@ -472,6 +485,61 @@ def test_metrics_known_values():
     assert regression_metrics(np.array([1.0]), np.array([2.0]))["r2"] is None
 
 
+def _chip_frame(n_chips: int, px: int, seed: int = 0) -> pd.DataFrame:
+    """Pixels of ``n_chips`` chips: a chip-level signal that one model sees, plus noise."""
+    rng = np.random.default_rng(seed)
+    level = np.repeat(rng.normal(100, 30, n_chips), px)
+    true = level + rng.normal(0, 10, level.size)
+    return pd.DataFrame(
+        {
+            "chip_id": np.repeat([f"s:{i}" for i in range(n_chips)], px),
+            "site": "s",
+            "fold": 0,
+            "agb_true": true,
+            "good": level + rng.normal(0, 5, level.size),
+            "poor": 100 + 0.5 * (level - 100) + rng.normal(0, 20, level.size),
+        }
+    )
+
+
+def test_r2_bootstrap_pools_whole_chips():
+    from agbcube.train.metrics import r2_bootstrap, regression_metrics
+
+    f = _chip_frame(30, 16)
+    groups = f["chip_id"].to_numpy()
+    boot = r2_bootstrap(f["agb_true"], [f["good"], f["poor"]], groups, n_boot=50, seed=3)
+    # resample 0 by hand: the same draws, each drawn chip's pixels pooled as often as drawn
+    codes = pd.factorize(groups)[0]
+    counts = np.random.default_rng(3).multinomial(30, np.full(30, 1 / 30), size=50)[0]
+    take = np.concatenate([np.flatnonzero(codes == g).repeat(c) for g, c in enumerate(counts)])
+    for j, col in enumerate(("good", "poor")):
+        expect = regression_metrics(f["agb_true"].to_numpy()[take], f[col].to_numpy()[take])
+        assert boot[0, j] == pytest.approx(expect["r2"], rel=1e-9)
+    # pixels of a chip are alike: resampling them one by one would understate the spread
+    by_pixel = r2_bootstrap(f["agb_true"], [f["poor"]], np.arange(len(f)), seed=1)[:, 0]
+    by_chip = r2_bootstrap(f["agb_true"], [f["poor"]], groups, seed=1)[:, 0]
+    assert by_chip.std() > 2 * by_pixel.std()
+
+
+def test_summaries_and_differences_carry_intervals():
+    from agbcube.train.metrics import r2_difference, summarise
+
+    f = _chip_frame(60, 9, seed=5)
+    s = summarise(f, true="agb_true", pred="good")
+    low, high = s["per_site"]["s"]["r2_ci95"]
+    assert low < s["per_site"]["s"]["r2"] < high and s["overall"]["r2_ci95"] == [low, high]
+    assert (
+        summarise(f.drop(columns="chip_id"), true="agb_true", pred="good")["overall"]["r2_ci95"]
+        is None
+    )
+    d = r2_difference(f["agb_true"], f["good"], f["poor"], f["chip_id"])
+    poor = summarise(f, true="agb_true", pred="poor")["overall"]["r2"]
+    assert d["r2"] == pytest.approx(s["overall"]["r2"] - poor)
+    assert 0 < d["ci95"][0] < d["r2"] < d["ci95"][1] and d["p_a_better"] == 1.0
+    same = r2_difference(f["agb_true"], f["good"], f["good"], f["chip_id"])
+    assert same["r2"] == 0 and same["ci95"] == [0, 0] and same["p_a_better"] == 0
+
+
 def test_run_cv_writes_every_output(demo_config, demo_folds, tmp_path):
     import json
 
@@ -515,6 +583,16 @@ def test_run_cv_writes_every_output(demo_config, demo_folds, tmp_path):
             assert set(block["per_site"]) == {"alpha", "beta", "gamma"}
             assert set(block["overall"]) >= {"rmse", "r2", "mae", "bias", "spearman", "rrmse"}
     assert metrics["models"]["hgb-pixel"]["chip"]["mg_ha"]["overall"]["r2"] > 0.5
+    # intervals at both levels (pixels pair with their chips), and the model minus the baseline
+    for level in ("chip", "pixel"):
+        for site, m in on_disk["models"]["cnn-coordinate"][level]["mg_ha"]["per_site"].items():
+            low, high = m["r2_ci95"]
+            assert low <= high, (level, site)
+            hgb = on_disk["models"]["hgb-pixel"][level]["mg_ha"]["per_site"][site]["r2"]
+            diff = on_disk["difference"][level][site]
+            assert diff["r2"] == pytest.approx(m["r2"] - hgb)
+            assert diff["ci95"][0] <= diff["ci95"][1] and 0 <= diff["p_a_better"] <= 1
+    assert on_disk["difference"]["models"] == ["cnn-coordinate", "hgb-pixel"]
     models, spec = load_ensemble(out)
     assert len(models) == 3 and spec["size_px"] == demo_config.chips.size
     from agbcube.errors import TrainingError

@@ -561,9 +561,13 @@ class TargetTransform:
         return ((target - self.mean) / self.std).astype(np.float32)
 
     def decode(self, output: np.ndarray) -> np.ndarray:
-        """Network output → AGB in Mg/ha."""
+        """Network output → AGB in Mg/ha, never below 0.
+
+        A linear target's output can go below 0 Mg/ha, and so can ``expm1`` of a log one (down
+        to −1); AGB cannot, so metrics and maps get 0 there.
+        """
         value = np.asarray(output, dtype=np.float64) * self.std + self.mean
-        return np.expm1(value) if self.log else value
+        return np.maximum(np.expm1(value) if self.log else value, 0.0)
 
     def to_dict(self) -> dict[str, Any]:
         return {"log": self.log, "mean": self.mean, "std": self.std}

@@ -9,7 +9,8 @@ Run directory::
     fold_k/checkpoint.pt   last epoch's full training state (for --resume)
     fold_k/DONE            written last: the fold is complete
     predictions.parquet    chip_id, site, fold, model, agb_true, agb_pred, log_true, log_pred
-    metrics.json           chip and pixel level, Mg/ha and log scale, per fold/site/overall
+    metrics.json           chip and pixel level, Mg/ha and log scale, per fold/site/overall,
+                           R² intervals; "difference": the model minus the baseline per site
     ensemble.pt            every fold's model, for `agbcube predict`
     plots/*.png
 """
@@ -406,7 +407,7 @@ def _train_fold(
     """Train fold ``k`` (the CNN and/or the baseline) and write its predictions and model."""
     import torch
 
-    from agbcube.train.data import make_target
+    from agbcube.train.data import TargetTransform, make_target
     from agbcube.train.loop import build_model, chip_centres_km, fit_fold, predict
 
     tcfg = config.train
@@ -552,7 +553,7 @@ def _train_fold(
         raw, agb_test = _in_test_order(
             data.test_blocks(), lambda xb: predict_hgb_pixels(hgb, xb[:, :n_feat])
         )
-        mg = np.expm1(raw) if tcfg.log_target else raw
+        mg = TargetTransform(log=tcfg.log_target).decode(raw)  # its unstandardised target
         pix = np.where(np.isfinite(agb_test), mg, np.nan)
         preds[HGB] = (np.nanmean(pix.reshape(len(pix), -1), axis=1), pix)
         info["hgb_s"] = time.perf_counter() - t1
@@ -573,9 +574,11 @@ def _train_fold(
             )
         )
         site_px = np.broadcast_to(meta["site"].to_numpy()[:, None, None], agb_test.shape)
+        chip_px = np.broadcast_to(meta["chip_id"].to_numpy()[:, None, None], agb_test.shape)
         pixel_frames.append(
             pd.DataFrame(
                 {
+                    "chip_id": chip_px[valid],
                     "site": site_px[valid],
                     "fold": k,
                     "model": name,
@@ -623,11 +626,45 @@ def _metrics(
                 "log": summarise(pix, true="log_true", pred="log_pred"),
             },
         }
+    others = [name for name in out["models"] if name != config.train.model]
+    if config.train.model in out["models"] and others:
+        out["difference"] = _difference(predictions, pixels, config.train.model, others[0])
     out["folds"] = {
         int(k): {key: v for key, v in info.items() if key != "history"}
         for k, info in fold_info.items()
     }
     out["primary_model"] = config.train.model
+    return out
+
+
+def _difference(predictions: pd.DataFrame, pixels: pd.DataFrame, a: str, b: str) -> dict:
+    """Per-site R² of model ``a`` minus model ``b``, chip and pixel level, paired intervals."""
+    from agbcube.train.metrics import r2_difference
+
+    out: dict[str, Any] = {"models": [a, b]}
+    for level, frame in (("chip", predictions), ("pixel", pixels)):
+        fa = frame[frame["model"] == a].reset_index(drop=True)
+        fb = frame[frame["model"] == b].reset_index(drop=True)
+        keys = ["chip_id", "agb_true"]
+        # both models scored the same values in the same order (runs from before pixels had
+        # chip ids, resumed, have none to pair them by)
+        if (
+            "chip_id" not in frame
+            or fa.empty
+            or len(fa) != len(fb)
+            or not fa[keys].equals(fb[keys])
+        ):
+            out[level] = None
+            continue
+        out[level] = {
+            str(site): r2_difference(
+                g["agb_true"].to_numpy(),
+                g["agb_pred"].to_numpy(),
+                fb.loc[g.index, "agb_pred"].to_numpy(),
+                g["chip_id"].to_numpy(),
+            )
+            for site, g in fa.groupby("site")
+        }
     return out
 
 
