@@ -99,12 +99,22 @@ def write_plots(
     for i, model in enumerate(models):
         for ax, level in zip(axes, ("chip", "pixel"), strict=True):
             per_site = metrics["models"][model][level]["mg_ha"]["per_site"]
-            values = [per_site.get(s, {}).get("r2") or 0.0 for s in sites]
+            values = np.array([per_site.get(s, {}).get("r2") or 0.0 for s in sites])
+            ci = [
+                per_site.get(s, {}).get("r2_ci95") or [v, v]
+                for s, v in zip(sites, values, strict=True)
+            ]
+            err = np.clip(
+                np.array([[v - c[0], c[1] - v] for v, c in zip(values, ci, strict=True)]).T, 0, None
+            )
             ax.bar(np.arange(len(sites)) + i * width, values, width, label=model)
+            ax.errorbar(
+                np.arange(len(sites)) + i * width, values, err, fmt="none", color="k", lw=0.8
+            )
     for ax, level in zip(axes, ("chip", "pixel"), strict=True):
         ax.set_xticks(np.arange(len(sites)) + width * (len(models) - 1) / 2, sites)
         ax.set(
-            ylabel="R² (pooled over folds)",
+            ylabel="R² (pooled over folds, 95 % interval)",
             title=f"{level} level",
             ylim=(min(0, ax.get_ylim()[0]), 1),
         )
