@@ -1,6 +1,6 @@
 """Accuracy metrics, per fold, per site (pooled over folds) and overall.
 
-A per-site R² rests on a few hundred chips (63 at the benchmark's smallest site), so it comes
+A per-site R² rests on tens to hundreds of chips (63 at the benchmark's smallest site), so it comes
 with a bootstrap interval, and two models scored on the same chips with a paired interval of
 their difference: both resample whole chips, so a chip's pixels stay together.
 """
