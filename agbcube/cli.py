@@ -278,6 +278,23 @@ def _metrics_table(metrics: dict) -> Table:
         table.caption = (
             f"R² [95 % interval, resampling chips]. Chip R² of {a} minus {b}: " + "; ".join(cells)
         )
+    leaky = metrics.get("random_cv")
+    if leaky:
+        honest = metrics["models"].get(leaky["model"], {}).get("chip", {}).get("mg_ha", {})
+        cells = [
+            f"{site} {fmt(m['r2'], '.3f')}"
+            + (
+                f" (honest {fmt(honest['per_site'][site]['r2'], '.3f')})"
+                if site in honest.get("per_site", {})
+                else ""
+            )
+            for site, m in leaky["chip"]["mg_ha"]["per_site"].items()
+        ]
+        line = (
+            f"Chip R² of {leaky['model']} under a random {leaky['n_folds']}-fold split "
+            "(leaky, no buffer): " + "; ".join(cells)
+        )
+        table.caption = f"{table.caption}\n{line}" if table.caption else line
     return table
 
 

@@ -284,6 +284,12 @@ class TrainConfig(_Section):
     hgb_max_pixels: int = Field(
         default=60000, ge=100, description="Training pixels sampled for the hgb-pixel model."
     )
+    random_cv: bool = Field(
+        default=False,
+        description="Also score the hgb-pixel model under a random K-fold of the same chips (no "
+        "buffer: test chips' neighbours train, as in many published figures), reported as "
+        "random_cv in metrics.json beside the honest folds' figures, to show the gap.",
+    )
     data_path: Literal["auto", "device", "chunks", "stream"] = Field(
         default="auto",
         description="'device': load the fold's chips once into device memory; 'chunks': read "

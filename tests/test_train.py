@@ -540,6 +540,44 @@ def test_summaries_and_differences_carry_intervals():
     assert same["r2"] == 0 and same["ci95"] == [0, 0] and same["p_a_better"] == 0
 
 
+def test_random_cv_scores_every_chip_once_from_memory_or_the_cube(
+    demo_config, demo_folds, tmp_path
+):
+    from agbcube.cli import _metrics_table
+    from agbcube.train import run_cv
+
+    results = {}
+    for path in ("device", "stream"):
+        train = demo_config.train.model_copy(
+            update={
+                "model": "hgb-pixel",
+                "baseline": "none",
+                "hgb_max_pixels": 2000,
+                "random_cv": True,
+                "data_path": path,
+                "num_workers": 0,
+            }
+        )
+        cfg = demo_config.model_copy(update={"train": train})
+        results[path] = run_cv(cfg, output=tmp_path / path, device="cpu", plots=False)
+    leaky, honest = results["device"]["random_cv"], results["device"]["models"]["hgb-pixel"]
+    assert leaky["model"] == "hgb-pixel" and leaky["n_folds"] == demo_config.folds.n_folds
+    # every chip is a test chip once, and its pixels are the ones the honest folds score
+    assert leaky["chip"]["mg_ha"]["overall"]["n"] == len(demo_folds)
+    for level in ("chip", "pixel"):
+        assert leaky[level]["mg_ha"]["overall"]["n"] == honest[level]["mg_ha"]["overall"]["n"]
+        assert set(leaky[level]["mg_ha"]["per_site"]) == {"alpha", "beta", "gamma"}
+        assert leaky[level]["mg_ha"]["overall"]["r2_ci95"] is not None
+    # the chips read from the cube give the same figures as the chips held in memory
+    streamed = results["stream"]["random_cv"]
+    for level in ("chip", "pixel"):
+        for site, m in leaky[level]["mg_ha"]["per_site"].items():
+            assert streamed[level]["mg_ha"]["per_site"][site]["r2"] == pytest.approx(m["r2"])
+    caption = str(_metrics_table(results["device"]).caption)
+    n = demo_config.folds.n_folds
+    assert f"random {n}-fold split (leaky, no buffer)" in caption and "(honest " in caption
+
+
 def test_run_cv_writes_every_output(demo_config, demo_folds, tmp_path):
     import json
 

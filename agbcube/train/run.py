@@ -10,7 +10,8 @@ Run directory::
     fold_k/DONE            written last: the fold is complete
     predictions.parquet    chip_id, site, fold, model, agb_true, agb_pred, log_true, log_pred
     metrics.json           chip and pixel level, Mg/ha and log scale, per fold/site/overall,
-                           R² intervals; "difference": the model minus the baseline per site
+                           R² intervals; "difference": the model minus the baseline per site;
+                           "random_cv" (train.random_cv): the baseline under a random split
     ensemble.pt            every fold's model, for `agbcube predict`
     plots/*.png
 """
@@ -170,6 +171,13 @@ def run_cv(
         with atomic_path(out / "predictions.parquet") as tmp:
             predictions.to_parquet(tmp, index=False)
         metrics = _metrics(predictions, pixels, fold_info, config)
+        if tcfg.random_cv:
+            t_leaky = time.perf_counter()
+            metrics["random_cv"] = _random_cv(config, folds, chips, n_folds)
+            say(
+                f"{HGB} under a random {n_folds}-fold split (leaky) scored in "
+                f"{time.perf_counter() - t_leaky:.1f} s"
+            )
         metrics["run"] = {
             "device": str(dev),
             "wall_s": time.perf_counter() - t_start,
@@ -635,6 +643,94 @@ def _metrics(
     }
     out["primary_model"] = config.train.model
     return out
+
+
+def _random_cv(config: Any, folds: pd.DataFrame, chips: Any, n_folds: int) -> dict[str, Any]:
+    """The ``hgb-pixel`` model under a random K-fold of the same chips: the leaky figure.
+
+    No buffer and no validation: every chip not in the test fold may train, its neighbours
+    included, which is how a random split flatters a map. The model, its pixel sampling and
+    the target transform are those of the honest baseline, so the two differ only in the split.
+    """
+    from sklearn.model_selection import KFold
+
+    from agbcube.train.baseline import fit_hgb_pixels, predict_hgb_pixels
+    from agbcube.train.data import StreamingChips, TargetTransform, make_target
+    from agbcube.train.metrics import summarise
+
+    tcfg, size = config.train, config.chips.size
+
+    def blocks(idx: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Raw features and AGB of the chips at ``idx`` (their own pixels), 256 at a time."""
+        if chips is None:
+            yield from StreamingChips(
+                config.cube.output,
+                folds.iloc[idx],
+                size_px=size,
+                stride_px=_stride(config.chips),
+                standardiser=None,
+                coordinates=False,
+                log_target=False,
+                bands=tcfg.bands,
+            ).blocks()
+            return
+        core = slice(chips.margin, chips.margin + size)
+        for start in range(0, idx.size, 256):
+            part = idx[start : start + 256]
+            pos = np.arange(start, start + part.size)
+            yield chips.x[part][:, :, core, core], chips.agb[part][:, core, core], pos
+
+    decode = TargetTransform(log=tcfg.log_target)
+    rng = np.random.default_rng(tcfg.seed)
+    frames, pixel_frames = [], []
+    split = KFold(n_folds, shuffle=True, random_state=tcfg.seed).split(np.arange(len(folds)))
+    for k, (train, test) in enumerate(split):
+        # enough chips for hgb_max_pixels valid pixels, as the honest baseline samples them
+        n = min(train.size, int(np.ceil(1.5 * tcfg.hgb_max_pixels / size**2)))
+        pick = np.sort(rng.choice(train, size=n, replace=False))
+        parts = list(blocks(pick))
+        x = np.concatenate([p[0] for p in parts])
+        agb = np.concatenate([p[1] for p in parts])
+        model = fit_hgb_pixels(
+            x,
+            make_target(agb, log=tcfg.log_target, per_chip=False),
+            max_pixels=tcfg.hgb_max_pixels,
+            random_state=tcfg.seed + k,
+        )
+        for xb, agb_b, pos in blocks(test):
+            valid = np.isfinite(agb_b)
+            pred = np.where(valid, decode.decode(predict_hgb_pixels(model, xb)), np.nan)
+            meta = folds[["chip_id", "site"]].iloc[test[pos]]
+            frames.append(
+                meta.assign(
+                    fold=k,
+                    agb_true=make_target(agb_b, log=False, per_chip=True).astype(np.float64),
+                    agb_pred=np.nanmean(pred.reshape(len(pred), -1), axis=1),
+                )
+            )
+            pixel_frames.append(
+                pd.DataFrame(
+                    {
+                        "chip_id": np.broadcast_to(
+                            meta["chip_id"].to_numpy()[:, None, None], valid.shape
+                        )[valid],
+                        "site": np.broadcast_to(
+                            meta["site"].to_numpy()[:, None, None], valid.shape
+                        )[valid],
+                        "fold": k,
+                        "agb_true": agb_b[valid].astype(np.float64),
+                        "agb_pred": pred[valid],
+                    }
+                )
+            )
+    chip, pix = pd.concat(frames, ignore_index=True), pd.concat(pixel_frames, ignore_index=True)
+    return {
+        "model": HGB,
+        "n_folds": n_folds,
+        "seed": tcfg.seed,
+        "chip": {"mg_ha": summarise(chip, true="agb_true", pred="agb_pred")},
+        "pixel": {"mg_ha": summarise(pix, true="agb_true", pred="agb_pred")},
+    }
 
 
 def _difference(predictions: pd.DataFrame, pixels: pd.DataFrame, a: str, b: str) -> dict:
