@@ -265,6 +265,13 @@ def _metrics_table(metrics: dict) -> Table:
                 fmt(p["rmse"], ".1f"),
                 fmt(c["bias"], "+.1f"),
             )
+    lines = []
+    if any(
+        m[level]["mg_ha"]["overall"].get("r2_ci95")
+        for m in metrics["models"].values()
+        for level in ("chip", "pixel")
+    ):
+        lines.append("R² [95 % interval, resampling the test chips]")
     diff = metrics.get("difference")
     if diff and diff.get("chip"):
         a, b = diff["models"]
@@ -275,9 +282,7 @@ def _metrics_table(metrics: dict) -> Table:
                 f"{site} {fmt(d['r2'], '+.3f')}"
                 + ("" if not ci else f" [{ci[0]:+.2f}, {ci[1]:+.2f}]")
             )
-        table.caption = (
-            f"R² [95 % interval, resampling chips]. Chip R² of {a} minus {b}: " + "; ".join(cells)
-        )
+        lines.append(f"Chip R² of {a} minus {b}: " + "; ".join(cells))
     leaky = metrics.get("random_cv")
     if leaky:
         honest = metrics["models"].get(leaky["model"], {}).get("chip", {}).get("mg_ha", {})
@@ -290,11 +295,11 @@ def _metrics_table(metrics: dict) -> Table:
             )
             for site, m in leaky["chip"]["mg_ha"]["per_site"].items()
         ]
-        line = (
+        lines.append(
             f"Chip R² of {leaky['model']} under a random {leaky['n_folds']}-fold split "
             "(leaky, no buffer): " + "; ".join(cells)
         )
-        table.caption = f"{table.caption}\n{line}" if table.caption else line
+    table.caption = "\n".join(lines) or None
     return table
 
 
