@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -19,7 +20,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console(stderr=True)
+# A log file (not a terminal, no COLUMNS) gets 120 columns rather than Rich's 80, so that the
+# summary table, whose R² cells carry intervals, stays one line per row.
+console = Console(
+    stderr=True, width=None if sys.stderr.isatty() or "COLUMNS" in os.environ else 120
+)
 
 ConfigArg = Annotated[Path, typer.Argument(help="YAML config (see configs/benchmark.yaml).")]
 SchedulerOpt = Annotated[
