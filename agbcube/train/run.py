@@ -383,9 +383,8 @@ class _FoldData:
         """Raw features and AGB of the chips at ``idx`` (a subsample when streaming)."""
         if self.chips is not None:
             return self.chips.x[idx], self._labels(idx, mask)
-        per_chip = self.config.chips.size**2
-        n = min(idx.size, int(np.ceil(1.5 * max_pixels / per_chip)))
-        pick = np.sort(np.random.default_rng(seed).choice(idx.size, size=n, replace=False))
+        rng = np.random.default_rng(seed)
+        pick = _chip_sample(idx.size, self.config.chips.size, max_pixels, rng)
         ds = self.dataset(
             idx[pick], None, with_coords=False, mask=None if mask is None else mask[pick]
         )
@@ -515,8 +514,7 @@ def _train_fold(
 
         mg, agb_test = _in_test_order(data.test_blocks(), cnn)
         if tcfg.head == "dense":
-            pix = np.where(np.isfinite(agb_test), mg, np.nan)
-            chip_pred = np.nanmean(pix.reshape(len(pix), -1), axis=1)
+            chip_pred, pix = _scored_pixels(mg, agb_test)
         else:
             chip_pred = mg
             pix = np.broadcast_to(mg[:, None, None], agb_test.shape)
@@ -562,14 +560,13 @@ def _train_fold(
             data.test_blocks(), lambda xb: predict_hgb_pixels(hgb, xb[:, :n_feat])
         )
         mg = TargetTransform(log=tcfg.log_target).decode(raw)  # its unstandardised target
-        pix = np.where(np.isfinite(agb_test), mg, np.nan)
-        preds[HGB] = (np.nanmean(pix.reshape(len(pix), -1), axis=1), pix)
+        preds[HGB] = _scored_pixels(mg, agb_test)
         info["hgb_s"] = time.perf_counter() - t1
         say(f"fold {k}: {HGB} baseline fitted in {info['hgb_s']:.1f} s")
     assert agb_test is not None
     true_chip = make_target(agb_test, log=False, per_chip=True)
     frames, pixel_frames = [], []
-    valid = np.isfinite(agb_test)
+    agb32 = agb_test.astype(np.float32)
     for name, (chip_pred, pix) in preds.items():
         frames.append(
             meta.assign(
@@ -581,25 +578,48 @@ def _train_fold(
                 log_pred=np.log1p(np.clip(chip_pred.astype(np.float64), 0, None)),
             )
         )
-        site_px = np.broadcast_to(meta["site"].to_numpy()[:, None, None], agb_test.shape)
-        chip_px = np.broadcast_to(meta["chip_id"].to_numpy()[:, None, None], agb_test.shape)
-        pixel_frames.append(
-            pd.DataFrame(
-                {
-                    "chip_id": chip_px[valid],
-                    "site": site_px[valid],
-                    "fold": k,
-                    "model": name,
-                    "agb_true": agb_test[valid].astype(np.float32),
-                    "agb_pred": np.asarray(pix)[valid].astype(np.float32),
-                }
-            )
-        )
+        pix32 = np.asarray(pix, dtype=np.float32)
+        pixel_frames.append(_pixel_frame(meta, agb32, pix32, fold=k, model=name))
     pd.concat(frames, ignore_index=True).to_parquet(fold_dir / "predictions.parquet", index=False)
     pd.concat(pixel_frames, ignore_index=True).to_parquet(fold_dir / "pixels.parquet", index=False)
     if data.train_mask is not None:
         info["min_label_distance_m"] = data.label_distance_m
     (fold_dir / "DONE").write_text(json.dumps(info, default=float))  # written last
+
+
+def _scored_pixels(pred: np.ndarray, agb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-pixel predictions ``(n, h, w)`` kept where the AGB is known, and each chip's mean of
+    them: what the chip-level and pixel-level metrics compare with the AGB."""
+    pix = np.where(np.isfinite(agb), pred, np.nan)
+    return np.nanmean(pix.reshape(len(pix), -1), axis=1), pix
+
+
+def _pixel_frame(
+    meta: pd.DataFrame, agb: np.ndarray, pred: np.ndarray, **columns: Any
+) -> pd.DataFrame:
+    """One row per pixel with known AGB of the chips ``meta`` (``chip_id``, ``site``), in
+    order: its chip, site, ``columns``, AGB and prediction."""
+    valid = np.isfinite(agb)
+
+    def per_pixel(values: np.ndarray) -> np.ndarray:
+        return np.broadcast_to(values[:, None, None], agb.shape)[valid]
+
+    return pd.DataFrame(
+        {
+            "chip_id": per_pixel(meta["chip_id"].to_numpy()),
+            "site": per_pixel(meta["site"].to_numpy()),
+            **columns,
+            "agb_true": agb[valid],
+            "agb_pred": np.asarray(pred)[valid],
+        }
+    )
+
+
+def _chip_sample(n_chips: int, size_px: int, max_pixels: int, rng: Any) -> np.ndarray:
+    """Sorted positions of enough of ``n_chips`` chips to give a pixel model ``max_pixels``
+    labelled pixels (1.5× for missing ones): the baseline reads no more than that."""
+    n = min(n_chips, int(np.ceil(1.5 * max_pixels / size_px**2)))
+    return np.sort(rng.choice(n_chips, size=n, replace=False))
 
 
 def _in_test_order(blocks: Any, fn: Callable[[np.ndarray], np.ndarray]) -> tuple[Any, Any]:
@@ -649,8 +669,9 @@ def _random_cv(config: Any, folds: pd.DataFrame, chips: Any, n_folds: int) -> di
     """The ``hgb-pixel`` model under a random K-fold of the same chips: the leaky figure.
 
     No buffer and no validation: every chip not in the test fold may train, its neighbours
-    included, which is how a random split flatters a map. The model, its pixel sampling and
-    the target transform are those of the honest baseline, so the two differ only in the split.
+    included, which is how a random split flatters a map. The model and the target transform
+    are those of the honest baseline; its training pixels are sampled as the honest baseline
+    samples them when it streams (enough chips, then pixels), from memory too.
     """
     from sklearn.model_selection import KFold
 
@@ -685,9 +706,7 @@ def _random_cv(config: Any, folds: pd.DataFrame, chips: Any, n_folds: int) -> di
     frames, pixel_frames = [], []
     split = KFold(n_folds, shuffle=True, random_state=tcfg.seed).split(np.arange(len(folds)))
     for k, (train, test) in enumerate(split):
-        # enough chips for hgb_max_pixels valid pixels, as the honest baseline samples them
-        n = min(train.size, int(np.ceil(1.5 * tcfg.hgb_max_pixels / size**2)))
-        pick = np.sort(rng.choice(train, size=n, replace=False))
+        pick = train[_chip_sample(train.size, size, tcfg.hgb_max_pixels, rng)]
         parts = list(blocks(pick))
         x = np.concatenate([p[0] for p in parts])
         agb = np.concatenate([p[1] for p in parts])
@@ -698,31 +717,17 @@ def _random_cv(config: Any, folds: pd.DataFrame, chips: Any, n_folds: int) -> di
             random_state=tcfg.seed + k,
         )
         for xb, agb_b, pos in blocks(test):
-            valid = np.isfinite(agb_b)
-            pred = np.where(valid, decode.decode(predict_hgb_pixels(model, xb)), np.nan)
+            agb_b = agb_b.astype(np.float64)
+            chip_pred, pix = _scored_pixels(decode.decode(predict_hgb_pixels(model, xb)), agb_b)
             meta = folds[["chip_id", "site"]].iloc[test[pos]]
             frames.append(
                 meta.assign(
                     fold=k,
                     agb_true=make_target(agb_b, log=False, per_chip=True).astype(np.float64),
-                    agb_pred=np.nanmean(pred.reshape(len(pred), -1), axis=1),
+                    agb_pred=chip_pred,
                 )
             )
-            pixel_frames.append(
-                pd.DataFrame(
-                    {
-                        "chip_id": np.broadcast_to(
-                            meta["chip_id"].to_numpy()[:, None, None], valid.shape
-                        )[valid],
-                        "site": np.broadcast_to(
-                            meta["site"].to_numpy()[:, None, None], valid.shape
-                        )[valid],
-                        "fold": k,
-                        "agb_true": agb_b[valid].astype(np.float64),
-                        "agb_pred": pred[valid],
-                    }
-                )
-            )
+            pixel_frames.append(_pixel_frame(meta, agb_b, pix, fold=k))
     chip, pix = pd.concat(frames, ignore_index=True), pd.concat(pixel_frames, ignore_index=True)
     return {
         "model": HGB,
