@@ -244,6 +244,12 @@ class TrainConfig(_Section):
     learning_rate: float = Field(default=1e-3, gt=0, description="AdamW learning rate.")
     weight_decay: float = Field(default=5e-3, ge=0, description="AdamW weight decay.")
     patience: int = Field(default=20, ge=1, description="Early-stopping patience (epochs).")
+    val_window: int = Field(
+        default=1,
+        ge=1,
+        description="Epochs in the trailing mean of the validation loss that early stopping and "
+        "the best epoch follow (1: each epoch's own loss, as the original pipeline).",
+    )
     augment: bool = Field(default=True, description="Random flips and 90° rotations.")
     spectral_augment: bool = Field(default=True, description="Per-band multiplicative jitter.")
     spectral_jitter: float = Field(default=0.05, ge=0, description="Jitter s.d. (std units).")

@@ -131,8 +131,9 @@ def fit_fold(
 ) -> FoldFit:
     """Train ``model`` on one fold's chips.
 
-    AdamW with cosine annealing; early stopping on the validation loss (the training loss when
-    there is no validation set) with the best weights restored; hard-negative mining from
+    AdamW with cosine annealing; early stopping on the mean validation loss of the last
+    ``cfg.val_window`` epochs (the training loss when there is no validation set) with the best
+    epoch's weights restored; hard-negative mining from
     ``cfg.hnm_start_epoch`` (sampling weights from every chip's loss in one batched pass);
     batched on-device augmentation; bfloat16 autocast on GPU. Random numbers come from
     generators seeded with ``seed``; dropout uses the global generator, which is forked and
@@ -289,8 +290,12 @@ def fit_fold(
             "seconds": seconds,
         }
         fit.history.append(record)
-        if not restore_best or (math.isfinite(val_loss) and val_loss < best - 1e-7):
-            best, wait, fit.best_epoch = val_loss, 0, epoch
+        # early stopping watches a trailing mean: one epoch's loss on a few validation chips
+        # is noisy enough to stop a still-improving run (BENCHMARKS.md, "Smoothed stopping")
+        window = [h["val_loss"] for h in fit.history[-cfg.val_window :]]
+        score = float(np.mean(window))
+        if not restore_best or (math.isfinite(score) and score < best - 1e-7):
+            best, wait, fit.best_epoch = score, 0, epoch
             fit.state_dict = copy.deepcopy(model.state_dict())
         else:
             wait += 1
