@@ -560,6 +560,33 @@ def test_summaries_and_differences_carry_intervals():
     assert same["r2"] == 0 and same["ci95"] == [0, 0] and same["p_a_better"] == 0
 
 
+def test_random_cv_samples_pixels_from_every_training_chip_as_the_honest_baseline_does(
+    demo_config, demo_folds, tmp_path, monkeypatch
+):
+    import agbcube.train.baseline as baseline
+    from agbcube.folds import training_pool
+    from agbcube.train import run_cv
+
+    fitted = []  # chips handed to each hgb fit: the honest folds' first, then the random ones
+    real_fit = baseline.fit_hgb_pixels
+
+    def fit(x, target, **kw):
+        fitted.append(x.shape[0])
+        return real_fit(x, target, **kw)
+
+    monkeypatch.setattr(baseline, "fit_hgb_pixels", fit)
+    train = demo_config.train.model_copy(
+        update={"model": "hgb-pixel", "baseline": "none", "hgb_max_pixels": 500, "random_cv": True}
+    )
+    cfg = demo_config.model_copy(update={"train": train})
+    run_cv(cfg, output=tmp_path / "run", device="cpu", plots=False)
+    n = demo_config.folds.n_folds
+    honest, leaky = fitted[:n], fitted[n:]
+    assert honest == [training_pool(demo_folds, k).size for k in range(n)]
+    # 500 pixels would need 3 chips; each random fold's model still sees all its training chips
+    assert sum(leaky) == (n - 1) * len(demo_folds) and len(leaky) == n
+
+
 def test_random_cv_scores_every_chip_once_from_memory_or_the_cube(
     demo_config, demo_folds, tmp_path
 ):
@@ -572,7 +599,9 @@ def test_random_cv_scores_every_chip_once_from_memory_or_the_cube(
             update={
                 "model": "hgb-pixel",
                 "baseline": "none",
-                "hgb_max_pixels": 2000,
+                # enough for every training chip: in memory the baseline samples pixels from
+                # every chip, streaming it samples chips first, then pixels
+                "hgb_max_pixels": len(demo_folds) * demo_config.chips.size**2 * 2 // 3,
                 "random_cv": True,
                 "data_path": path,
                 "num_workers": 0,
@@ -593,6 +622,8 @@ def test_random_cv_scores_every_chip_once_from_memory_or_the_cube(
     for level in ("chip", "pixel"):
         for site, m in leaky[level]["mg_ha"]["per_site"].items():
             assert streamed[level]["mg_ha"]["per_site"][site]["r2"] == pytest.approx(m["r2"])
+        honest_streamed = results["stream"]["models"]["hgb-pixel"][level]["mg_ha"]["overall"]
+        assert honest_streamed["r2"] == pytest.approx(honest[level]["mg_ha"]["overall"]["r2"])
     caption = str(_metrics_table(results["device"]).caption)
     n = demo_config.folds.n_folds
     assert f"random {n}-fold split (leaky, no buffer)" in caption and "(honest " in caption

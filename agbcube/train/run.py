@@ -670,8 +670,9 @@ def _random_cv(config: Any, folds: pd.DataFrame, chips: Any, n_folds: int) -> di
 
     No buffer and no validation: every chip not in the test fold may train, its neighbours
     included, which is how a random split flatters a map. The model and the target transform
-    are those of the honest baseline; its training pixels are sampled as the honest baseline
-    samples them when it streams (enough chips, then pixels), from memory too.
+    are those of the honest baseline, and so is the sampling of its training pixels (from every
+    training chip in memory; from enough chips, then pixels, when streaming), so the split is
+    the only difference between the two figures.
     """
     from sklearn.model_selection import KFold
 
@@ -706,7 +707,9 @@ def _random_cv(config: Any, folds: pd.DataFrame, chips: Any, n_folds: int) -> di
     frames, pixel_frames = [], []
     split = KFold(n_folds, shuffle=True, random_state=tcfg.seed).split(np.arange(len(folds)))
     for k, (train, test) in enumerate(split):
-        pick = train[_chip_sample(train.size, size, tcfg.hgb_max_pixels, rng)]
+        pick = train  # the honest baseline's sample (_FoldData.baseline_chips)
+        if chips is None:
+            pick = train[_chip_sample(train.size, size, tcfg.hgb_max_pixels, rng)]
         parts = list(blocks(pick))
         x = np.concatenate([p[0] for p in parts])
         agb = np.concatenate([p[1] for p in parts])
