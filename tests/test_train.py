@@ -576,7 +576,13 @@ def test_random_cv_samples_pixels_from_every_training_chip_as_the_honest_baselin
 
     monkeypatch.setattr(baseline, "fit_hgb_pixels", fit)
     train = demo_config.train.model_copy(
-        update={"model": "hgb-pixel", "baseline": "none", "hgb_max_pixels": 500, "random_cv": True}
+        update={
+            "model": "hgb-pixel",
+            "baseline": "none",
+            "hgb_max_pixels": 500,
+            "random_cv": True,
+            "label_buffer": "chip",  # the pool: training_pool's chips
+        }
     )
     cfg = demo_config.model_copy(update={"train": train})
     run_cv(cfg, output=tmp_path / "run", device="cpu", plots=False)
@@ -683,7 +689,8 @@ def test_run_cv_writes_every_output(demo_config, demo_folds, tmp_path):
             assert diff["ci95"][0] <= diff["ci95"][1] and 0 <= diff["p_a_better"] <= 1
     assert on_disk["difference"]["models"] == ["cnn-coordinate", "hgb-pixel"]
     models, spec = load_ensemble(out)
-    assert len(models) == 3 and spec["size_px"] == demo_config.chips.size
+    assert len(models) == 3
+    assert spec["size_px"] == demo_config.chips.size + 2 * demo_config.train.context_px
     from agbcube.errors import TrainingError
 
     with pytest.raises(TrainingError, match="already holds a run"):
@@ -813,7 +820,7 @@ def test_ensemble_averages_its_members(demo_config, demo_folds, demo_chips, tmp_
     from agbcube.train.loop import predict
     from agbcube.train.run import load_ensemble
 
-    cfg = _small(demo_config, epochs=1, baseline="none", ensemble=2, tta=False)
+    cfg = _small(demo_config, epochs=1, baseline="none", ensemble=2, tta=False, context_px=0)
     train = cfg.train
     metrics = run_cv(cfg, output=tmp_path / "e", device="cpu", plots=False)
     n_folds = len(metrics["folds"])
