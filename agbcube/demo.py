@@ -307,7 +307,7 @@ def demo_config(data_dir: str = "data", out_dir: str = ".") -> dict:
         # Small and short: the demo shows the whole pipeline in about a minute on a laptop. The
         # model is configs/benchmark.yaml's (dense head, batch norm, no lon/lat, target in Mg/ha,
         # refit with the buffer ring's far pixels), with context as wide as its two conv blocks
-        # reach; the original pipeline's chip head fell 0.1-0.6 R² behind the baseline here.
+        # reach; the original pipeline's chip head fell 0.15-0.6 R² behind the baseline here.
         "train": {
             "head": "dense",
             "norm": "batch",

@@ -133,11 +133,11 @@ def fit_fold(
 
     AdamW with cosine annealing; early stopping on the mean validation loss of the last
     ``cfg.val_window`` epochs (the training loss when there is no validation set) with the best
-    epoch's weights restored; hard-negative mining from
-    ``cfg.hnm_start_epoch`` (sampling weights from every chip's loss in one batched pass);
-    batched on-device augmentation; bfloat16 autocast on GPU. Random numbers come from
-    generators seeded with ``seed``; dropout uses the global generator, which is forked and
-    seeded here and saved in checkpoints, so a resumed run continues bit for bit on the CPU.
+    epoch's weights restored; hard-negative mining from ``cfg.hnm_start_epoch`` (sampling
+    weights from every chip's loss in one batched pass); batched on-device augmentation;
+    bfloat16 autocast on GPU. Random numbers come from generators seeded with ``seed``; dropout
+    uses the global generator, which is forked and seeded here and saved in checkpoints, so a
+    resumed run continues bit for bit on the CPU.
 
     Parameters
     ----------
@@ -291,7 +291,7 @@ def fit_fold(
         }
         fit.history.append(record)
         # early stopping watches a trailing mean: one epoch's loss on a few validation chips
-        # is noisy enough to stop a still-improving run (BENCHMARKS.md, "Smoothed stopping")
+        # is noisy enough to stop a still-improving run (BENCHMARKS.md, "train.val_window")
         window = [h["val_loss"] for h in fit.history[-cfg.val_window :]]
         score = float(np.mean(window))
         if not restore_best or (math.isfinite(score) and score < best - 1e-7):
