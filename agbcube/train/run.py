@@ -381,13 +381,13 @@ class _FoldData:
         self, idx: np.ndarray, mask: np.ndarray | None, max_pixels: int, seed: int
     ) -> tuple[Any, Any]:
         """Raw features and AGB of the chips at ``idx`` (a subsample when streaming)."""
-        if self.chips is not None:
-            return self.chips.x[idx], self._labels(idx, mask)
         rng = np.random.default_rng(seed)
-        pick = _chip_sample(idx.size, self.config.chips.size, max_pixels, rng)
-        ds = self.dataset(
-            idx[pick], None, with_coords=False, mask=None if mask is None else mask[pick]
-        )
+        in_memory = self.chips is not None
+        pick = _baseline_sample(idx.size, self.config.chips.size, max_pixels, rng, in_memory)
+        idx, mask = idx[pick], None if mask is None else mask[pick]
+        if in_memory:
+            return self.chips.x[idx], self._labels(idx, mask)
+        ds = self.dataset(idx, None, with_coords=False, mask=mask)
         blocks = list(ds.blocks())
         return np.concatenate([b[0] for b in blocks]), np.concatenate([b[1] for b in blocks])
 
@@ -615,9 +615,15 @@ def _pixel_frame(
     )
 
 
-def _chip_sample(n_chips: int, size_px: int, max_pixels: int, rng: Any) -> np.ndarray:
-    """Sorted positions of enough of ``n_chips`` chips to give a pixel model ``max_pixels``
-    labelled pixels (1.5× for missing ones): the baseline reads no more than that."""
+def _baseline_sample(
+    n_chips: int, size_px: int, max_pixels: int, rng: Any, in_memory: bool
+) -> np.ndarray:
+    """Sorted positions of the chips, of ``n_chips``, that the ``hgb-pixel`` model draws its
+    ``max_pixels`` training pixels from. In memory, every chip; streamed, enough chips for that
+    many labelled pixels (1.5× for missing ones), so the baseline reads no more than that. The
+    honest baseline and ``random_cv`` both sample through here, so only their splits differ."""
+    if in_memory:
+        return np.arange(n_chips)
     n = min(n_chips, int(np.ceil(1.5 * max_pixels / size_px**2)))
     return np.sort(rng.choice(n_chips, size=n, replace=False))
 
@@ -704,12 +710,11 @@ def _random_cv(config: Any, folds: pd.DataFrame, chips: Any, n_folds: int) -> di
 
     decode = TargetTransform(log=tcfg.log_target)
     rng = np.random.default_rng(tcfg.seed)
+    in_memory = chips is not None
     frames, pixel_frames = [], []
     split = KFold(n_folds, shuffle=True, random_state=tcfg.seed).split(np.arange(len(folds)))
     for k, (train, test) in enumerate(split):
-        pick = train  # the honest baseline's sample (_FoldData.baseline_chips)
-        if chips is None:
-            pick = train[_chip_sample(train.size, size, tcfg.hgb_max_pixels, rng)]
+        pick = train[_baseline_sample(train.size, size, tcfg.hgb_max_pixels, rng, in_memory)]
         parts = list(blocks(pick))
         x = np.concatenate([p[0] for p in parts])
         agb = np.concatenate([p[1] for p in parts])
