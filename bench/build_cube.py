@@ -56,15 +56,13 @@ import os
 import platform
 import resource
 import shutil
-import signal
-import subprocess
 import sys
-import tempfile
-import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from _harness import PAGE, run_child, versions
 
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARK_CONFIG = REPO / "configs" / "benchmark.yaml"
@@ -73,7 +71,6 @@ TEMPLATE_SAT = RAW / "satellite" / "achanakmar_satellite.tif"
 TEMPLATE_AGB = RAW / "biomass" / "achanakmar_biomass.tif"
 CHUNKS = 256
 SIZES = ("small", "medium", "large")
-PAGE = os.sysconf("SC_PAGE_SIZE")
 ENV_KEYS = ("GDAL_CACHEMAX", "GDAL_NUM_THREADS", "DASK_NUM_WORKERS", "OMP_NUM_THREADS")
 
 
@@ -223,53 +220,10 @@ def child_main(spec_path: str) -> None:
     Path(spec_path).with_suffix(".out.json").write_text(json.dumps(out, default=str))
 
 
-def _rss(pid: int) -> int | None:
-    try:
-        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def run_step(spec: dict[str, Any], workdir: Path, max_rss: float) -> dict[str, Any]:
     """Run a step in a fresh interpreter; add its peak RSS and an RSS trace (1 s samples)."""
-    with tempfile.NamedTemporaryFile("w", suffix=".json", dir=workdir, delete=False) as f:
-        json.dump(spec, f)
-    spec_file = Path(f.name)
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, __file__, "--child", str(spec_file)])
-    trace: list[tuple[float, float]] = []
-    killed = threading.Event()
-
-    def sample() -> None:
-        while proc.returncode is None:
-            rss = _rss(proc.pid)
-            if rss is None:
-                return
-            trace.append((round(time.perf_counter() - t0, 1), round(rss / 1e9, 3)))
-            if rss > max_rss and not killed.is_set():
-                killed.set()
-                os.kill(proc.pid, signal.SIGKILL)
-            time.sleep(1.0)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    sampler.join()
-    result: dict[str, Any] = {
-        "returncode": proc.returncode,
-        "process_wall_s": time.perf_counter() - t0,
-        "peak_rss": usage.ru_maxrss * 1024,
-        "rss_trace_gb": trace,
-    }
-    out_file = spec_file.with_suffix(".out.json")
-    if proc.returncode == 0 and out_file.exists():
-        result.update(json.loads(out_file.read_text()))
-    else:
-        why = "killed: RSS above --max-rss-gb" if killed.is_set() else "failed"
-        result["error"] = f"{why} (exit code {proc.returncode})"
-    spec_file.unlink(missing_ok=True)
-    out_file.unlink(missing_ok=True)
+    result = run_child(__file__, spec, workdir, max_rss)
+    result["peak_rss"] = result["ru_maxrss"]
     return result
 
 
@@ -399,18 +353,6 @@ def _table_row(row: dict[str, Any]) -> dict[str, str]:
     }
 
 
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {}
-    for pkg in ("agbcube", "dask", "xarray", "zarr", "numcodecs", "rioxarray", "rasterio", "numpy"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            continue
-    return out
-
-
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """The results as a Markdown table."""
     cells = [_table_row(r) for r in rows]
@@ -460,7 +402,9 @@ def main(argv: list[str] | None = None) -> None:
             "platform": platform.platform(),
             "python": platform.python_version(),
         },
-        "versions": _versions(),
+        "versions": versions(
+            ("agbcube", "dask", "xarray", "zarr", "numcodecs", "rioxarray", "rasterio", "numpy")
+        ),
         "env": {k: os.environ[k] for k in ENV_KEYS if k in os.environ},
         "parent_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "rows": rows,

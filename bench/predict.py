@@ -65,20 +65,18 @@ import platform
 import re
 import resource
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from _harness import PAGE, cpu_busy_s, run_child, versions
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RUN = REPO / "runs" / "bench-default"
-PAGE = os.sysconf("SC_PAGE_SIZE")
 CHUNKS = 256
 ENV_KEYS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "DASK_NUM_WORKERS", "GDAL_CACHEMAX")
 SETTINGS = {
@@ -234,12 +232,6 @@ def child_main(spec_path: str) -> None:
 # parent: run children, measure them
 
 
-def _cpu_busy_s() -> float:
-    """CPU seconds all cores have spent busy since boot (``/proc/stat``)."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
-
-
 def wait_quiet(max_wait_s: float, cores: float = 0.25) -> float:
     """Wait (at most ``max_wait_s``) until other processes use under ``cores`` CPUs; seconds waited.
 
@@ -248,9 +240,9 @@ def wait_quiet(max_wait_s: float, cores: float = 0.25) -> float:
     t0 = time.perf_counter()
     said = False
     while True:
-        b0 = _cpu_busy_s()
+        b0 = cpu_busy_s()
         time.sleep(2.0)
-        busy = (_cpu_busy_s() - b0) / 2.0
+        busy = (cpu_busy_s() - b0) / 2.0
         waited = time.perf_counter() - t0
         if busy < cores or waited >= max_wait_s:
             return waited
@@ -260,68 +252,18 @@ def wait_quiet(max_wait_s: float, cores: float = 0.25) -> float:
         time.sleep(3.0)
 
 
-def _rss(pid: int) -> int | None:
-    try:
-        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def run_step(
     spec: dict[str, Any], workdir: Path, max_rss: float, prefix: list[str] | None = None
 ) -> dict[str, Any]:
     """Run a step in a fresh interpreter (optionally under ``prefix``, e.g. py-spy).
 
     Adds the child's ``ru_maxrss``, its process wall time and a 1 s RSS trace (of the direct
-    child only, so not meaningful under a prefix).
+    child only, so not meaningful under a prefix); ``peak_rss`` is the highest of ``ru_maxrss``
+    and the child's per-phase peaks.
     """
-    with tempfile.NamedTemporaryFile("w", suffix=".json", dir=workdir, delete=False) as f:
-        json.dump(spec, f)
-    spec_file = Path(f.name)
-    busy0 = _cpu_busy_s()
-    t0 = time.perf_counter()
-    cmd = [*(prefix or []), sys.executable, __file__, "--child", str(spec_file)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL if prefix else None)
-    trace: list[tuple[float, float]] = []
-    killed = threading.Event()
-
-    def sample() -> None:
-        while proc.returncode is None:
-            rss = _rss(proc.pid)
-            if rss is None:
-                return
-            trace.append((round(time.perf_counter() - t0, 1), round(rss / 1e9, 3)))
-            if rss > max_rss and not killed.is_set():
-                killed.set()
-                os.kill(proc.pid, signal.SIGKILL)
-            time.sleep(1.0)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    sampler.join()
-    wall = time.perf_counter() - t0
-    cpu = usage.ru_utime + usage.ru_stime
-    result: dict[str, Any] = {
-        "returncode": proc.returncode,
-        "process_wall_s": wall,
-        "process_cpu_s": cpu,
-        # CPU time used by everything else on the machine meanwhile, in CPUs (0: a quiet machine)
-        "other_cpus_busy": max(0.0, _cpu_busy_s() - busy0 - cpu) / wall,
-        "ru_maxrss": usage.ru_maxrss * 1024,
-        "rss_trace_gb": trace,
-    }
-    out_file = spec_file.with_suffix(".out.json")
-    if proc.returncode == 0 and out_file.exists():
-        result.update(json.loads(out_file.read_text()))
-    else:
-        why = "killed: RSS above --max-rss-gb" if killed.is_set() else "failed"
-        result["error"] = f"{why} (exit code {proc.returncode})"
+    result = run_child(__file__, spec, workdir, max_rss, prefix)
     phases = [v for v in result.get("phase_peak_rss", {}).values() if v]
     result["peak_rss"] = max([result["ru_maxrss"], *phases])
-    spec_file.unlink(missing_ok=True)
-    out_file.unlink(missing_ok=True)
     return result
 
 
@@ -571,18 +513,6 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {}
-    for pkg in ("agbcube", "torch", "dask", "xarray", "zarr", "numpy", "rioxarray", "rasterio"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            continue
-    return out
-
-
 def _git() -> dict[str, Any]:
     """The checkout measured: HEAD and whether ``agbcube/`` differs from it."""
 
@@ -673,7 +603,9 @@ def main(argv: list[str] | None = None) -> None:
             "python": platform.python_version(),
             "device": "cpu",
         },
-        "versions": _versions(),
+        "versions": versions(
+            ("agbcube", "torch", "dask", "xarray", "zarr", "numpy", "rioxarray", "rasterio")
+        ),
         "git": git_state,
         "env": {k: os.environ[k] for k in ENV_KEYS if k in os.environ},
         "parent_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
