@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from _harness import rss
 
 ROOT = Path(__file__).resolve().parents[1]
 SITE = "large"
@@ -76,10 +77,9 @@ class RssPeak:
         return self
 
     def _sample(self) -> None:
-        page = os.sysconf("SC_PAGE_SIZE")
+        pid = os.getpid()
         while not self._stop.is_set():
-            rss = int(Path("/proc/self/statm").read_text().split()[1]) * page / 1e9
-            self.peak_gb = max(self.peak_gb, rss)
+            self.peak_gb = max(self.peak_gb, rss(pid) / 1e9)
             self._stop.wait(0.02)
 
     def __exit__(self, *exc: object) -> None:
