@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.metadata as md
 import json
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -127,3 +128,14 @@ def versions(packages: Sequence[str]) -> dict[str, str]:
         except md.PackageNotFoundError:
             continue
     return out
+
+
+def machine(**extra: Any) -> dict[str, Any]:
+    """This machine as a results file records it: cores, memory, platform, Python (+ ``extra``)."""
+    return {
+        "cpus": os.cpu_count(),
+        "memory_gb": os.sysconf("SC_PHYS_PAGES") * PAGE / 1e9,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        **extra,
+    }

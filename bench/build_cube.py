@@ -53,7 +53,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import sys
@@ -62,7 +61,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from _harness import PAGE, run_child, versions
+from _harness import machine, run_child, versions
 
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARK_CONFIG = REPO / "configs" / "benchmark.yaml"
@@ -396,12 +395,7 @@ def main(argv: list[str] | None = None) -> None:
     meta = {
         "date": started.isoformat(timespec="seconds"),
         "command": " ".join(["python", "bench/build_cube.py", *(argv or sys.argv[1:])]),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "memory_gb": os.sysconf("SC_PHYS_PAGES") * PAGE / 1e9,
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-        },
+        "machine": machine(),
         "versions": versions(
             ("agbcube", "dask", "xarray", "zarr", "numcodecs", "rioxarray", "rasterio", "numpy")
         ),

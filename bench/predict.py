@@ -61,7 +61,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import re
 import resource
 import shutil
@@ -73,7 +72,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from _harness import PAGE, cpu_busy_s, run_child, versions
+from _harness import cpu_busy_s, machine, run_child, versions
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RUN = REPO / "runs" / "bench-default"
@@ -596,13 +595,7 @@ def main(argv: list[str] | None = None) -> None:
         "date": started.isoformat(timespec="seconds"),
         "command": " ".join(["python", "bench/predict.py", *(argv or sys.argv[1:])]),
         "run": str(args.run),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "memory_gb": os.sysconf("SC_PHYS_PAGES") * PAGE / 1e9,
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "device": "cpu",
-        },
+        "machine": machine(device="cpu"),
         "versions": versions(
             ("agbcube", "torch", "dask", "xarray", "zarr", "numpy", "rioxarray", "rasterio")
         ),
