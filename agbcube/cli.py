@@ -56,6 +56,20 @@ def _run(func, *args, **kwargs):
         raise typer.Exit(130) from None
 
 
+def _log_progress(quiet: bool) -> None:
+    """Training's progress lines (the ``agbcube.train`` logger) on the console."""
+    import logging
+
+    from rich.logging import RichHandler
+
+    logger = logging.getLogger("agbcube.train")
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    if not logger.handlers:
+        handler = RichHandler(console=console, show_time=False, show_path=False, markup=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+
+
 def _cube_table(results: dict) -> Table:
     table = Table(title="cube")
     for col in ("site", "status", "pixels", "bands", "indices", "valid AGB px", "AGB mean"):
@@ -133,12 +147,8 @@ def demo_cmd(
     folds = _run(make_folds, cfg, echo=console.print)
     _run(write_folds, folds, cfg.folds.output)
     console.print(_folds_table(folds))
-    metrics = _run(
-        run_cv,
-        cfg,
-        overwrite=True,
-        echo=lambda line: console.print(line, markup=False, highlight=False),
-    )
+    _log_progress(quiet)
+    metrics = _run(run_cv, cfg, overwrite=True)
     console.print(_metrics_table(metrics))
     from agbcube.cube import cube_sites
     from agbcube.train.loop import resolve_device
@@ -209,8 +219,9 @@ def folds_cmd(
 def train_cmd(
     config: ConfigArg,
     device: Annotated[
-        str, typer.Option(help="auto (GPU when present), cpu, cuda or cuda:N.")
-    ] = "auto",
+        str | None,
+        typer.Option(help="auto (GPU when present), cpu, cuda or cuda:N (default: train.device)."),
+    ] = None,
     epochs: Annotated[
         int | None, typer.Option(help="Maximum epochs (overrides train.epochs).")
     ] = None,
@@ -230,15 +241,9 @@ def train_cmd(
     from agbcube.train import run_cv
 
     cfg = _run(load_config, config)
+    _log_progress(quiet)
     metrics = _run(
-        run_cv,
-        cfg,
-        device=device,
-        epochs=epochs,
-        resume=resume,
-        overwrite=overwrite,
-        output=output,
-        echo=None if quiet else (lambda line: console.print(line, markup=False, highlight=False)),
+        run_cv, cfg, device=device, epochs=epochs, resume=resume, overwrite=overwrite, output=output
     )
     console.print(_metrics_table(metrics))
     console.print(f"run written to [bold]{output or cfg.train.output}[/]")

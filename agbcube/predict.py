@@ -223,6 +223,7 @@ class _TileSpec:
     device: str
     n_features: int
     crs: str | None  # WKT, when the models take lon/lat channels
+    margin: int = 0  # context pixels a model reads around each window (unpadded convolutions)
 
 
 def _windows_touching(n: int, window: int, stride: int, start: int, size: int) -> np.ndarray:
@@ -261,19 +262,23 @@ def _predict_tile(
     r0, c0 = offset
     ny, nx = core
     n_y, n_x = spec.shape
-    window = spec.window
+    window, m = spec.window, spec.margin
     ys = _windows_touching(n_y, window, spec.stride, r0, ny)
     xs = _windows_touching(n_x, window, spec.stride, c0, nx)
     if spec.crs is not None and xy is not None:
-        from agbcube.train.data import lonlat_of
+        from agbcube.train.readers import lonlat_of
 
         feats = np.concatenate([feats, lonlat_of(*xy, spec.crs)])
-    # a site smaller than one window: its single window reaches past the edge (NaN there)
-    need = (ys[-1] + window - top, xs[-1] + window - left)
-    if need[0] > feats.shape[1] or need[1] > feats.shape[2]:
-        padded = np.full((feats.shape[0], *need), np.nan, np.float32)
-        padded[:, : feats.shape[1], : feats.shape[2]] = feats
-        feats = padded
+    # every window with its margin, NaN beyond the site (also a site smaller than one window)
+    oy, ox = int(ys[0]) - m, int(xs[0]) - m
+    need = (int(ys[-1]) + window + m - oy, int(xs[-1]) + window + m - ox)
+    if (oy, ox) != (top, left) or need != feats.shape[1:]:
+        canvas = np.full((feats.shape[0], *need), np.nan, np.float32)
+        ya, xa = top - oy, left - ox
+        canvas[:, ya : ya + feats.shape[1], xa : xa + feats.shape[2]] = feats[
+            :, : need[0] - ya, : need[1] - xa
+        ]
+        feats = canvas
     taper = cosine_weights(window)
     acc = np.zeros((len(members), ny, nx), np.float64)
     wsum = np.zeros((ny, nx), np.float64)
@@ -283,11 +288,9 @@ def _predict_tile(
         target = rest[0] if rest else None
         for start in range(0, len(windows), batch_size):
             batch = windows[start : start + batch_size]
+            side = window + 2 * m
             stack = np.stack(
-                [
-                    feats[:, y - top : y - top + window, x - left : x - left + window]
-                    for y, x in batch
-                ]
+                [feats[:, y - oy : y - oy + side, x - ox : x - ox + side] for y, x in batch]
             )
             x_t = torch.from_numpy(std.apply(stack)).to(spec.device)
             out = predict(model, x_t, tta=spec.tta).cpu().numpy().astype(np.float64)
@@ -305,7 +308,7 @@ def _predict_tile(
     out = np.full((4, ny, nx), np.nan, np.float32)
     out[0] = per_model.mean(axis=0)
     out[1] = per_model.std(axis=0) if len(members) > 1 else 0.0
-    core_feats = feats[: spec.n_features, r0 - top : r0 - top + ny, c0 - left : c0 - left + nx]
+    core_feats = feats[: spec.n_features, r0 - oy : r0 - oy + ny, c0 - ox : c0 - ox + nx]
     if aoa is not None:
         flat = np.moveaxis(core_feats, 0, -1).reshape(-1, spec.n_features)
         di = _nearest(_standardise(flat, aoa.mean, aoa.std), aoa.points) / aoa.mean_distance
@@ -338,6 +341,7 @@ def predict_site(
     aoa: AOAReference | None = None,
     bands: Sequence[str] | None = None,
     block_px: int | None = None,
+    margin_px: int = 0,
 ) -> xr.Dataset:
     """Lazily predict every pixel of a site's cube.
 
@@ -372,6 +376,9 @@ def predict_site(
         512, smaller for a small site so that it still splits into 2 × 2 tiles (windows at
         tile borders are evaluated by each tile they touch, so tiles much larger than the
         window waste little).
+    margin_px : int
+        Context the models read around each window (a dense model with unpadded
+        convolutions: its ``margin``); NaN beyond the site's edge, as in training.
 
     Returns
     -------
@@ -399,6 +406,7 @@ def predict_site(
         device=device,
         n_features=feats.sizes["band"],
         crs=ds.rio.crs.to_wkt() if coordinates else None,
+        margin=margin_px,
     )
     x, y = ds["x"].values, ds["y"].values
     members = [(m[0], m[1], m[2] if len(m) > 2 else _Decode(log_target)) for m in models]
@@ -412,11 +420,13 @@ def predict_site(
     y_off, x_off = _offsets(ychunks), _offsets(xchunks)
     for r0, ny in zip(y_off, ychunks, strict=True):
         ys = _windows_touching(shape[0], window_px, spec.stride, int(r0), ny)
-        top, bottom = int(ys[0]), min(shape[0], int(ys[-1]) + window_px)
+        top = max(0, int(ys[0]) - margin_px)
+        bottom = min(shape[0], int(ys[-1]) + window_px + margin_px)
         row = []
         for c0, nx in zip(x_off, xchunks, strict=True):
             xs = _windows_touching(shape[1], window_px, spec.stride, int(c0), nx)
-            left, right = int(xs[0]), min(shape[1], int(xs[-1]) + window_px)
+            left = max(0, int(xs[0]) - margin_px)
+            right = min(shape[1], int(xs[-1]) + window_px + margin_px)
             region = feats.isel(y=slice(top, bottom), x=slice(left, right))
             source = region.values if loaded else _Window(_without_cache(region))
             tile = dask.delayed(_predict_tile, pure=False)(
@@ -634,6 +644,7 @@ def predict_run(
         aoa=reference,
         bands=spec["bands"],
         block_px=block_px,
+        margin_px=int(getattr(models[0][0], "margin", 0)),
     )
     # What the maps depend on: an interrupted write resumes only into maps made the same way.
     ensemble = (run_dir / "ensemble.pt").stat()

@@ -12,9 +12,10 @@ Steps, in one process:
    than this machine's 24 GB of RAM.
 2. ``sequential``: every chunk tile read and decompressed in storage order by one thread (the
    store's sequential decompress-and-read rate, GB/s of decompressed bytes).
-3. ``read stage``: the reads of a streaming pass alone (``ChunkedChips.tiles``: the tiles the
+3. ``read stage``: the reads of a streaming pass alone (``ChunkReader.blocks``: the tiles the
    chips touch, each once, in the pass's order), against step 2.
-4. ``chunks``: :class:`agbcube.train.data.ChunkedChips` delivering every chip of the chip grid
+4. ``chunks``: :class:`agbcube.train.batches.StreamBatches` over a
+   :class:`agbcube.train.readers.ChunkReader` delivering every chip of the chip grid
    (24 px, stride 22) once, in the training order it produces (its shuffle buffer), as
    standardised and augmented torch batches of 256 ready for the model; the rate at which it
    consumes the store (decompressed tile bytes / s) against step 2, and chips/s.
@@ -175,22 +176,19 @@ def sequential(store: Path) -> dict:
 
 
 def read_stage(store: Path, chips: pd.DataFrame, size: int) -> dict:
-    """The streaming pass's reads alone: ``ChunkedChips.tiles`` for every chip, in its order."""
-    from agbcube.train.data import ChunkedChips
+    """The streaming pass's reads and cuts alone: ``ChunkReader.blocks`` for every chip."""
+    from agbcube.train.readers import ChunkReader, resolve_bands
 
-    src = ChunkedChips(
-        store, chips, size_px=size, standardiser=None, coordinates=False, log_target=True
-    )
+    src = ChunkReader(store, chips, size_px=size, bands=resolve_bands(store, [SITE], None))
     positions = np.random.default_rng(0).permutation(len(chips))
     n_bytes, t0 = 0, time.perf_counter()
-    for kind, item in src.tiles(positions):
-        if kind == "tile":
-            n_bytes += item[1].nbytes + item[2].nbytes
+    for block in src.blocks(positions):
+        n_bytes += block.x.nbytes + block.agb.nbytes
     s = time.perf_counter() - t0
     return {
         "seconds": s,
         "tiles_read": src.tiles_read,
-        "decompressed_gb": n_bytes / 1e9,
+        "chip_gb_cut": n_bytes / 1e9,
         "gb_per_s": n_bytes / 1e9 / s,
     }
 
@@ -205,17 +203,16 @@ def chip_grid(store: Path, size: int, stride: int) -> pd.DataFrame:
 
 
 def agbcube_chunks(store: Path, chips: pd.DataFrame, size: int, batch: int, seed: int) -> dict:
-    from agbcube.train.data import ChunkedChips, Standardiser
+    from agbcube.train.batches import Preparation, StreamBatches
     from agbcube.train.model import draw_augmentation
+    from agbcube.train.readers import ChunkReader, resolve_bands
 
-    sample = ChunkedChips(
-        store, chips.iloc[:64], size_px=size, standardiser=None, coordinates=False, log_target=True
-    )
-    std = Standardiser.fit(np.concatenate([x for x, _, _ in sample.blocks()]))
-    src = ChunkedChips(
-        store, chips, size_px=size, standardiser=std, coordinates=False, log_target=True
-    )
-    n_bands = len(src.bands or []) or std.mean.shape[0]
+    bands = resolve_bands(store, [SITE], None)
+    src = ChunkReader(store, chips, size_px=size, bands=bands)
+    kw = dict(coordinates=False, per_chip=False, log_target=True, size_px=size, margin=0)
+    prep = Preparation.fit(src.blocks(np.arange(64)), lambda rows: None, **kw)
+    source = StreamBatches(src, np.arange(len(chips)), None, prep, "cpu")
+    n_bands = len(bands)
     g = torch.Generator().manual_seed(seed)
 
     def augment(n: int):
@@ -225,9 +222,11 @@ def agbcube_chunks(store: Path, chips: pd.DataFrame, size: int, batch: int, seed
 
     order = torch.randperm(len(chips), generator=torch.Generator().manual_seed(seed))
     n, checksum, t0 = 0, 0.0, time.perf_counter()
-    for xb, _yb, idx in src.iterate(order, batch, augment=augment):
+    tiles_before = src.tiles_read
+    for xb, _yb, idx in source.iterate(order, batch, augment=augment):
         n += idx.numel()
         checksum += float(xb[:, :, 0, 0].sum())  # touch every batch
+    src.tiles_read -= tiles_before
     s = time.perf_counter() - t0
     from agbcube.cube import open_cube
 
@@ -249,21 +248,15 @@ def agbcube_chunks(store: Path, chips: pd.DataFrame, size: int, batch: int, seed
 def xbatcher_anchor(
     store: Path, chips: pd.DataFrame, size: int, stride: int, seconds: float
 ) -> dict:
-    from agbcube.train.data import StreamingChips
+    from agbcube.train.readers import XbatcherReader, resolve_bands
 
-    ds = StreamingChips(
-        store,
-        chips,
-        size_px=size,
-        stride_px=stride,
-        standardiser=None,
-        coordinates=False,
-        log_target=True,
+    reader = XbatcherReader(
+        store, chips, size_px=size, stride_px=stride, bands=resolve_bands(store, [SITE], None)
     )
     order = np.random.default_rng(0).permutation(len(chips))
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        ds.raw(int(order[n]))
+        reader.chip(int(order[n]))
         n += 1
     s = time.perf_counter() - t0
     return {"seconds": s, "chips": n, "chips_per_s": n / s}

@@ -8,7 +8,7 @@ chips a fold trains on), side by side in one run:
 * xbatcher's torch ``MapDataset`` through a ``DataLoader``;
 * a numpy fancy-index gather from RAM;
 * ``memcpy`` of pre-cut chips (the limit);
-* **agbcube**: the device-resident path (``DeviceChips.iterate`` + on-device augmentation,
+* **agbcube**: the device-resident path (``DeviceBatches.iterate`` + on-device augmentation,
   batches ready for the model), on CPU here, on the GPU when one is present.
 
 Anchors (issue 8, this 2-core machine kind, 59-band chips): 77 / 6 500 / 900 / 24 000 /
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from agbcube._store import open_cube
-from agbcube.train.data import DeviceChips, Standardiser, chip_windows
+from agbcube.train.batches import DeviceBatches, Standardiser
 from agbcube.train.model import draw_augmentation
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,6 +49,19 @@ def timed(func, *, min_s: float = 2.0) -> tuple[float, int]:
     while time.perf_counter() - t0 < min_s:
         n += func()
     return time.perf_counter() - t0, n
+
+
+def chip_windows(ds, *, size_px: int, stride_px: int):
+    """An xbatcher ``BatchGenerator`` whose patches are the chip grid of a site's cube."""
+    import xbatcher
+
+    overlap = size_px - stride_px
+    return xbatcher.BatchGenerator(
+        ds,
+        input_dims={"y": size_px, "x": size_px},
+        input_overlap={"y": overlap, "x": overlap},
+        preload_batch=True,
+    )
 
 
 def main() -> None:
@@ -115,7 +128,7 @@ def main() -> None:
 
     std = Standardiser.fit(chips)
     target = np.zeros((n_chips,), np.float32)
-    resident = DeviceChips(chips, target, std, device)
+    resident = DeviceBatches(std.apply(chips), target, device)
     g = torch.Generator().manual_seed(0)
 
     def draw(size: int):

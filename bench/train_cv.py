@@ -1,28 +1,26 @@
-"""Wall time of the full 5-fold cross-validation on the benchmark sites, original protocol.
+"""Cross-validation wall time, side by side with the original pipeline's, in one run.
 
-The original pipeline's protocol: 24-px chips with 10 % overlap, batch 16, at most 100 epochs,
-patience 20, Huber loss, augmentation, hard-negative mining and test-time augmentation (the
-defaults of ``train``, used whatever the config's ``train`` section says). Besides the wall
-time it reports the model's pure compute: the forward+backward+step throughput of the same
-network on random data at the same batch size, times the number of training samples the run
-processed; the gap between the two is everything that is not model compute (data path,
-validation, mining passes, checkpoints, I/O).
-
-Anchors (BENCHMARKS.md): the original pipeline took 482 s on this 2-core CPU and 181 s on one
-H100; its forward+backward+step ran at 420 samples/s at batch 16 here.
+The original pipeline's 5-fold CV took 482 s on a 2-core CPU where its CNN trained at 420
+samples/s (forward + backward + step, batch 16), and 181 s on one H100. To compare on another
+machine without rerunning it, this script measures that CNN's training rate here (the
+original protocol's model: chip head, instance norm, lon/lat channels, the benchmark's 108
+bands) and scales the 482 s by it: ``anchor_s = 482 × 420 / rate``. Then it times
+``agbcube train`` on the benchmark sites, each configuration in turn, and reports each CV's
+wall time against the anchor, with its per-site R².
 
 Usage::
 
-    python bench/train_cv.py [--config configs/benchmark.yaml] [--device cpu] [--epochs 100]
+    python bench/train_cv.py [--configs configs/benchmark.yaml configs/original.yaml]
+        [--device cpu] [--seeds 0] [--output /tmp/agbcube-bench-train] [--rate-only]
 
-Writes ``bench/results/train_cv_<device>.json``.
+Writes ``bench/results/train_cv_<device>.json`` (or ``--results``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
+import os
 import time
 from pathlib import Path
 
@@ -33,88 +31,106 @@ from agbcube.train import run_cv
 from agbcube.train.loop import build_model, resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]
+ORIGINAL_CPU_S, ORIGINAL_RATE = 482.0, 420.0  # its CV and its CNN's samples/s, same machine
+ORIGINAL_H100_S = 181.0
 
 
-def model_throughput(cfg, in_channels: int, size: int, batch: int, device, seconds: float = 5.0):
-    """Samples/s of forward + backward + AdamW step, on random data, after a warm-up."""
+def model_rate(
+    cfg: TrainConfig, in_channels: int, size: int, batch: int, device, seconds: float = 5.0
+) -> float:
+    """Training samples/s of the model ``cfg`` describes, on random data (fwd+bwd+step)."""
     torch.manual_seed(0)
     model = build_model(cfg, in_channels, size).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x = torch.randn(batch, in_channels, size, size, device=device)
-    y = torch.randn(batch, device=device)
-    for _ in range(5):
-        loss = torch.nn.functional.huber_loss(model(x), y)
-        opt.zero_grad()
+    n, t0 = 0, None
+    while t0 is None or time.perf_counter() - t0 < seconds:
+        out = model(x)
+        loss = out.float().square().mean()
+        opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        loss = torch.nn.functional.huber_loss(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        if t0 is None:  # the first step warms up
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            continue
         n += batch
     if device.type == "cuda":
         torch.cuda.synchronize()
     return n / (time.perf_counter() - t0)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default=str(ROOT / "configs" / "benchmark.yaml"))
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--epochs", type=int, default=None)
-    parser.add_argument("--output", default="/tmp/agbcube-bench-train")
-    args = parser.parse_args()
+def original_rate(device) -> float:
+    """The original protocol's CNN (``configs/original.yaml``'s train settings) at batch 16."""
+    cfg = load_config(ROOT / "configs" / "original.yaml").train
+    return model_rate(cfg, 108 + 2, 24, 16, device)
 
-    cfg = load_config(args.config)
-    # The original protocol is train's defaults, whatever the config's own train section says.
-    protocol = TrainConfig(baseline="none", output=cfg.train.output)
-    cfg = cfg.model_copy(update={"train": protocol})
-    device = resolve_device(args.device)
+
+def time_config(path: str, device: str, seed: int, output: Path) -> dict:
+    cfg = load_config(path)
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": seed})})
     t0 = time.perf_counter()
-    metrics = run_cv(
-        cfg, device=args.device, epochs=args.epochs, output=args.output, overwrite=True, plots=False
-    )
+    metrics = run_cv(cfg, device=device, output=output, overwrite=True, plots=False)
     wall = time.perf_counter() - t0
-    folds = metrics["folds"]
-    samples = 0
-    for k, info in folds.items():
-        hist = json.loads((Path(args.output) / f"fold_{k}" / "DONE").read_text())["history"]
-        samples += info["n_train"] * len(hist)
-    import pandas as pd
-
-    chips = pd.read_parquet(Path(args.output) / "folds.parquet")
-    n_bands = metrics["run"].get("n_bands")
-    if n_bands is None:
-        member = torch.load(Path(args.output) / "fold_0" / "model.pt", weights_only=False)
-        n_bands = member["in_channels"]
-    throughput = {
-        b: model_throughput(cfg.train, n_bands, cfg.chips.size, b, device) for b in (16, 256)
+    primary = metrics["primary_model"]
+    per_site = {
+        level: {
+            s: round(m["r2"], 4)
+            for s, m in metrics["models"][primary][level]["mg_ha"]["per_site"].items()
+        }
+        for level in ("chip", "pixel")
     }
-    result = {
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {device}",
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "wall_s": wall,
-        "cv_s_in_run": metrics["run"]["wall_s"],
-        "training_samples": samples,
-        "model_samples_per_s": throughput,
-        "pure_compute_s_at_batch": samples / throughput[cfg.train.batch_size]
-        if cfg.train.batch_size in throughput
-        else None,
-        "n_chips": len(chips),
-        "epochs_per_fold": {k: v["epochs_run"] for k, v in folds.items()},
-        "per_site_chip_r2": {
-            s: m["r2"]
-            for s, m in metrics["models"]["cnn-coordinate"]["chip"]["mg_ha"]["per_site"].items()
+    tasks = sorted(output.glob("fold_*/*.npz"))
+    return {
+        "config": str(Path(path).relative_to(ROOT) if Path(path).is_relative_to(ROOT) else path),
+        "seed": seed,
+        "wall_s": round(wall, 1),
+        "r2": per_site,
+        "n_tasks": len(tasks),
+        "epochs": {
+            k: v.get("refit_epochs", v.get("epochs_run")) for k, v in metrics["folds"].items()
         },
     }
-    out = ROOT / "bench" / "results" / f"train_cv_{device.type}.json"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        default=[str(ROOT / "configs" / "benchmark.yaml"), str(ROOT / "configs" / "original.yaml")],
+    )
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--output", type=Path, default=Path("/tmp/agbcube-bench-train"))
+    parser.add_argument("--results", type=Path, default=None)
+    parser.add_argument("--rate-only", action="store_true", help="only the original's rate")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    rate = original_rate(device)
+    anchor = ORIGINAL_CPU_S * ORIGINAL_RATE / rate
+    result = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": f"{os.cpu_count()} cpus, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, {device}",
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "original_cnn_samples_per_s": round(rate, 1),
+        "original_cv_anchor_s": round(anchor, 1),
+        "runs": [],
+    }
+    print(f"original CNN here: {rate:.0f} samples/s at batch 16 → its CV ≈ {anchor:.0f} s")
+    for path in [] if args.rate_only else args.configs:
+        for seed in args.seeds:
+            run = time_config(path, args.device, seed, args.output / f"{Path(path).stem}-{seed}")
+            run["vs_original"] = round(run["wall_s"] / anchor, 2)
+            if device.type == "cuda":
+                run["vs_original_h100"] = round(run["wall_s"] / ORIGINAL_H100_S, 3)
+            result["runs"].append(run)
+            print(json.dumps(run), flush=True)
+    out = args.results or ROOT / "bench" / "results" / f"train_cv_{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 

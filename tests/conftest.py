@@ -95,3 +95,32 @@ def demo_config(demo_dir: Path):
     cfg = load_config(demo_dir / "demo.yaml")
     build_cube(cfg.sites, cfg.cube, progress=False)
     return cfg
+
+
+@pytest.fixture(scope="session")
+def demo_folds(demo_config):
+    """The demo cube's folds (written to the config's folds.output once per session)."""
+    from agbcube.folds import make_folds, read_folds, write_folds
+
+    write_folds(make_folds(demo_config), demo_config.folds.output, maps=False)
+    return read_folds(demo_config.folds.output)
+
+
+@pytest.fixture(scope="session")
+def demo_bands(demo_config, demo_folds) -> list[str]:
+    from agbcube.train.readers import resolve_bands
+
+    return resolve_bands(demo_config.cube.output, demo_folds["site"], None)
+
+
+@pytest.fixture(scope="session")
+def small_chunk_cube(demo_config, tmp_path_factory):
+    """The demo cube again with 20-px chunks: 16-px chips straddle tile edges, edge tiles are
+    partial."""
+    from agbcube.cube import build_cube
+
+    cube = demo_config.cube.model_copy(
+        update={"chunks": 20, "output": tmp_path_factory.mktemp("c20") / "cube.zarr"}
+    )
+    build_cube(demo_config.sites, cube, progress=False)
+    return cube.output

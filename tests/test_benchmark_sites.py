@@ -10,6 +10,8 @@ import shapely
 from agbcube.config import load_config
 from tests.conftest import requires_benchmark
 
+pytestmark = pytest.mark.slow  # builds the benchmark cube and folds
+
 
 @pytest.fixture(scope="module")
 def bench_cfg(tmp_path_factory):

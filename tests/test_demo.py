@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 
 from agbcube.demo import config_yaml, demo_config
@@ -43,6 +44,7 @@ def test_demo_agb_follows_the_bands(demo_config):
         assert np.corrcoef(ch[ok], agb[ok])[0, 1] > 0.5
 
 
+@pytest.mark.slow
 def test_demo_command_runs_end_to_end(tmp_path):
     from typer.testing import CliRunner
 

@@ -17,7 +17,7 @@ from agbcube.predict import (
     window_starts,
     write_maps,
 )
-from agbcube.train.data import Standardiser
+from agbcube.train.batches import Standardiser
 from tests.test_chips import synthetic_cube
 
 

@@ -140,7 +140,7 @@ def test_a_dask_worker_killed_during_build_cube_changes_nothing(tmp_path, rng):
 
 
 def test_sites_with_bands_in_another_order_are_aligned_by_name(tmp_path, rng):
-    from agbcube.train.data import read_chips
+    from agbcube.train.readers import MemoryReader, resolve_bands
 
     stack = rng.uniform(100, 3000, (3, 40, 40)).astype("float32")
     agb = rng.uniform(10, 300, (40, 40)).astype("float32")
@@ -157,12 +157,13 @@ def test_sites_with_bands_in_another_order_are_aligned_by_name(tmp_path, rng):
     import pandas as pd
 
     chips = pd.DataFrame({"site": ["a", "b"], "row": [0, 0], "col": [0, 0]})
-    got = read_chips(cube.output, chips, size_px=8, stride_px=8)
-    assert got.bands == ["B4", "B8", "CH"]
+    bands = resolve_bands(cube.output, chips["site"], None)
+    assert bands == ["B4", "B8", "CH"]
+    got = MemoryReader(cube.output, chips, size_px=8, bands=bands)
     np.testing.assert_array_equal(got.x[0], got.x[1])  # same pixels, same band order
     chips = pd.DataFrame({"site": ["a", "c"], "row": [0, 0], "col": [0, 0]})
     with pytest.raises(BandError, match=r"site 'c' lacks band\(s\) \['CH'\]"):
-        read_chips(cube.output, chips, size_px=8, stride_px=8)
+        resolve_bands(cube.output, chips["site"], None)
 
 
 @pytest.mark.parametrize("value", [0.0, 150.0])
@@ -243,17 +244,17 @@ def test_training_killed_then_resumed_matches_an_uninterrupted_run(demo_config, 
     out = tmp_path / "killed"
     proc = train(out)
     t0 = time.time()
-    while not (out / "fold_1" / "checkpoint.pt").exists():
+    while not (out / "fold_1" / "checkpoint_select.pt").exists():
         if proc.poll() is not None or time.time() - t0 > 120:
             pytest.fail(f"training did not reach fold 1: {proc.stderr.read().decode()[-2000:]}")
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)  # fold 1 is mid-training: its checkpoint exists
     proc.wait(timeout=30)
-    assert not (out / "fold_1" / "DONE").exists() and not (out / "metrics.json").exists()
+    assert not (out / "fold_1" / "member_0.npz").exists() and not (out / "metrics.json").exists()
     resumed = train(out, "--resume")
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()[-2000:]
     for k in range(cfg.folds.n_folds):
-        a = torch.load(tmp_path / "clean" / f"fold_{k}" / "model.pt", weights_only=False)
-        b = torch.load(out / f"fold_{k}" / "model.pt", weights_only=False)
+        a = torch.load(tmp_path / "clean" / f"fold_{k}" / "model_0.pt", weights_only=True)
+        b = torch.load(out / f"fold_{k}" / "model_0.pt", weights_only=True)
         for name, t in a["state_dict"].items():
             assert torch.equal(t, b["state_dict"][name]), (k, name)

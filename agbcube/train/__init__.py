@@ -1,4 +1,4 @@
-"""Training: xbatcher chips into a PyTorch loop, cross-validated over honest folds.
+"""Training: chips from the cube into a PyTorch loop, cross-validated over honest folds.
 
 torch is imported only by the modules of this subpackage, never by ``import agbcube``.
 """

@@ -1,12 +1,12 @@
-"""Training one fold: sampling, augmentation, hard-negative mining, early stopping, checkpoints."""
+"""Training one model: sampling, augmentation, hard-negative mining, early stopping, checkpoints."""
 
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,9 @@ from agbcube.train.model import (
     per_sample_loss,
 )
 
-__all__ = ["FoldFit", "build_model", "fit_fold", "predict", "resolve_device"]
+__all__ = ["FitResult", "build_model", "fit", "predict", "resolve_device"]
+
+log = logging.getLogger(__name__)
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
@@ -41,8 +43,11 @@ def resolve_device(spec: str = "auto") -> torch.device:
     return device
 
 
-def build_model(cfg: Any, in_channels: int, size_px: int) -> CNNCoordinateModel:
-    """The model a :class:`~agbcube.config.TrainConfig` describes."""
+def build_model(
+    cfg: Any, in_channels: int, size_px: int, *, padding: str = "valid"
+) -> CNNCoordinateModel:
+    """The model a :class:`~agbcube.config.TrainConfig` describes (``size_px``: its input
+    window; ``padding``: the dense head's convolutions, see the model)."""
     return CNNCoordinateModel(
         in_channels,
         size_px,
@@ -51,24 +56,18 @@ def build_model(cfg: Any, in_channels: int, size_px: int) -> CNNCoordinateModel:
         fc_units=cfg.fc_units,
         norm=cfg.norm,
         dropout=cfg.dropout,
+        padding=padding,
     )
 
 
 @dataclass
-class FoldFit:
-    """What training a fold produced."""
+class FitResult:
+    """What training a model produced (its weights are in the model itself)."""
 
-    state_dict: dict[str, torch.Tensor]
     history: list[dict[str, float]] = field(default_factory=list)
     best_epoch: int = -1
     stopped: str = ""
     bad_steps: int = 0
-
-
-def _save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 @torch.inference_mode()
@@ -93,10 +92,14 @@ def predict(
     return torch.cat(outs)
 
 
+def _autocast(device: torch.device, amp: bool):
+    if device.type == "cuda" and amp:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
 @torch.no_grad()
-def _per_sample(
-    model: torch.nn.Module, data: Any, kind: str, delta: float, amp: bool
-) -> torch.Tensor:
+def _per_sample(model: torch.nn.Module, data: Any, kind: str, delta: float, amp: bool):
     """Loss of every chip in one batched pass (for hard-negative mining and validation)."""
     model.eval()
     losses = torch.full((len(data),), float("nan"), device=data.device)
@@ -107,13 +110,152 @@ def _per_sample(
     return losses
 
 
-def _autocast(device: torch.device, amp: bool):
-    if device.type == "cuda" and amp:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
+class _Fit:
+    """One model's training state: optimiser, schedule, generators and early stopping."""
+
+    def __init__(self, model: torch.nn.Module, cfg: Any, n_epochs: int, seed: int) -> None:
+        self.model, self.cfg, self.n_epochs = model, cfg, n_epochs
+        self.opt = torch.optim.AdamW(
+            model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay
+        )
+        self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=n_epochs)
+        self.g_sample = torch.Generator().manual_seed(seed)
+        self.g_aug = torch.Generator().manual_seed(seed + 1)
+        self.best_state = copy.deepcopy(model.state_dict())
+        self.result = FitResult()
+        self.best, self.wait, self.start = math.inf, 0, 0
+        self.bad_run = 0  # consecutive non-finite losses, across epochs
+
+    def state(self, epoch: int, device: torch.device) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "g_sample": self.g_sample.get_state(),
+            "g_aug": self.g_aug.get_state(),
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "best_state": self.best_state,
+            "history": self.result.history,
+            "best_epoch": self.result.best_epoch,
+            "best": self.best,
+            "wait": self.wait,
+            "epoch": epoch,
+            "stopped": self.result.stopped,
+            "bad_steps": self.result.bad_steps,
+        }
+
+    def restore(self, path: Path, device: torch.device) -> None:
+        state = torch.load(path, map_location=device, weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.g_sample.set_state(state["g_sample"])
+        self.g_aug.set_state(state["g_aug"])
+        torch.set_rng_state(state["rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        self.best_state, self.result.history = state["best_state"], state["history"]
+        self.result.best_epoch, self.best, self.wait = (
+            state["best_epoch"],
+            state["best"],
+            state["wait"],
+        )
+        self.result.stopped = state.get("stopped", "")
+        self.result.bad_steps = state.get("bad_steps", 0)
+        self.start = state["epoch"] + 1
+
+    def order(self, train: Any, epoch: int) -> torch.Tensor:
+        """This epoch's chips: a permutation, or with hard-negative mining a sample weighted
+        by every chip's loss from one batched pass."""
+        cfg, n = self.cfg, len(train)
+        if cfg.hard_negative_mining and epoch >= cfg.hnm_start_epoch:
+            losses = _per_sample(self.model, train, cfg.loss, cfg.huber_delta, cfg.amp).cpu()
+            losses = torch.nan_to_num(losses, nan=0.0, posinf=0.0)
+            top = losses.max().clamp(min=1e-12)
+            weights = 1.0 + (cfg.oversampling_factor - 1.0) * losses / top
+            return torch.multinomial(weights.double(), n, replacement=True, generator=self.g_sample)
+        return torch.randperm(n, generator=self.g_sample)
+
+    def augmenter(self, n_spectral: int) -> Any:
+        cfg = self.cfg
+        if not (cfg.augment or cfg.spectral_augment):
+            return None
+
+        def augment(size: int) -> Augmentation:
+            return draw_augmentation(
+                size,
+                self.g_aug,
+                probability=cfg.aug_probability,
+                geometric=cfg.augment,
+                spectral=cfg.spectral_augment,
+                jitter=cfg.spectral_jitter,
+                n_spectral=n_spectral,
+            )
+
+        return augment
+
+    def observe(self, epoch: int, record: dict[str, float], restore_best: bool) -> None:
+        """Record an epoch; early stopping watches a trailing mean of the validation loss: one
+        epoch's loss on a few validation chips is noisy enough to stop a still-improving run
+        (BENCHMARKS.md, "train.val_window")."""
+        result = self.result
+        result.history.append(record)
+        window = [h["val_loss"] for h in result.history[-self.cfg.val_window :]]
+        score = float(np.mean(window))
+        if not restore_best or (math.isfinite(score) and score < self.best - 1e-7):
+            self.best, self.wait, result.best_epoch = score, 0, epoch
+            self.best_state = copy.deepcopy(self.model.state_dict())
+        else:
+            self.wait += 1
+        if self.wait >= self.cfg.patience:
+            result.stopped = f"early stop at epoch {epoch + 1} (best {result.best_epoch + 1})"
 
 
-def fit_fold(
+def _train_epoch(
+    fit_: _Fit, train: Any, order: torch.Tensor, augment: Any, centres: Any, label: str
+) -> float:
+    """One pass over ``order``; the mean loss of its good steps."""
+    cfg, model, opt = fit_.cfg, fit_.model, fit_.opt
+    loss_fn = make_loss(cfg.loss, delta=cfg.huber_delta, spatial_weight=cfg.spatial_loss_weight)
+    device = train.device
+    model.train()
+    total = torch.zeros((), device=device)
+    steps = 0
+    n = len(train)
+    for xb, yb, idx in train.iterate(order, cfg.batch_size, augment=augment):
+        if idx.numel() < 2 <= n:
+            continue  # a 1-chip batch makes norm layers degenerate
+        # Standard layout for the model: channels_last convolutions on the CPU (oneDNN)
+        # were not reproducible across processes, and bit-identical resume needs that.
+        xb = xb.contiguous()
+        try:
+            with _autocast(device, cfg.amp):
+                pred = model(xb).float()
+        except torch.OutOfMemoryError as err:
+            raise TrainingError(
+                f"{label}: out of {device.type} memory at train.batch_size={cfg.batch_size} "
+                f"({xb.shape[1]} channels of {xb.shape[-1]}² px); lower train.batch_size, use "
+                "fewer train.conv_channels, or set train.data_path: chunks"
+            ) from err
+        loss = loss_fn(pred, yb, centres.index_select(0, idx) if centres is not None else None)
+        opt.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):  # skip the step; a run of them means divergence
+            fit_.result.bad_steps += 1
+            fit_.bad_run += 1
+            if fit_.bad_run >= cfg.max_bad_steps:
+                break
+            continue
+        fit_.bad_run = 0
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        opt.step()
+        total += loss.detach()
+        steps += 1
+    return (total / max(steps, 1)).item()
+
+
+def fit(
     model: torch.nn.Module,
     train: Any,
     val: Any | None,
@@ -125,25 +267,26 @@ def fit_fold(
     checkpoint: Path | None = None,
     resume: bool = False,
     centres: torch.Tensor | None = None,
-    echo: Callable[[str], None] | None = None,
     label: str = "",
     restore_best: bool = True,
-) -> FoldFit:
-    """Train ``model`` on one fold's chips.
+) -> FitResult:
+    """Train ``model`` on a fold's chips.
 
     AdamW with cosine annealing; early stopping on the mean validation loss of the last
     ``cfg.val_window`` epochs (the training loss when there is no validation set) with the best
     epoch's weights restored; hard-negative mining from ``cfg.hnm_start_epoch`` (sampling
-    weights from every chip's loss in one batched pass); batched on-device augmentation;
-    bfloat16 autocast on GPU. Random numbers come from generators seeded with ``seed``; dropout
-    uses the global generator, which is forked and seeded here and saved in checkpoints, so a
-    resumed run continues bit for bit on the CPU.
+    weights from every chip's loss in one batched pass); batched augmentation inside the batch
+    gather; bfloat16 autocast on GPU. Random numbers come from generators seeded with ``seed``;
+    dropout uses the global generator, which the caller seeds, and which is saved in
+    checkpoints, so a resumed fit continues bit for bit on the CPU. Each epoch is logged at
+    INFO on ``agbcube.train.loop``.
 
     Parameters
     ----------
     model : torch.nn.Module
         Freshly built (initialised under ``seed``) model on the chips' device.
-    train, val : DeviceChips or StreamSource
+    train, val : BatchSource
+        The training chips and the validation chips (or ``None``).
     cfg : TrainConfig
     n_spectral : int
         Leading input channels that spectral jitter applies to (not coordinates).
@@ -156,17 +299,15 @@ def fit_fold(
         Continue from ``checkpoint`` when it exists.
     centres : torch.Tensor, optional
         ``(n_train, 2)`` chip centres in km, for the chip head's spatial loss.
-    echo : callable, optional
-        Receives one line per epoch.
     label : str
-        Prefix of those lines (e.g. ``"fold 2"``).
+        Prefix of the log lines and errors (e.g. ``"fold 2"``).
     restore_best : bool
         Early stopping with the best epoch's weights restored (default); ``False`` trains
         every epoch and keeps the last weights (a refit for a known number of epochs).
 
     Returns
     -------
-    FoldFit
+    FitResult
 
     Raises
     ------
@@ -174,163 +315,78 @@ def fit_fold(
         ``cfg.max_bad_steps`` consecutive non-finite losses before any good epoch.
     """
     device = train.device
-    n_epochs = int(epochs if epochs is not None else cfg.epochs)
-    loss_fn = make_loss(cfg.loss, delta=cfg.huber_delta, spatial_weight=cfg.spatial_loss_weight)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=n_epochs)
-    g_sample = torch.Generator().manual_seed(seed)
-    g_aug = torch.Generator().manual_seed(seed + 1)
-    fit = FoldFit(state_dict=copy.deepcopy(model.state_dict()))
-    best, wait, start = math.inf, 0, 0
+    fit_ = _Fit(model, cfg, int(epochs if epochs is not None else cfg.epochs), seed)
     if resume and checkpoint is not None and checkpoint.exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        g_sample.set_state(state["g_sample"])
-        g_aug.set_state(state["g_aug"])
-        torch.set_rng_state(state["rng"])
-        if device.type == "cuda" and state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(state["cuda_rng"], device)
-        fit.state_dict, fit.history = state["best_state"], state["history"]
-        fit.best_epoch, best, wait, start = (
-            state["best_epoch"],
-            state["best"],
-            state["wait"],
-            (state["epoch"] + 1),
-        )
-        if state.get("stopped"):
-            fit.stopped = state["stopped"]
-            model.load_state_dict(fit.state_dict)
-            return fit
-    n = len(train)
-    bad_run = 0
-    augment = None
-    if cfg.augment or cfg.spectral_augment:
-
-        def augment(size: int) -> Augmentation:
-            return draw_augmentation(
-                size,
-                g_aug,
-                probability=cfg.aug_probability,
-                geometric=cfg.augment,
-                spectral=cfg.spectral_augment,
-                jitter=cfg.spectral_jitter,
-                n_spectral=n_spectral,
-            )
-
-    for epoch in range(start, n_epochs):
+        fit_.restore(checkpoint, device)
+    augment = fit_.augmenter(n_spectral)
+    for epoch in range(fit_.start, fit_.n_epochs):
+        if fit_.result.stopped:
+            break
         t0 = time.perf_counter()
-        if cfg.hard_negative_mining and epoch >= cfg.hnm_start_epoch:
-            losses = _per_sample(model, train, cfg.loss, cfg.huber_delta, cfg.amp).cpu()
-            losses = torch.nan_to_num(losses, nan=0.0, posinf=0.0)
-            top = losses.max().clamp(min=1e-12)
-            weights = 1.0 + (cfg.oversampling_factor - 1.0) * losses / top
-            order = torch.multinomial(weights.double(), n, replacement=True, generator=g_sample)
-        else:
-            order = torch.randperm(n, generator=g_sample)
-        model.train()
-        total = torch.zeros((), device=device)
-        steps = 0
-        for xb, yb, idx in train.iterate(order, cfg.batch_size, augment=augment):
-            if idx.numel() < 2 <= n:
-                continue  # a 1-chip batch makes norm layers degenerate
-            # Standard layout for the model: channels_last convolutions on the CPU (oneDNN)
-            # were not reproducible across processes, and bit-identical resume needs that.
-            xb = xb.contiguous()
-            try:
-                with _autocast(device, cfg.amp):
-                    pred = model(xb).float()
-            except torch.OutOfMemoryError as err:
-                raise TrainingError(
-                    f"{label}: out of {device.type} memory at train.batch_size="
-                    f"{cfg.batch_size} ({xb.shape[1]} channels of {xb.shape[-1]}² px); lower "
-                    "train.batch_size, use fewer train.conv_channels, or set "
-                    "train.data_path: stream"
-                ) from err
-            cb = centres.index_select(0, idx) if centres is not None else None
-            loss = loss_fn(pred, yb, cb)
-            if not torch.isfinite(loss):
-                # Skip the step; a run of them means training has diverged.
-                fit.bad_steps += 1
-                bad_run += 1
-                opt.zero_grad(set_to_none=True)
-                if bad_run >= cfg.max_bad_steps:
-                    break
-                continue
-            bad_run = 0
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-            opt.step()
-            total += loss.detach()
-            steps += 1
-        sched.step()
-        if bad_run >= cfg.max_bad_steps:
-            fit.stopped = f"{bad_run} consecutive non-finite losses at epoch {epoch}"
-            if fit.best_epoch < 0:
-                raise TrainingError(
-                    f"{label}: the loss was not finite for {bad_run} consecutive steps before "
-                    "any good epoch; lower train.learning_rate or check the cube for extreme "
-                    "values"
-                )
+        order = fit_.order(train, epoch)
+        train_loss = _train_epoch(fit_, train, order, augment, centres, label)
+        fit_.sched.step()
+        if fit_.bad_run >= cfg.max_bad_steps:
+            _diverged(fit_, fit_.bad_run, epoch, label)
             break
-        train_loss = (total / max(steps, 1)).item()
-        if val is not None and len(val):
-            val_loss = _per_sample(model, val, cfg.loss, cfg.huber_delta, cfg.amp).mean().item()
-        else:
-            val_loss = train_loss
-        seconds = time.perf_counter() - t0
-        record = {
-            "epoch": epoch,
-            "train_loss": train_loss,
-            "val_loss": val_loss,
-            "lr": opt.param_groups[0]["lr"],
-            "chips_per_s": n / max(seconds, 1e-9),
-            "seconds": seconds,
-        }
-        fit.history.append(record)
-        # early stopping watches a trailing mean: one epoch's loss on a few validation chips
-        # is noisy enough to stop a still-improving run (BENCHMARKS.md, "train.val_window")
-        window = [h["val_loss"] for h in fit.history[-cfg.val_window :]]
-        score = float(np.mean(window))
-        if not restore_best or (math.isfinite(score) and score < best - 1e-7):
-            best, wait, fit.best_epoch = score, 0, epoch
-            fit.state_dict = copy.deepcopy(model.state_dict())
-        else:
-            wait += 1
-        if echo is not None:
-            echo(
-                f"{label} epoch {epoch + 1:3d}/{n_epochs}  train {train_loss:.4f}  "
-                f"val {val_loss:.4f}  lr {record['lr']:.2e}  {record['chips_per_s']:,.0f} chips/s"
-                + ("  *" if fit.best_epoch == epoch else "")
-            )
-        if wait >= cfg.patience:
-            fit.stopped = f"early stop at epoch {epoch + 1} (best {fit.best_epoch + 1})"
+        record = _epoch_record(fit_, val, epoch, train_loss, len(train), t0)
+        fit_.observe(epoch, record, restore_best)
+        _log_epoch(fit_, record, label)
         if checkpoint is not None:
-            _save_atomic(
-                {
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(),
-                    "g_sample": g_sample.get_state(),
-                    "g_aug": g_aug.get_state(),
-                    "rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                    "best_state": fit.state_dict,
-                    "history": fit.history,
-                    "best_epoch": fit.best_epoch,
-                    "best": best,
-                    "wait": wait,
-                    "epoch": epoch,
-                    "stopped": fit.stopped,
-                },
-                checkpoint,
-            )
-        if fit.stopped:
-            break
-    model.load_state_dict(fit.state_dict)
-    return fit
+            _save_atomic(fit_.state(epoch, device), checkpoint)
+    model.load_state_dict(fit_.best_state)
+    return fit_.result
+
+
+def _diverged(fit_: _Fit, bad_run: int, epoch: int, label: str) -> None:
+    fit_.result.stopped = f"{bad_run} consecutive non-finite losses at epoch {epoch}"
+    if fit_.result.best_epoch < 0:
+        raise TrainingError(
+            f"{label}: the loss was not finite for {bad_run} consecutive steps before any good "
+            "epoch; lower train.learning_rate or check the cube for extreme values"
+        )
+
+
+def _epoch_record(
+    fit_: _Fit, val: Any, epoch: int, train_loss: float, n: int, t0: float
+) -> dict[str, float]:
+    cfg = fit_.cfg
+    if val is not None and len(val):
+        val_loss = _per_sample(fit_.model, val, cfg.loss, cfg.huber_delta, cfg.amp).mean().item()
+    else:
+        val_loss = train_loss
+    seconds = time.perf_counter() - t0
+    return {
+        "epoch": epoch,
+        "train_loss": train_loss,
+        "val_loss": val_loss,
+        "lr": fit_.opt.param_groups[0]["lr"],
+        "chips_per_s": n / max(seconds, 1e-9),
+        "seconds": seconds,
+    }
+
+
+def _log_epoch(fit_: _Fit, record: dict[str, float], label: str) -> None:
+    if not log.isEnabledFor(logging.INFO):
+        return
+    best = fit_.result.best_epoch == record["epoch"]
+    log.info(
+        "%s epoch %3d/%d  train %.4f  val %.4f  lr %.2e  %s chips/s%s",
+        label,
+        record["epoch"] + 1,
+        fit_.n_epochs,
+        record["train_loss"],
+        record["val_loss"],
+        record["lr"],
+        f"{record['chips_per_s']:,.0f}",
+        "  *" if best else "",
+    )
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
 
 
 def chip_centres_km(chips: Any) -> np.ndarray:

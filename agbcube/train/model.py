@@ -1,4 +1,5 @@
-"""The CNN, its losses, and batched on-device augmentation."""
+"""The CNN, its losses, and the random draw of batched augmentation (applied inside the batch
+gather: :func:`agbcube.train.batches.gather_batch`)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,6 @@ from torch.nn import functional as F
 __all__ = [
     "Augmentation",
     "CNNCoordinateModel",
-    "apply_augmentation",
-    "augment_batch",
     "dihedral",
     "dihedral_inverse",
     "draw_augmentation",
@@ -40,16 +39,24 @@ class CNNCoordinateModel(nn.Module):
     every labelled pixel. Coordinate channels, when used, are ordinary input channels holding
     each pixel's geographic position.
 
+    The dense head's convolutions are unpadded (``padding="valid"``, the default): each block
+    trims one pixel on every side, so a window of the chip plus :attr:`margin` context pixels
+    on each side gives exactly the chip's map, and nothing is computed for pixels whose output
+    is never used. ``padding="same"`` (zero padding, output the size of the input) is how
+    earlier versions built it; their model files still load so.
+
     Parameters
     ----------
     in_channels : int
         Feature bands plus coordinate channels.
     size_px : int
-        Chip side.
+        Input window side.
     head : {"chip", "dense"}
     conv_channels, fc_units : sequence of int
     norm : {"instance", "batch", "none"}
     dropout : float
+    padding : {"valid", "same"}
+        The dense head's convolutions (the chip head's are always "same").
     """
 
     def __init__(
@@ -62,13 +69,21 @@ class CNNCoordinateModel(nn.Module):
         fc_units: Sequence[int] = (128, 64),
         norm: str = "instance",
         dropout: float = 0.2,
+        padding: str = "valid",
     ) -> None:
         super().__init__()
         self.head = head
+        valid = head == "dense" and padding == "valid"
+        #: context pixels each side of the input that the output does not cover
+        self.margin = len(conv_channels) if valid else 0
         layers: list[nn.Module] = []
         c_in, side = in_channels, size_px
         for c_out in conv_channels:
-            layers += [nn.Conv2d(c_in, c_out, 3, padding=1), _norm(norm, c_out), nn.ReLU()]
+            layers += [
+                nn.Conv2d(c_in, c_out, 3, padding=0 if valid else 1),
+                _norm(norm, c_out),
+                nn.ReLU(),
+            ]
             if head == "chip" and side >= 4:
                 layers.append(nn.MaxPool2d(2))
                 side //= 2
@@ -87,7 +102,8 @@ class CNNCoordinateModel(nn.Module):
             self.out = nn.Sequential(*fc)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(n, c, h, w)`` → ``(n,)`` for the chip head, ``(n, h, w)`` for the dense head."""
+        """``(n, c, h, w)`` → ``(n,)`` for the chip head, ``(n, h - 2m, w - 2m)`` for the dense
+        head (``m``: :attr:`margin`)."""
         return self.out(self.features(x))[:, 0]
 
 
@@ -138,54 +154,6 @@ def draw_augmentation(
     transform = torch.where(chosen & geometric, which, torch.zeros_like(which))
     scale = torch.where(chosen[:, None], gain, torch.ones_like(gain)) if spectral else None
     return Augmentation(transform, scale)
-
-
-def apply_augmentation(
-    x: torch.Tensor, y: torch.Tensor, aug: Augmentation
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Apply a drawn augmentation to ``(n, c, h, w)`` inputs and their targets.
-
-    The transform moves inputs, coordinate channels and target maps together, so every pixel
-    keeps its true position. One gather for the whole batch (each sample's pixels permuted by
-    its transform), not a copy per transform group.
-    """
-    n, c, h, w = x.shape
-    if h == w and bool((aug.transform > 0).any()):
-        index = _dihedral_index(h, x.device)[aug.transform.to(x.device)]  # (n, h*w)
-        x = x.reshape(n, c, h * w).gather(2, index[:, None, :].expand(-1, c, -1))
-        x = x.view(n, c, h, w)
-        if y.dim() == 3:
-            y = y.reshape(n, h * w).gather(1, index).view(n, h, w)
-    elif aug.gain is not None:
-        x = x.clone()  # the jitter below works in place
-    if aug.gain is not None:
-        k = aug.gain.shape[1]
-        x[:, :k] *= aug.gain.to(x.device, x.dtype)[:, :, None, None]
-    return x, y
-
-
-def augment_batch(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    generator: torch.Generator,
-    *,
-    probability: float,
-    geometric: bool,
-    spectral: bool,
-    jitter: float,
-    n_spectral: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw and apply an augmentation (see :func:`draw_augmentation`)."""
-    aug = draw_augmentation(
-        x.shape[0],
-        generator,
-        probability=probability,
-        geometric=geometric,
-        spectral=spectral,
-        jitter=jitter,
-        n_spectral=n_spectral,
-    )
-    return apply_augmentation(x, y, aug)
 
 
 @functools.lru_cache(maxsize=16)

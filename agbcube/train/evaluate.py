@@ -1,0 +1,290 @@
+"""Scoring a run: the tasks' test predictions assembled into tables and metrics.
+
+Every test chip is predicted once per model (its fold's ensemble, averaged in Mg/ha, and the
+baseline). Chip level compares each chip's mean AGB with the mean of its predicted pixels (the
+chip head's single value), pixel level every pixel with known AGB; only the chip's own pixels
+are scored, never its context. ``random_cv`` scores the baseline under a random K-fold of the
+same chips: the leaky figure, beside the honest one.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from agbcube.train.batches import TargetTransform, make_target
+from agbcube.train.tasks import CNN, HGB, RunData, Task, load_result
+
+__all__ = ["assemble", "baseline_sample", "random_cv_fold"]
+
+log = logging.getLogger(__name__)
+
+
+def baseline_sample(
+    n_chips: int, size_px: int, max_pixels: int, rng: np.random.Generator, data_path: str
+) -> np.ndarray:
+    """Sorted positions of the chips, of ``n_chips``, that the ``hgb-pixel`` model draws its
+    ``max_pixels`` training pixels from. In memory, every chip; streamed, enough chips for that
+    many labelled pixels (1.5× for missing ones), so the baseline reads no more than that. The
+    honest baseline and ``random_cv`` both sample through here, so only their splits differ."""
+    if data_path == "device":
+        return np.arange(n_chips)
+    n = min(n_chips, int(np.ceil(1.5 * max_pixels / size_px**2)))
+    return np.sort(rng.choice(n_chips, size=n, replace=False))
+
+
+def scored_pixels(pred: np.ndarray, agb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-pixel predictions ``(n, h, w)`` kept where the AGB is known, and each chip's mean of
+    them: what the chip-level and pixel-level metrics compare with the AGB."""
+    pix = np.where(np.isfinite(agb), pred, np.nan)
+    return np.nanmean(pix.reshape(len(pix), -1), axis=1), pix
+
+
+def pixel_frame(
+    meta: pd.DataFrame, agb: np.ndarray, pred: np.ndarray, **columns: Any
+) -> pd.DataFrame:
+    """One row per pixel with known AGB of the chips ``meta`` (``chip_id``, ``site``), in
+    order: its chip, site, ``columns``, AGB and prediction."""
+    valid = np.isfinite(agb)
+
+    def per_pixel(values: np.ndarray) -> np.ndarray:
+        return np.broadcast_to(values[:, None, None], agb.shape)[valid]
+
+    return pd.DataFrame(
+        {
+            "chip_id": per_pixel(meta["chip_id"].to_numpy()),
+            "site": per_pixel(meta["site"].to_numpy()),
+            **columns,
+            "agb_true": agb[valid],
+            "agb_pred": np.asarray(pred)[valid],
+        }
+    )
+
+
+def random_cv_fold(run: RunData, k: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Fold ``k`` of a random K-fold of the chips (no buffer, no validation): the ``hgb-pixel``
+    model's test predictions (Mg/ha, the chips' own pixels).
+
+    Every chip not in the test fold may train, its neighbours included, which is how a random
+    split flatters a map. The model, the target and the pixel sampling are the honest
+    baseline's, so the split is the only difference between the two figures.
+    """
+    from sklearn.model_selection import KFold
+
+    from agbcube.train.baseline import fit_hgb_pixels, predict_hgb_pixels
+
+    tcfg, n = run.tcfg, len(run.folds)
+    train, test = list(
+        KFold(run.n_folds, shuffle=True, random_state=tcfg.seed).split(np.arange(n))
+    )[k]
+    rng = np.random.default_rng([tcfg.seed, k])
+    pick = train[baseline_sample(train.size, run.size_px, tcfg.hgb_max_pixels, rng, run.data_path)]
+    x, agb = _core_chips(run, pick)
+    model = fit_hgb_pixels(
+        x,
+        make_target(agb, log=tcfg.log_target, per_chip=False),
+        max_pixels=tcfg.hgb_max_pixels,
+        random_state=tcfg.seed + k,
+    )
+    tx, _ = _core_chips(run, test)
+    pred = TargetTransform(log=tcfg.log_target).decode(predict_hgb_pixels(model, tx))
+    return {"pred": pred, "test": test}, {"fold": k, "kind": "random", "n_chips": int(pick.size)}
+
+
+def _core_chips(run: RunData, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Raw features and AGB of the chips' own pixels (no context), in ``positions`` order."""
+    m, s = run.margin, run.size_px
+    x, agb = run.raw(positions)
+    return x[:, :, m : m + s, m : m + s], agb[:, m : m + s, m : m + s]
+
+
+# --------------------------------------------------------------------------------------------
+# assembling a run
+
+
+def _fold_tables(
+    run: RunData, k: int, tasks: list[Task]
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+    """Fold ``k``'s chip and pixel rows (every model) and its summary."""
+    from agbcube.train.tasks import test_agb
+
+    data = run.fold(k)
+    roles = data.roles
+    agb = test_agb(data)
+    meta = run.folds[["chip_id", "site"]].iloc[roles.test].reset_index(drop=True)
+    info = _fold_info(run, k, roles)
+    preds: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    members = [t for t in tasks if t.fold == k and t.kind == "member"]
+    if members:
+        results = [load_result(t.result_path(run.run_dir)) for t in members]
+        mg = np.mean([arrays["pred"] for _, arrays in results], axis=0)
+        if run.tcfg.head == "dense":
+            preds[CNN] = scored_pixels(mg, agb)
+        else:
+            preds[CNN] = (mg, np.broadcast_to(mg[:, None, None], agb.shape))
+        _cnn_info(run, k, tasks, results, info)
+    if any(t.fold == k and t.kind == "baseline" for t in tasks):
+        summary, arrays = load_result(Task(k, "baseline").result_path(run.run_dir))
+        preds[HGB] = scored_pixels(arrays["pred"], agb)
+        info["hgb_s"] = summary["seconds"]
+    true_chip = make_target(agb, log=False, per_chip=True)
+    frames, pixel_frames = [], []
+    agb32 = agb.astype(np.float32)
+    for name, (chip_pred, pix) in preds.items():
+        frames.append(
+            meta.assign(
+                fold=k,
+                model=name,
+                agb_true=true_chip.astype(np.float64),
+                agb_pred=chip_pred.astype(np.float64),
+                log_true=np.log1p(true_chip.astype(np.float64)),
+                log_pred=np.log1p(np.clip(chip_pred.astype(np.float64), 0, None)),
+            )
+        )
+        pix32 = np.asarray(pix, dtype=np.float32)
+        pixel_frames.append(pixel_frame(meta, agb32, pix32, fold=k, model=name))
+    return pd.concat(frames, ignore_index=True), pd.concat(pixel_frames, ignore_index=True), info
+
+
+def _fold_info(run: RunData, k: int, roles: Any) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "fold": k,
+        "n_train": int(roles.train.size),
+        "n_val": int(roles.val.size),
+        "n_test": int(roles.test.size),
+        "data_path": run.data_path,
+    }
+    if roles.train_mask is not None:
+        info["label_buffer"] = "pixel"
+        info["n_train_px"] = int(roles.train_mask.sum())
+        info["min_label_distance_m"] = roles.label_distance_m
+    return info
+
+
+def _cnn_info(
+    run: RunData, k: int, tasks: list[Task], results: list[tuple], info: dict[str, Any]
+) -> None:
+    """The CNN's part of a fold's summary: its early-stopped fit's history and the members."""
+    from agbcube.train.tasks import selection
+
+    tcfg = run.tcfg
+    chosen = results[0][0]
+    seconds = sum(s["seconds"] for s, _ in results)
+    if tcfg.refit:
+        task = selection(tcfg, k)
+        if task.kind == "select":
+            chosen = load_result(task.result_path(run.run_dir))[0]
+            seconds += chosen["seconds"]
+        info.update(n_refit=results[-1][0]["n_chips"], refit_epochs=chosen["best_epoch"] + 1)
+    info.update(
+        ensemble=len(results),
+        best_epoch=chosen["best_epoch"],
+        epochs_run=chosen["epochs_run"],
+        stopped=chosen["stopped"],
+        bad_steps=chosen["bad_steps"],
+        history=chosen["history"],
+        cnn_s=seconds,
+    )
+
+
+def assemble(run: RunData, tasks: list[Task]) -> tuple[pd.DataFrame, pd.DataFrame, dict, dict]:
+    """Predictions (chip level), pixels, per-fold summaries and metrics of a finished run."""
+    rows, pixel_rows, fold_info = [], [], {}
+    for k in range(run.n_folds):
+        chips, pixels, info = _fold_tables(run, k, tasks)
+        rows.append(chips)
+        pixel_rows.append(pixels)
+        fold_info[k] = info
+    predictions = pd.concat(rows, ignore_index=True)
+    pixels = pd.concat(pixel_rows, ignore_index=True)
+    metrics = _metrics(predictions, pixels, fold_info, run.tcfg.model)
+    if any(t.kind == "random" for t in tasks):
+        metrics["random_cv"] = _random_cv_metrics(run)
+    return predictions, pixels, fold_info, metrics
+
+
+def _metrics(
+    predictions: pd.DataFrame, pixels: pd.DataFrame, fold_info: dict, primary: str
+) -> dict[str, Any]:
+    from agbcube.train.metrics import summarise
+
+    out: dict[str, Any] = {"models": {}}
+    for name, chip in predictions.groupby("model"):
+        pix = pixels[pixels["model"] == name].assign(
+            log_true=lambda d: np.log1p(d["agb_true"].astype(np.float64)),
+            log_pred=lambda d: np.log1p(np.clip(d["agb_pred"].astype(np.float64), 0, None)),
+        )
+        out["models"][name] = {
+            "chip": {
+                "mg_ha": summarise(chip, true="agb_true", pred="agb_pred"),
+                "log": summarise(chip, true="log_true", pred="log_pred"),
+            },
+            "pixel": {
+                "mg_ha": summarise(pix, true="agb_true", pred="agb_pred"),
+                "log": summarise(pix, true="log_true", pred="log_pred"),
+            },
+        }
+    others = [name for name in out["models"] if name != primary]
+    if primary in out["models"] and others:
+        out["difference"] = _difference(predictions, pixels, primary, others[0])
+    out["folds"] = {
+        int(k): {key: v for key, v in info.items() if key != "history"}
+        for k, info in fold_info.items()
+    }
+    out["primary_model"] = primary
+    return out
+
+
+def _random_cv_metrics(run: RunData) -> dict[str, Any]:
+    from agbcube.train.metrics import summarise
+
+    frames, pixel_frames = [], []
+    for k in range(run.n_folds):
+        _, arrays = load_result(Task(k, "random").result_path(run.run_dir))
+        test = arrays["test"]
+        agb = _core_chips(run, test)[1].astype(np.float64)
+        chip_pred, pix = scored_pixels(arrays["pred"], agb)
+        meta = run.folds[["chip_id", "site"]].iloc[test].reset_index(drop=True)
+        frames.append(
+            meta.assign(
+                fold=k,
+                agb_true=make_target(agb, log=False, per_chip=True).astype(np.float64),
+                agb_pred=chip_pred,
+            )
+        )
+        pixel_frames.append(pixel_frame(meta, agb, pix, fold=k))
+    chip, pix = pd.concat(frames, ignore_index=True), pd.concat(pixel_frames, ignore_index=True)
+    return {
+        "model": HGB,
+        "n_folds": run.n_folds,
+        "seed": run.tcfg.seed,
+        "chip": {"mg_ha": summarise(chip, true="agb_true", pred="agb_pred")},
+        "pixel": {"mg_ha": summarise(pix, true="agb_true", pred="agb_pred")},
+    }
+
+
+def _difference(predictions: pd.DataFrame, pixels: pd.DataFrame, a: str, b: str) -> dict:
+    """Per-site R² of model ``a`` minus model ``b``, chip and pixel level, paired intervals."""
+    from agbcube.train.metrics import r2_difference
+
+    out: dict[str, Any] = {"models": [a, b]}
+    for level, frame in (("chip", predictions), ("pixel", pixels)):
+        fa = frame[frame["model"] == a].reset_index(drop=True)
+        fb = frame[frame["model"] == b].reset_index(drop=True)
+        keys = ["chip_id", "agb_true"]
+        if fa.empty or len(fa) != len(fb) or not fa[keys].equals(fb[keys]):
+            out[level] = None
+            continue
+        out[level] = {
+            str(site): r2_difference(
+                g["agb_true"].to_numpy(),
+                g["agb_pred"].to_numpy(),
+                fb.loc[g.index, "agb_pred"].to_numpy(),
+                g["chip_id"].to_numpy(),
+            )
+            for site, g in fa.groupby("site")
+        }
+    return out

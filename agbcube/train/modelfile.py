@@ -1,0 +1,159 @@
+"""The model file: one writer, one reader.
+
+A model file holds a trained network and everything needed to use it: its weights, the
+standardisation of its inputs, the target transform, the bands it reads (in order), the window
+it sees and the training settings that built it. Files are written atomically and read with
+``torch.load(weights_only=True)`` (plain tensors and JSON-like values only: a run directory may
+come from someone else, and unpickling arbitrary objects would run their code).
+
+``ensemble.pt`` bundles a run's members for ``agbcube predict``: ``{"format": 2, "members":
+[member, ...]}``, each member what :func:`save_model` writes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from agbcube._io import atomic_path
+from agbcube.errors import TrainingError
+from agbcube.train.batches import Preparation, Standardiser, TargetTransform
+
+__all__ = ["LoadedModel", "load_bundle", "load_model", "model_record", "save_bundle", "save_model"]
+
+FORMAT = 2
+_KEYS = ("state_dict", "standardiser", "target", "in_channels", "size_px", "bands", "train")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to predict, and how its inputs are made."""
+
+    model: torch.nn.Module
+    standardiser: Standardiser
+    target: TargetTransform
+    train: Any  # the TrainConfig it was trained with
+    bands: list[str]
+    size_px: int  # the window the model sees: chip plus context
+    context_px: int
+    fold: int | None
+    member: int | None
+
+
+def model_record(
+    model: torch.nn.Module,
+    prep: Preparation,
+    train: Any,
+    *,
+    bands: list[str],
+    fold: int,
+    member: int,
+) -> dict[str, Any]:
+    """What a model file holds (plain values: loadable with ``weights_only=True``)."""
+    return {
+        "format": FORMAT,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "standardiser": prep.standardiser.to_dict(),
+        "target": prep.target.to_dict(),
+        "in_channels": prep.n_channels,
+        "size_px": prep.size_px + 2 * prep.model_margin,  # the window the model sees
+        "context_px": prep.model_margin,
+        "padding": "valid",
+        "bands": list(bands),
+        "train": train.model_dump(mode="json"),
+        "fold": fold,
+        "member": member,
+    }
+
+
+def save_model(path: str | Path, record: dict[str, Any]) -> None:
+    """Write a :func:`model_record` atomically."""
+    with atomic_path(path) as tmp:
+        torch.save(record, tmp)
+
+
+def _load(path: Path, device: Any) -> Any:
+    if not path.exists():
+        raise TrainingError(f"model file {path} does not exist: train with `agbcube train` first")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # truncated, corrupt, or holding pickled objects
+        raise TrainingError(
+            f"model file {path} cannot be read ({type(err).__name__}: {str(err)[:120]}); it is "
+            "truncated, corrupt or not an agbcube model file: retrain (`agbcube train … "
+            "--resume` rewrites missing and unreadable members)"
+        ) from None
+
+
+def _member(record: Any, path: Path, device: Any) -> LoadedModel:
+    """Validate a record read back, then build its model."""
+    from pydantic import ValidationError
+
+    from agbcube.config import TrainConfig
+    from agbcube.train.loop import build_model
+
+    missing = [k for k in _KEYS if not isinstance(record, dict) or k not in record]
+    if missing:
+        raise TrainingError(f"{path} is not an agbcube model file: it lacks {missing}")
+    try:
+        tcfg = TrainConfig.model_validate(record["train"])
+    except ValidationError as err:
+        raise TrainingError(
+            f"{path}: the training settings it records are invalid for this agbcube "
+            f"({err.error_count()} error(s), e.g. {err.errors()[0]['loc']}: "
+            f"{err.errors()[0]['msg']}); retrain with this version"
+        ) from None
+    padding = str(record.get("padding", "same"))  # files before format 2 padded
+    model = build_model(
+        tcfg, int(record["in_channels"]), int(record["size_px"]), padding=padding
+    ).to(device)
+    try:
+        model.load_state_dict(record["state_dict"])
+    except RuntimeError as err:
+        raise TrainingError(
+            f"{path}: its weights do not fit the model its settings describe ({str(err)[:160]})"
+        ) from None
+    model.eval()
+    return LoadedModel(
+        model,
+        Standardiser.from_dict(record["standardiser"]),
+        TargetTransform.from_dict(record["target"]),
+        tcfg,
+        list(record["bands"]),
+        int(record["size_px"]),
+        int(record.get("context_px", 0)),
+        record.get("fold"),
+        record.get("member"),
+    )
+
+
+def load_model(path: str | Path, device: Any = "cpu") -> LoadedModel:
+    """Read a model file written by :func:`save_model`.
+
+    Raises
+    ------
+    TrainingError
+        The file is missing, truncated or corrupt, not a model file, or its settings or
+        weights do not describe a model this version builds.
+    """
+    path = Path(path)
+    return _member(_load(path, device), path, device)
+
+
+def save_bundle(path: str | Path, records: list[dict[str, Any]]) -> None:
+    """Write a run's members into one file (``ensemble.pt``), atomically."""
+    with atomic_path(path) as tmp:
+        torch.save({"format": FORMAT, "members": records}, tmp)
+
+
+def load_bundle(path: str | Path, device: Any = "cpu") -> list[LoadedModel]:
+    """Read the members of an ``ensemble.pt`` (see :func:`load_model` for the errors)."""
+    path = Path(path)
+    blob = _load(path, device)
+    members = blob.get("members") if isinstance(blob, dict) else None
+    if not members:
+        raise TrainingError(f"{path} is not an agbcube ensemble: it holds no members")
+    return [_member(record, path, device) for record in members]

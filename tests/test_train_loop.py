@@ -1,0 +1,163 @@
+"""Training one model: learning, early stopping, mining, resume, divergence."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from agbcube.config import TrainConfig
+from agbcube.errors import TrainingError
+from agbcube.train.batches import DeviceBatches, Standardiser
+from agbcube.train.loop import build_model, fit
+from agbcube.train.model import CNNCoordinateModel, per_sample_loss
+
+
+def _toy(n=48, size=8, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 3, size, size)).astype("float32")
+    y = (2.0 * x[:, 0].mean(axis=(1, 2)) + 5.0).astype("float32")
+    return x, y
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(
+        head="chip",
+        norm="instance",
+        conv_channels=[8, 16],
+        fc_units=[16],
+        epochs=6,
+        batch_size=8,
+        patience=50,
+        hnm_start_epoch=2,
+        aug_probability=0.5,
+        dropout=0.1,
+        context_px=0,
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+def _fit(cfg, x, y, checkpoint=None, resume=False, seed=3):
+    std = Standardiser.fit(x[:32])
+    train = DeviceBatches(std.apply(x[:32]), y[:32], "cpu")
+    val = DeviceBatches(std.apply(x[32:]), y[32:], "cpu")
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = build_model(cfg, 3, x.shape[-1])
+        result = fit(
+            model, train, val, cfg, n_spectral=3, seed=seed, checkpoint=checkpoint, resume=resume
+        )
+    return model, result, val
+
+
+def test_training_learns_and_restores_best_weights():
+    x, y = _toy()
+    model, result, val = _fit(_cfg(epochs=15, learning_rate=3e-3), x, y)
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    best = min(h["val_loss"] for h in result.history)
+    assert result.history[result.best_epoch]["val_loss"] == best
+    model.eval()
+    with torch.no_grad():
+        now = per_sample_loss(model(val.x.contiguous()), val.y, kind="huber").mean().item()
+    assert now == pytest.approx(best, rel=1e-5)
+
+
+def test_early_stopping():
+    x, y = _toy()
+    _, result, _ = _fit(_cfg(epochs=40, patience=2, learning_rate=0.5), x, y)
+    assert result.stopped.startswith("early stop") and len(result.history) < 40
+
+
+def test_early_stopping_follows_the_trailing_mean_of_the_validation_loss(monkeypatch):
+    import agbcube.train.loop as loop
+
+    # scripted validation losses: epoch 1 is the lowest single epoch, a lucky one; the trailing
+    # mean of 3 is lowest at epoch 7, where the loss has come down for good
+    losses = [5.0, 1.0, 6.0, 6.0, 2.0, 2.0, 2.0, 1.5, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0]
+    script = iter(losses)
+    monkeypatch.setattr(
+        loop, "_per_sample", lambda model, data, *a: torch.full((len(data),), next(script))
+    )
+    x, y = _toy()
+    cfg = dict(epochs=15, patience=6, hard_negative_mining=False)
+    _, raw, _ = _fit(_cfg(**cfg, val_window=1), x, y)
+    assert (raw.best_epoch, len(raw.history)) == (1, 8)  # stopped 6 epochs after the lucky one
+    script = iter(losses)
+    _, smooth, _ = _fit(_cfg(**cfg, val_window=3), x, y)
+    assert smooth.best_epoch == 7
+    assert smooth.stopped.startswith("early stop") and len(smooth.history) == 14
+    assert [h["val_loss"] for h in smooth.history] == losses[:14]  # the raw losses
+
+
+def test_hnm_weights_follow_per_sample_loss(monkeypatch):
+    import agbcube.train.loop as loop
+
+    seen = {}
+    real = torch.multinomial
+
+    def spy(weights, n, **kw):
+        seen["w"] = weights.clone()
+        return real(weights, n, **kw)
+
+    monkeypatch.setattr(loop.torch, "multinomial", spy)
+    x, y = _toy()
+    y[:4] += 50.0  # four very hard chips
+    _fit(_cfg(epochs=3, hnm_start_epoch=1, oversampling_factor=3.0), x, y)
+    w = seen["w"]
+    assert w.shape == (32,)
+    assert w.max().item() == pytest.approx(3.0) and w.min().item() >= 1.0
+    assert set(torch.topk(w, 4).indices.tolist()) == {0, 1, 2, 3}
+
+
+class _Stop(Exception):
+    pass
+
+
+class _StopAtEpoch(logging.Handler):
+    def __init__(self, epoch: int) -> None:
+        super().__init__()
+        self.epoch = epoch
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if f"epoch {self.epoch:3d}/" in record.getMessage():
+            raise _Stop
+
+
+def test_resume_is_bit_identical(tmp_path):
+    x, y = _toy()
+    cfg = _cfg(epochs=6)
+    full, _, _ = _fit(cfg, x, y, checkpoint=tmp_path / "a.pt")
+    logger = logging.getLogger("agbcube.train.loop")
+    handler, level = _StopAtEpoch(3), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        with pytest.raises(_Stop):
+            _fit(cfg, x, y, checkpoint=tmp_path / "b.pt")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    resumed, result, _ = _fit(cfg, x, y, checkpoint=tmp_path / "b.pt", resume=True)
+    assert len(result.history) == 6
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_nan_losses_are_skipped_then_stop():
+    x, y = _toy()
+    y[:] = np.nan
+    with pytest.raises(TrainingError, match="not finite for 3 consecutive steps"):
+        _fit(_cfg(epochs=3, max_bad_steps=3, loss="mse"), x, y)
+
+
+def test_out_of_memory_names_the_batch_size(monkeypatch):
+    x, y = _toy()
+
+    def boom(self, inp):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(CNNCoordinateModel, "forward", boom)
+    with pytest.raises(TrainingError, match=r"out of cpu memory at train.batch_size=8"):
+        _fit(_cfg(epochs=1), x, y)

@@ -1,0 +1,222 @@
+"""Whole cross-validation runs: tasks, outputs, resume, data paths, ensembles."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import rasterio
+import torch
+
+from agbcube.errors import ConfigError, TrainingError
+from agbcube.train import load_ensemble, run_cv
+
+pytestmark = pytest.mark.slow
+
+
+def _small(demo_config, **train):
+    """The demo config with a small, short dense model and these train settings."""
+    settings = {"epochs": 2, "conv_channels": [8], "ensemble": 2, "hgb_max_pixels": 2000}
+    return demo_config.model_copy(
+        update={"train": demo_config.train.model_copy(update={**settings, **train})}
+    )
+
+
+def test_run_writes_every_output_and_maps_a_site(demo_config, demo_folds, tmp_path):
+    out = tmp_path / "run"
+    metrics = run_cv(_small(demo_config), output=out, device="cpu")
+    n = demo_config.folds.n_folds
+    for name in (
+        "run.json",
+        "config.yaml",
+        "folds.parquet",
+        "predictions.parquet",
+        "pixels.parquet",
+        "metrics.json",
+        "ensemble.pt",
+        "plots/predicted_vs_observed.png",
+        "plots/training_history.png",
+        "plots/residual_map_alpha.png",
+        *(f"fold_{k}/{f}" for k in range(n) for f in ("select.npz", "baseline.npz")),
+        *(f"fold_{k}/model_{m}.pt" for k in range(n) for m in range(2)),
+        *(f"fold_{k}/member_{m}.npz" for k in range(n) for m in range(2)),
+    ):
+        assert (out / name).exists(), name
+    pred = pd.read_parquet(out / "predictions.parquet")
+    assert set(pred.model) == {"cnn-coordinate", "hgb-pixel"}
+    cnn = pred[pred.model == "cnn-coordinate"]
+    assert sorted(cnn.chip_id) == sorted(demo_folds.chip_id)  # every chip tested once
+    on_disk = json.loads((out / "metrics.json").read_text())
+    for level in ("chip", "pixel"):
+        for site, m in on_disk["models"]["cnn-coordinate"][level]["mg_ha"]["per_site"].items():
+            low, high = m["r2_ci95"]
+            assert low <= high, (level, site)
+            hgb = on_disk["models"]["hgb-pixel"][level]["mg_ha"]["per_site"][site]["r2"]
+            assert on_disk["difference"][level][site]["r2"] == pytest.approx(m["r2"] - hgb)
+    assert metrics["models"]["hgb-pixel"]["chip"]["mg_ha"]["overall"]["r2"] > 0.5
+    for info in metrics["folds"].values():  # the refits train on every chip beyond the buffer
+        assert info["n_refit"] > info["n_train"] and info["refit_epochs"] == info["best_epoch"] + 1
+        assert info["ensemble"] == 2 and info["min_label_distance_m"] > 0
+    models, spec = load_ensemble(out)
+    assert len(models) == 2 * n
+    # the window a model sees: the chip and one pixel a side per (unpadded) conv block
+    assert spec["size_px"] == demo_config.chips.size + 2 * 1
+    with pytest.raises(TrainingError, match="already holds a run"):
+        run_cv(_small(demo_config), output=out, device="cpu")
+
+    from typer.testing import CliRunner
+
+    from agbcube.cli import app
+    from agbcube.cube import open_cube
+
+    maps = tmp_path / "maps"
+    result = CliRunner().invoke(app, ["predict", str(out), "--site", "beta", "--output", str(maps)])
+    assert result.exit_code == 0, result.output
+    cube = open_cube(demo_config.cube.output, "beta")
+    with rasterio.open(maps / "agb_mean.tif") as src:
+        assert src.crs == cube.rio.crs and src.shape == (cube.sizes["y"], cube.sizes["x"])
+        assert np.isfinite(src.read(1)).mean() > 0.9
+    with rasterio.open(maps / "agb_std.tif") as src:
+        spread = src.read(1)
+    assert np.nanmin(spread) >= 0 and np.nanmax(spread) > 0  # the members disagree
+
+
+def test_the_ensemble_is_the_mean_of_its_members_in_mg_ha(demo_config, demo_folds, tmp_path):
+    from agbcube.train.batches import Preparation
+    from agbcube.train.loop import predict
+    from agbcube.train.modelfile import load_model
+    from agbcube.train.readers import MemoryReader
+
+    cfg = _small(demo_config, epochs=1, baseline="none", tta=False, context_px=1)
+    run_cv(cfg, output=tmp_path / "e", device="cpu", plots=False)
+    test = np.flatnonzero(demo_folds["fold"].to_numpy() == 0)
+    maps, agb = [], None
+    for m in range(2):
+        member = load_model(tmp_path / "e" / "fold_0" / f"model_{m}.pt")
+        reader = MemoryReader(cfg.cube.output, demo_folds, size_px=16, bands=member.bands, margin=1)
+        prep = Preparation(member.standardiser, member.target, False, False, 16, 1, 1)
+        block = next(reader.blocks(test, block=len(test)))
+        x = torch.from_numpy(prep.inputs(block))
+        maps.append(member.target.decode(predict(member.model, x).numpy()))
+        agb = prep.core(block.agb)
+    assert not np.allclose(maps[0], maps[1])  # two different models
+    pix = np.where(np.isfinite(agb), np.mean(maps, axis=0), np.nan)
+    expect = np.nanmean(pix.reshape(len(test), -1), axis=1)
+    got = pd.read_parquet(tmp_path / "e" / "predictions.parquet").query("fold == 0")
+    np.testing.assert_allclose(got["agb_pred"].to_numpy(), expect, rtol=1e-5)
+
+
+def test_resume_runs_only_missing_tasks_and_ends_identical(demo_config, tmp_path, caplog):
+    cfg = _small(demo_config, baseline="none")
+    run_cv(cfg, output=tmp_path / "a", device="cpu", plots=False)
+    run_cv(cfg, output=tmp_path / "b", device="cpu", plots=False)
+    # as if killed during fold 1's second member: its result and everything after are gone
+    for name in ("fold_1/member_1.npz", "fold_2/select.npz", "fold_2/member_0.npz"):
+        (tmp_path / "b" / name).unlink()
+    (tmp_path / "b" / "fold_2" / "member_1.npz").unlink()
+    for name in ("metrics.json", "predictions.parquet", "ensemble.pt"):
+        (tmp_path / "b" / name).unlink()
+    caplog.set_level("INFO", logger="agbcube.train")
+    run_cv(cfg, output=tmp_path / "b", device="cpu", plots=False, resume=True)
+    ran = [r.getMessage() for r in caplog.records if "done in" in r.getMessage()]
+    assert [m.split(":")[0].split("] ")[1] for m in ran] == [
+        "fold_1/member_1",
+        "fold_2/select",
+        "fold_2/member_0",
+        "fold_2/member_1",
+    ]
+    a = pd.read_parquet(tmp_path / "a" / "predictions.parquet")
+    b = pd.read_parquet(tmp_path / "b" / "predictions.parquet")
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_resume_is_refused_when_what_made_the_run_changed(demo_config, demo_folds, tmp_path):
+    cfg = _small(demo_config, epochs=1, baseline="none", ensemble=1)
+    run_cv(cfg, output=tmp_path / "r", device="cpu", plots=False)
+    with pytest.raises(TrainingError, match=r"train.learning_rate: 0.001 → 0.01"):
+        other = _small(demo_config, epochs=1, baseline="none", ensemble=1, learning_rate=0.01)
+        run_cv(other, output=tmp_path / "r", device="cpu", plots=False, resume=True)
+    with pytest.raises(TrainingError, match=r"train.epochs: 1 → 3"):
+        run_cv(cfg, output=tmp_path / "r", device="cpu", plots=False, resume=True, epochs=3)
+    # other folds (a copy with one chip's roles swapped) are refused too
+    folds = demo_folds.copy()
+    folds.loc[folds.index[0], "role_0"] = "buffer"
+    moved = tmp_path / "folds.parquet"
+    from agbcube.folds import write_folds
+
+    write_folds(folds, moved, maps=False)
+    cfg2 = cfg.model_copy(update={"folds": cfg.folds.model_copy(update={"output": moved})})
+    with pytest.raises(TrainingError, match=r"\(folds\)"):
+        run_cv(cfg2, output=tmp_path / "r", device="cpu", plots=False, resume=True)
+    # nothing was lost: the run resumes with what made it
+    run_cv(cfg, output=tmp_path / "r", device="cpu", plots=False, resume=True)
+
+
+def test_overrides_are_validated_and_foreign_folders_left_alone(demo_config, tmp_path):
+    with pytest.raises(ConfigError, match="epochs"):
+        run_cv(_small(demo_config), output=tmp_path / "x", device="cpu", epochs=0)
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("precious")
+    with pytest.raises(TrainingError, match="holds no agbcube run"):
+        run_cv(_small(demo_config), output=foreign, device="cpu", overwrite=True)
+    assert (foreign / "thesis.tex").read_text() == "precious"
+
+
+@pytest.mark.parametrize("path", ["chunks", "stream"])
+def test_out_of_core_runs_score_every_test_chip(demo_config, demo_folds, tmp_path, path):
+    cfg = _small(demo_config, data_path=path, shuffle_chips=32, context_px=3, ensemble=1)
+    metrics = run_cv(cfg, output=tmp_path / path, device="cpu", plots=False)
+    device = _small(demo_config, data_path="device", context_px=3, ensemble=1)
+    ref = run_cv(device, output=tmp_path / "d", device="cpu", plots=False)
+    assert metrics["run"]["data_path"] == path
+    a = pd.read_parquet(tmp_path / path / "predictions.parquet")
+    b = pd.read_parquet(tmp_path / "d" / "predictions.parquet")
+    keys = ["chip_id", "site", "fold", "model", "agb_true"]
+    pd.testing.assert_frame_equal(a[keys], b[keys])
+    assert np.isfinite(a["agb_pred"]).all()
+    # the same chips and label masks whatever the path; the baseline, fitted on every pool
+    # chip in memory, differs only by the sample of chips a streamed path draws
+    for k, info in metrics["folds"].items():
+        assert info["n_train"] == ref["folds"][k]["n_train"]
+        assert info["n_train_px"] == ref["folds"][k]["n_train_px"]
+
+
+def test_random_cv_scores_every_chip_once_beside_the_honest_folds(demo_config, tmp_path):
+    from agbcube.cli import _metrics_table
+
+    cfg = _small(demo_config, model="hgb-pixel", baseline="none", random_cv=True)
+    metrics = run_cv(cfg, output=tmp_path / "rc", device="cpu", plots=False)
+    leaky, honest = metrics["random_cv"], metrics["models"]["hgb-pixel"]
+    n_chips = metrics["run"]["n_chips"]
+    assert leaky["model"] == "hgb-pixel" and leaky["chip"]["mg_ha"]["overall"]["n"] == n_chips
+    assert leaky["pixel"]["mg_ha"]["overall"]["n"] == honest["pixel"]["mg_ha"]["overall"]["n"]
+    caption = str(_metrics_table(metrics).caption)
+    n = demo_config.folds.n_folds
+    assert f"random {n}-fold split (leaky, no buffer)" in caption and "(honest " in caption
+
+
+def test_training_needs_no_gdal(demo_dir, demo_config, demo_folds, tmp_path):
+    """A GPU machine that only trains needs no rasterio, rioxarray or odc-geo (GDAL)."""
+    import subprocess
+    import sys
+
+    script = f"""
+import json, sys
+for name in ("rasterio", "rioxarray", "odc", "odc.geo", "osgeo", "pyogrio", "fiona"):
+    sys.modules[name] = None  # importing any of them fails
+from agbcube.config import load_config
+from agbcube.train import run_cv
+cfg = load_config({str(demo_dir / "demo.yaml")!r})
+train = cfg.train.model_copy(update=dict(
+    epochs=1, conv_channels=[4], data_path="chunks", coordinates="geographic", baseline="none",
+    ensemble=1))
+m = run_cv(cfg.model_copy(update=dict(train=train)), output={str(tmp_path / "run")!r},
+           device="cpu", plots=False)
+print(json.dumps(m["run"]))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert '"data_path": "chunks"' in done.stdout
