@@ -1,13 +1,14 @@
 # Two commands on a fresh machine with Python >= 3.11:
 #   make demo   set up .venv and run the pipeline on built-in synthetic sites
 #   make test   set up .venv and run the linters and the test-suite
+#   make test-fast  the same without the whole-pipeline (slow) tests: a few minutes
 # TORCH picks the PyTorch build; the default is the CPU build (see README, "Installing torch").
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint bench-cube clean
+.PHONY: setup demo test test-fast lint bench-cube clean
 
 setup: $(VENV)/.installed
 
@@ -27,6 +28,9 @@ lint: setup
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+test-fast: lint
+	$(BIN)/python -m pytest -q -m "not slow"
 
 bench-cube: setup
 	$(BIN)/python bench/build_cube.py

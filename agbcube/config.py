@@ -14,7 +14,7 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -39,7 +39,10 @@ __all__ = [
     "TrainConfig",
     "config_reference",
     "load_config",
+    "with_overrides",
 ]
+
+_S = TypeVar("_S", bound="_Section")
 
 _SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -198,130 +201,217 @@ class FoldsConfig(_Section):
         return _resolve(value, info)
 
 
-class TrainConfig(_Section):
-    """Model training under the folds (defaults follow the original pipeline)."""
+def _group(name: str) -> dict[str, Any]:
+    """Field metadata: the group a setting is listed under in the config reference."""
+    return {"json_schema_extra": {"group": name}}
 
+
+_MODEL, _OPTIM, _AUGMENT, _EVAL, _DATA = (
+    _group(g) for g in ("model", "optimisation", "augmentation", "evaluation", "data path")
+)
+
+
+class TrainConfig(_Section):
+    """Model training under the folds.
+
+    The defaults are the most accurate model measured under honest folds (BENCHMARKS.md,
+    "Accuracy under honest CV"); ``configs/original.yaml`` holds the original pipeline's
+    protocol, kept for comparison.
+    """
+
+    # -- model ------------------------------------------------------------------------------
     model: Literal["cnn-coordinate", "hgb-pixel"] = Field(
         default="cnn-coordinate",
         description="'cnn-coordinate' (the CNN) or 'hgb-pixel' (HistGradientBoosting on pixels).",
-    )
-    baseline: Literal["hgb-pixel", "none"] = Field(
-        default="hgb-pixel",
-        description="Also fit this baseline on the same folds, reported side by side.",
+        **_MODEL,
     )
     head: Literal["chip", "dense"] = Field(
-        default="chip",
-        description="'chip': one AGB value per chip (its mean); 'dense': an AGB map per chip, "
-        "loss over every valid pixel.",
-    )
-    coordinates: Literal["none", "geographic"] = Field(
-        default="geographic",
-        description="Extra input channels with each pixel's lon/lat (standardised), or none.",
-    )
-    bands: list[str] | None = Field(
-        default=None, description="Feature bands to use (default: all bands of the cube)."
-    )
-    log_target: bool = Field(
-        default=True,
-        description="Train on log(AGB). Its back-transform predicts the median, which runs low "
-        "where AGB is high and skewed; false trains in Mg/ha, like the metrics.",
-    )
-    loss: Literal["mse", "huber", "spatial"] = Field(default="huber", description="Loss.")
-    huber_delta: float = Field(default=1.0, gt=0, description="Huber delta (target units).")
-    spatial_loss_weight: float = Field(
-        default=0.2, ge=0, description="Weight of the residual-autocorrelation penalty."
+        default="dense",
+        description="'dense': an AGB map per chip, the loss over every labelled pixel; 'chip': "
+        "one AGB value per chip (its mean), as the original pipeline (too few targets to learn "
+        "from under honest folds).",
+        **_MODEL,
     )
     conv_channels: list[int] = Field(
-        default=[32, 64, 128], min_length=1, description="Output channels of the conv blocks."
+        default=[32, 64, 128],
+        min_length=1,
+        description="Output channels of the conv blocks.",
+        **_MODEL,
     )
-    fc_units: list[int] = Field(default=[128, 64], description="Fully connected layers.")
+    fc_units: list[int] = Field(
+        default=[128, 64], description="Fully connected layers (chip head).", **_MODEL
+    )
     norm: Literal["instance", "batch", "none"] = Field(
-        default="instance", description="Normalisation after each convolution."
+        default="batch",
+        description="Normalisation after each convolution ('batch' keeps each chip's absolute "
+        "level, which 'instance' removes).",
+        **_MODEL,
     )
-    dropout: float = Field(default=0.2, ge=0, lt=1, description="Dropout probability.")
-    batch_size: int = Field(default=16, ge=1, description="Chips per batch.")
-    epochs: int = Field(default=100, ge=1, description="Maximum epochs per fold.")
-    learning_rate: float = Field(default=1e-3, gt=0, description="AdamW learning rate.")
-    weight_decay: float = Field(default=5e-3, ge=0, description="AdamW weight decay.")
-    patience: int = Field(default=20, ge=1, description="Early-stopping patience (epochs).")
+    dropout: float = Field(default=0.2, ge=0, lt=1, description="Dropout probability.", **_MODEL)
+    coordinates: Literal["none", "geographic"] = Field(
+        default="none",
+        description="Extra input channels with each pixel's lon/lat (standardised), or none "
+        "(across a buffer they can only help a model recognise where it trained).",
+        **_MODEL,
+    )
+    bands: list[str] | None = Field(
+        default=None, description="Feature bands to use (default: all bands of the cube).", **_MODEL
+    )
+    context_px: Literal["auto"] | Annotated[int, Field(ge=0, le=64)] = Field(
+        default="auto",
+        description="Dense head: feature pixels read around every chip on each side, so its edge "
+        "pixels see their real neighbours (as in a map) rather than padding; inputs only, their "
+        "AGB is never a label. 'auto': the conv stack's reach (one pixel per block; 0 for the "
+        "chip head).",
+        **_MODEL,
+    )
+    log_target: bool = Field(
+        default=False,
+        description="Train on log(AGB). Its back-transform predicts the median, which runs low "
+        "where AGB is high and skewed; false trains in Mg/ha, like the metrics.",
+        **_MODEL,
+    )
+    # -- optimisation -----------------------------------------------------------------------
+    loss: Literal["mse", "huber", "spatial"] = Field(default="huber", description="Loss.", **_OPTIM)
+    huber_delta: float = Field(
+        default=1.0, gt=0, description="Huber delta (target units).", **_OPTIM
+    )
+    spatial_loss_weight: float = Field(
+        default=0.2, ge=0, description="Weight of the residual-autocorrelation penalty.", **_OPTIM
+    )
+    batch_size: int = Field(default=16, ge=1, description="Chips per batch.", **_OPTIM)
+    epochs: int = Field(default=100, ge=1, description="Maximum epochs per fold.", **_OPTIM)
+    learning_rate: float = Field(default=1e-3, gt=0, description="AdamW learning rate.", **_OPTIM)
+    weight_decay: float = Field(default=5e-3, ge=0, description="AdamW weight decay.", **_OPTIM)
+    patience: int = Field(
+        default=20, ge=1, description="Early-stopping patience (epochs).", **_OPTIM
+    )
     val_window: int = Field(
-        default=1,
+        default=5,
         ge=1,
         description="Epochs in the trailing mean of the validation loss that early stopping and "
         "the best epoch follow (1: each epoch's own loss, as the original pipeline).",
-    )
-    augment: bool = Field(default=True, description="Random flips and 90° rotations.")
-    spectral_augment: bool = Field(default=True, description="Per-band multiplicative jitter.")
-    spectral_jitter: float = Field(default=0.05, ge=0, description="Jitter s.d. (std units).")
-    aug_probability: float = Field(default=0.7, ge=0, le=1, description="Augmentation chance.")
-    hard_negative_mining: bool = Field(default=True, description="Oversample hard chips.")
-    hnm_start_epoch: int = Field(default=20, ge=0, description="First epoch of mining.")
-    oversampling_factor: float = Field(
-        default=2.0, ge=1, description="Weight of the hardest chip relative to an easy one."
+        **_OPTIM,
     )
     refit: bool = Field(
-        default=False,
-        description="After early stopping, train a fresh model for the best number of epochs on "
+        default=True,
+        description="After early stopping, train fresh models for the best number of epochs on "
         "every chip beyond the test buffer (the validation chips and their buffer ring too) and "
-        "predict the test chips with it.",
+        "predict the test chips with them.",
+        **_OPTIM,
     )
     ensemble: int = Field(
-        default=1,
+        default=3,
         ge=1,
         description="Models per fold from different seeds, their predictions averaged (with "
         "refit: one early-stopped run picks the epochs, then this many refits).",
+        **_OPTIM,
+    )
+    early_stopped_member: bool = Field(
+        default=False,
+        description="With refit: the early-stopped model that picks the epochs is also one of "
+        "the ensemble's members, so `ensemble: 3` trains it and 2 refits (one refit fewer).",
+        **_OPTIM,
     )
     label_buffer: Literal["chip", "pixel"] = Field(
-        default="chip",
-        description="'chip': train on the chips the folds' roles allow, whole; 'pixel': also on "
-        "the pixels of buffer-ring chips whose centres lie beyond the buffer (their nearer "
-        "pixels masked; features stay inputs, as when predicting).",
+        default="pixel",
+        description="'pixel': also train on the pixels of buffer-ring chips whose centres lie "
+        "beyond the buffer (their nearer pixels masked; features stay inputs, as when "
+        "predicting); 'chip': only the chips the folds' roles allow, whole.",
+        **_OPTIM,
     )
-    context_px: int = Field(
-        default=0,
-        ge=0,
-        le=64,
-        description="Dense head: feature pixels read around every chip on each side, so its edge "
-        "pixels see their real neighbours (as in a map) rather than padding; inputs only, their "
-        "AGB is never a label. The conv stack's reach (one pixel per block) is enough.",
+    hard_negative_mining: bool = Field(default=True, description="Oversample hard chips.", **_OPTIM)
+    hnm_start_epoch: int = Field(default=20, ge=0, description="First epoch of mining.", **_OPTIM)
+    oversampling_factor: float = Field(
+        default=2.0,
+        ge=1,
+        description="Weight of the hardest chip relative to an easy one.",
+        **_OPTIM,
     )
-    tta: bool = Field(default=True, description="Test-time augmentation.")
-    tta_rotations: int = Field(default=4, ge=1, le=8, description="Dihedral transforms averaged.")
+    seed: int = Field(
+        default=0, description="Seed of initialisation, sampling, augmentation.", **_OPTIM
+    )
+    max_bad_steps: int = Field(
+        default=20,
+        ge=1,
+        description="Consecutive non-finite losses before training stops.",
+        **_OPTIM,
+    )
+    amp: bool = Field(default=True, description="Mixed precision (bfloat16) on GPU.", **_OPTIM)
+    # -- augmentation -----------------------------------------------------------------------
+    augment: bool = Field(default=True, description="Random flips and 90° rotations.", **_AUGMENT)
+    spectral_augment: bool = Field(
+        default=True, description="Per-band multiplicative jitter.", **_AUGMENT
+    )
+    spectral_jitter: float = Field(
+        default=0.05, ge=0, description="Jitter s.d. (std units).", **_AUGMENT
+    )
+    aug_probability: float = Field(
+        default=0.7, ge=0, le=1, description="Augmentation chance.", **_AUGMENT
+    )
+    # -- evaluation -------------------------------------------------------------------------
+    baseline: Literal["hgb-pixel", "none"] = Field(
+        default="hgb-pixel",
+        description="Also fit this baseline on the same folds, reported side by side.",
+        **_EVAL,
+    )
+    tta: bool = Field(default=True, description="Test-time augmentation.", **_EVAL)
+    tta_rotations: int = Field(
+        default=4, ge=1, le=8, description="Dihedral transforms averaged.", **_EVAL
+    )
     hgb_max_pixels: int = Field(
-        default=60000, ge=100, description="Training pixels sampled for the hgb-pixel model."
+        default=60000,
+        ge=100,
+        description="Training pixels sampled for the hgb-pixel model.",
+        **_EVAL,
     )
     random_cv: bool = Field(
         default=False,
         description="Also score the hgb-pixel model under a random K-fold of the same chips (no "
         "buffer: test chips' neighbours train, as in many published figures), reported as "
         "random_cv in metrics.json beside the honest folds' figures, to show the gap.",
+        **_EVAL,
     )
+    # -- data path --------------------------------------------------------------------------
     data_path: Literal["auto", "device", "chunks", "stream"] = Field(
         default="auto",
         description="'device': load the fold's chips once into device memory; 'chunks': read "
         "the cube chunk by chunk in storage order, each chunk once per pass, chips shuffled "
-        "within a buffer (cubes larger than memory); 'stream': read chip by chip in the exact "
-        "order of the device path, with prefetching workers (slow; a reference); 'auto': "
-        "device when the chips fit, else chunks.",
+        "within a buffer (cubes larger than memory); 'stream': read chip by chip through "
+        "xbatcher (slow; the reference the others are tested against); 'auto': device when the "
+        "chips fit, else chunks.",
+        **_DATA,
     )
     shuffle_chips: int = Field(
-        default=2048, ge=1, description="Shuffle buffer of data_path: chunks (chips)."
+        default=2048,
+        ge=1,
+        description="Shuffle buffer of the streamed paths (chips held, prepared).",
+        **_DATA,
     )
-    num_workers: int = Field(default=2, ge=0, description="Loader workers when streaming.")
-    amp: bool = Field(default=True, description="Mixed precision on GPU.")
-    device: str = Field(default="auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
-    seed: int = Field(default=0, description="Seed of initialisation, sampling, augmentation.")
-    max_bad_steps: int = Field(
-        default=20, ge=1, description="Consecutive non-finite losses before training stops."
+    num_workers: int = Field(
+        default=2, ge=0, description="Unused; kept so older configs load.", **_DATA
     )
+    device: str = Field(default="auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.", **_DATA)
     output: Path = Field(
-        default=Path("runs/train"), validate_default=True, description="Run directory."
+        default=Path("runs/train"), validate_default=True, description="Run directory.", **_DATA
     )
 
     @field_validator("output", mode="after")
     @classmethod
     def _resolve_output(cls, value: Path, info: ValidationInfo) -> Path:
         return _resolve(value, info)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _auto_context(cls, data: Any) -> Any:
+        # 'auto' is resolved on load, so a run's saved settings hold the number it used
+        if isinstance(data, dict) and data.get("context_px", "auto") == "auto":
+            dense = data.get("head", "dense") == "dense"
+            cnn = data.get("model", "cnn-coordinate") == "cnn-coordinate"
+            blocks = data.get("conv_channels", [32, 64, 128])
+            reach = len(blocks) if isinstance(blocks, list) else 0
+            data = {**data, "context_px": reach if dense and cnn else 0}
+        return data
 
     @model_validator(mode="after")
     def _context_needs_dense(self) -> TrainConfig:
@@ -407,6 +497,25 @@ def parse_config(
         return Config.model_validate(raw, context={"base_dir": base_dir})
     except ValidationError as err:
         raise ConfigError(_format_errors(err, where)) from None
+
+
+def with_overrides(section: _S, where: str, **changes: Any) -> _S:
+    """A copy of a config section with ``changes`` (those not ``None``), validated as strictly
+    as a fresh config: a command-line override such as ``--epochs 0`` is an error naming the
+    key, as it would be in the YAML.
+
+    Raises
+    ------
+    ConfigError
+    """
+    given = {k: v for k, v in changes.items() if v is not None}
+    if not given:
+        return section
+    data = {**section.model_dump(), **given}
+    try:
+        return type(section).model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, f"{where} (with {given})")) from None
 
 
 def _format_errors(err: ValidationError, where: str) -> str:
@@ -569,6 +678,8 @@ def config_reference() -> str:
     """Markdown reference of every configuration key, generated from the models.
 
     Keeping the README's reference generated from here means it cannot drift from the code.
+    The ``train`` settings are listed by group (model, optimisation, augmentation, evaluation,
+    data path), so a user sees which ones matter.
     """
     sections = [
         ("sites[]", SiteConfig),
@@ -576,21 +687,28 @@ def config_reference() -> str:
         ("cube.grid (explicit)", GridSpec),
         ("chips", ChipsConfig),
         ("folds", FoldsConfig),
-        ("train", TrainConfig),
     ]
-    out = []
-    for title, model in sections:
-        out.append(f"### `{title}`\n\n| key | default | description |\n|---|---|---|")
-        for name, field in model.model_fields.items():
-            if field.is_required():
-                default = "required"
-            elif field.default_factory is not None:
-                default = "(section defaults)"
-            else:
-                default = f"`{_yaml_scalar(field.default)}`"
-            out.append(f"| `{name}` | {default} | {field.description or ''} |")
-        out.append("")
+    out = [_reference_table(title, model.model_fields) for title, model in sections]
+    groups: dict[str, dict[str, Any]] = {}
+    for name, field in TrainConfig.model_fields.items():
+        group = (field.json_schema_extra or {}).get("group", "other")
+        groups.setdefault(str(group), {})[name] = field
+    for group, fields in groups.items():
+        out.append(_reference_table(f"train: {group}", fields))
     return "\n".join(out)
+
+
+def _reference_table(title: str, fields: dict[str, Any]) -> str:
+    rows = [f"### `{title}`\n\n| key | default | description |\n|---|---|---|"]
+    for name, field in fields.items():
+        if field.is_required():
+            default = "required"
+        elif field.default_factory is not None:
+            default = "(section defaults)"
+        else:
+            default = f"`{_yaml_scalar(field.default)}`"
+        rows.append(f"| `{name}` | {default} | {field.description or ''} |")
+    return "\n".join(rows) + "\n"
 
 
 def _yaml_scalar(value: Any) -> str:
