@@ -699,7 +699,8 @@ def _sensor_layers(
         return {b: _nan_layer(gbox, chunk_px) for b in spec.bands}
     assets = plan.assets[spec.name]
     data_rs, mask_rs = _resampling(spec, gbox)
-    keys = [assets[b] for b in spec.bands] + ([assets[spec.mask]] if spec.mask else [])
+    mask = assets[spec.mask] if spec.mask else None
+    keys = [assets[b] for b in spec.bands] + ([mask] if mask else [])
     import odc.stac
 
     ds = odc.stac.load(
@@ -708,9 +709,9 @@ def _sensor_layers(
         geobox=gbox,
         chunks={"time": 1, "y": chunk_px, "x": chunk_px},
         groupby=_by_index if spec.timing == "season" else _one_group,
-        resampling={
-            k: (mask_rs if spec.mask and k == assets[spec.mask] else data_rs) for k in keys
-        },
+        resampling={k: (mask_rs if k == mask else data_rs) for k in keys},
+        # float32: a 2x2 average of DN keeps its fraction; classes and QA bits (< 2**24) stay exact.
+        dtype="float32",
         patch_url=patch_url,
         fail_on_error=True,
         **({} if spec.nodata is None else {"nodata": spec.nodata}),
@@ -822,44 +823,41 @@ def slope_deg(dem: xr.DataArray, gbox: GeoBox) -> xr.DataArray:
     """Terrain slope in degrees (Horn's method) of a ``(y, x)`` DEM in metres on ``gbox``.
 
     Pixel sizes are in metres: the CRS's linear unit, or on a geographic grid the local
-    east–west and north–south length of a degree at each row's latitude. Edge pixels use their
-    nearest neighbours across the edge.
+    east–west and north–south length of a degree at each row's latitude. The DEM is extended by
+    one pixel by linear extrapolation, so edge pixels get a full stencil (exact on a plane).
     """
     a = gbox.affine
     if gbox.crs.geographic:
-        rows = np.arange(gbox.shape.y) + 0.5
-        lat = np.radians(a.f + a.e * rows)
+        lat = np.radians(a.f + a.e * (np.arange(gbox.shape.y) + 0.5))
         dx = abs(a.a) * (111_412.84 * np.cos(lat) - 93.5 * np.cos(3 * lat))
         dy = abs(a.e) * (111_132.92 - 559.82 * np.cos(2 * lat))
     else:
         unit = gbox.crs.proj.axis_info[0].unit_conversion_factor
         dx = np.full(gbox.shape.y, abs(a.a) * unit)
         dy = np.full(gbox.shape.y, abs(a.e) * unit)
-    gx, gy = (
-        xr.DataArray(
-            dem.data.map_overlap(_horn, depth=1, boundary="nearest", east=east, dtype=np.float32),
-            dims=("y", "x"),
-        )
-        for east in (True, False)
-    )
-    dx_da = xr.DataArray(dx.astype(np.float32), dims="y")
-    dy_da = xr.DataArray(dy.astype(np.float32), dims="y")
-    return np.degrees(np.arctan(np.hypot(gx / dx_da, gy / dy_da))).astype(np.float32)
+    z = _extrapolate_1px(dem.data.astype(np.float32))
+    ny, nx = dem.shape
+
+    def at(i: int, j: int) -> Any:  # the neighbour (i, j) rows/cols away, for every pixel
+        return z[1 + i : 1 + i + ny, 1 + j : 1 + j + nx]
+
+    east = (at(-1, 1) + 2 * at(0, 1) + at(1, 1)) - (at(-1, -1) + 2 * at(0, -1) + at(1, -1))
+    south = (at(1, -1) + 2 * at(1, 0) + at(1, 1)) - (at(-1, -1) + 2 * at(-1, 0) + at(-1, 1))
+    gx = xr.DataArray(east.rechunk(dem.data.chunks), dims=("y", "x")) / 8
+    gy = xr.DataArray(south.rechunk(dem.data.chunks), dims=("y", "x")) / 8
+    dx_m = xr.DataArray(dx.astype(np.float32), dims="y")
+    dy_m = xr.DataArray(dy.astype(np.float32), dims="y")
+    return np.degrees(np.arctan(np.hypot(gx / dx_m, gy / dy_m))).astype(np.float32)
 
 
-def _horn(z: np.ndarray, east: bool) -> np.ndarray:
-    """Horn's 3×3 derivative (elevation change per pixel) towards east, or else north–south."""
-    p = np.pad(z, 1, mode="edge")
-    c = {
-        (i, j): p[1 + i : p.shape[0] - 1 + i, 1 + j : p.shape[1] - 1 + j]
-        for i in (-1, 0, 1)
-        for j in (-1, 0, 1)
-    }
-    if east:
-        d = (c[-1, 1] + 2 * c[0, 1] + c[1, 1]) - (c[-1, -1] + 2 * c[0, -1] + c[1, -1])
-    else:  # rows run south: north minus south is the uphill-to-north change
-        d = (c[1, -1] + 2 * c[1, 0] + c[1, 1]) - (c[-1, -1] + 2 * c[-1, 0] + c[-1, 1])
-    return (d / 8).astype(np.float32)
+def _extrapolate_1px(z: Any) -> Any:
+    """A 2-D dask array grown by one pixel on each side, continuing the edge gradient."""
+    import dask.array as da
+
+    if min(z.shape) < 2:
+        return da.pad(z, 1, mode="edge")
+    z = da.concatenate([2 * z[:1] - z[1:2], z, 2 * z[-1:] - z[-2:-1]], axis=0)
+    return da.concatenate([2 * z[:, :1] - z[:, 1:2], z, 2 * z[:, -1:] - z[:, -2:-1]], axis=1)
 
 
 # --------------------------------------------------------------------------------------------
