@@ -564,6 +564,7 @@ def _filters(sensor: str, source: StacSource) -> str:
 
 
 def _check_assets(items: list[Any], assets: dict[str, str], sensor: str, *, site: str) -> None:
+    """Every item has every asset the table names, and local asset files exist."""
     for item in items:
         missing = sorted(k for k in assets.values() if k not in item.assets)
         if missing:
@@ -572,6 +573,13 @@ def _check_assets(items: list[Any], assets: dict[str, str], sensor: str, *, site
                 f"{sorted(item.assets)}); choose `provider:` or map the names with "
                 f"`assets: {{{sensor}: {{<band>: <asset>}}}}`"
             )
+        for key in assets.values():
+            href = item.assets[key].get_absolute_href() or item.assets[key].href
+            if "://" not in href and not Path(href).is_file():
+                raise StacError(
+                    f"site '{site}': {sensor} item '{item.id}' asset '{key}' points to {href}, "
+                    "which does not exist; the catalogue has moved without its files?"
+                )
 
 
 def _warn_coverage(items: list[Any], footprint: Any, sensor: str, *, site: str) -> None:

@@ -60,7 +60,7 @@ def write_catalogue(directory: str | Path, scenes: Iterable[Scene]) -> Path:
     """
     import pystac
 
-    directory = Path(directory)
+    directory = Path(directory).resolve()  # pystac makes hrefs relative to an absolute root
     catalog = pystac.Catalog("agbcube-synthetic", "Synthetic scenes written by agbcube")
     collections: dict[str, Any] = {}
     for scene in scenes:

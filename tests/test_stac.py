@@ -190,22 +190,17 @@ def test_landsat_qa_bits_mask_fill_cloud_and_shadow_and_keep_dn(tmp_path):
     flagged = [clear | (1 << b) for b in (0, 1, 2, 3, 4)]  # fill, dilated, cirrus, cloud, shadow
     kept = [clear, clear | (1 << 5), clear | (1 << 7), 1 << 6]  # snow and water stay
     scenes = [
-        _landsat(rng, k, rng.choice(flagged + kept, size=SHAPE).astype(np.uint16))
-        for k in range(3)
+        _landsat(rng, k, rng.choice(flagged + kept, size=SHAPE).astype(np.uint16)) for k in range(3)
     ]
     landsat9 = _landsat(rng, 9, np.full(SHAPE, clear, np.uint16), platform="landsat-9")
     catalogue = write_catalogue(tmp_path / "stac", [*scenes, landsat9])
-    site = _site(
-        tmp_path, catalogue, seasons={"T1": SEASONS["T1"]}, provider="planetary-computer"
-    )
+    site = _site(tmp_path, catalogue, seasons={"T1": SEASONS["T1"]}, provider="planetary-computer")
     ds = build_site_cube(site, _cube(tmp_path)).compute()
     used = json.loads(ds.attrs["provenance"])["satellite"]["items"]["landsat-8"]["T1"]
     assert used == ["LC_0", "LC_1", "LC_2"]  # landsat-9 is not landsat-8
     stack = np.stack(
         [
-            np.where(
-                (s.assets["qa_pixel"] & 0b11111) != 0, np.nan, s.assets["red"].astype(float)
-            )
+            np.where((s.assets["qa_pixel"] & 0b11111) != 0, np.nan, s.assets["red"].astype(float))
             for s in scenes
         ]
     )
@@ -412,7 +407,9 @@ def test_every_provider_names_every_band_of_every_sensor():
     ],
 )
 def test_asset_names(provider, sensor, band, asset):
-    source = StacSource(stac="x.json", seasons={"T1": ("2020-01-01", "2020-02-01")}, provider=provider)
+    source = StacSource(
+        stac="x.json", seasons={"T1": ("2020-01-01", "2020-02-01")}, provider=provider
+    )
     assert asset_table(source)[sensor][1][band] == asset
 
 
@@ -449,10 +446,20 @@ def test_config_stac_source_paths_and_errors(tmp_path):
         parse_config({"sites": [{**base, "satellite": {**rel, "max_clod_cover": 3}}]})
     with pytest.raises(ConfigError, match=r"season 'T1' ends \(2020-01-01\) before"):
         parse_config(
-            {"sites": [{**base, "satellite": {**rel, "seasons": {"T1": ["2020-02-01", "2020-01-01"]}}}]}
+            {
+                "sites": [
+                    {**base, "satellite": {**rel, "seasons": {"T1": ["2020-02-01", "2020-01-01"]}}}
+                ]
+            }
         )
     with pytest.raises(ConfigError, match="season name 'T_1'"):
-        parse_config({"sites": [{**base, "satellite": {**rel, "seasons": {"T_1": ["2020-01-01", "2020-02-01"]}}}]})
+        parse_config(
+            {
+                "sites": [
+                    {**base, "satellite": {**rel, "seasons": {"T_1": ["2020-01-01", "2020-02-01"]}}}
+                ]
+            }
+        )
     with pytest.raises(ConfigError, match=r"names its bands .* remove \['bands'\]"):
         parse_config({"sites": [{**base, "bands": "multisensor-59", "satellite": rel}]})
     with pytest.raises(ConfigError, match="sign must be"):
@@ -481,9 +488,83 @@ def test_coarser_target_grid_averages_the_scene_pixels(tmp_path):
     scene.assets["SCL"][:] = 4
     catalogue = write_catalogue(tmp_path / "stac", [scene])
     agb = np.random.default_rng(1).uniform(20, 300, (20, 24)).astype("float32")
-    write_raster(tmp_path / "agb.tif", agb, crs=CRS, transform=from_origin(500_000, 2_400_000, 40, 40))
+    write_raster(
+        tmp_path / "agb.tif", agb, crs=CRS, transform=from_origin(500_000, 2_400_000, 40, 40)
+    )
     site = _site(tmp_path, catalogue, seasons={"T1": SEASONS["T1"]})
     ds = build_site_cube(site, _cube(tmp_path)).compute()
     dn = scene.assets["B04"].astype(np.float64)
     block_mean = dn.reshape(20, 2, 24, 2).mean(axis=(1, 3))
     np.testing.assert_allclose(ds.features.sel(band="B4_T1"), block_mean, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# the whole pipeline on STAC-built sites
+
+
+def test_stac_demo_catalogue_holds_what_the_config_asks(tmp_path):
+    import pystac
+    import yaml
+
+    from agbcube.config import load_config
+    from agbcube.stac_demo import write_stac_demo
+
+    path = write_stac_demo(tmp_path, size_px=32)
+    cfg = load_config(path)
+    assert all(s.satellite.stac == str(tmp_path / "catalogue" / "catalog.json") for s in cfg.sites)
+    raw = yaml.safe_load(path.read_text())
+    assert raw["sites"][0]["satellite"]["stac"] == "catalogue/catalog.json"  # relative
+    catalog = pystac.Catalog.from_file(str(tmp_path / "catalogue" / "catalog.json"))
+    ids = {c.id for c in catalog.get_children()}
+    assert ids == {v for v in PROVIDERS["raw"].collections.values() if v}
+    s2 = [i for i in catalog.get_items(recursive=True) if i.collection_id == "sentinel-2-l2a"]
+    assert len(s2) == 3 * 3 * 3
+    assert {i.properties["s2:processing_baseline"] for i in s2} == {"02.14", "04.00"}
+
+
+@pytest.mark.slow
+def test_build_folds_train_predict_on_stac_built_sites(tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from agbcube.cli import app
+    from agbcube.stac_demo import write_stac_demo
+
+    path = write_stac_demo(tmp_path, size_px=64)
+    cfg = yaml.safe_load(path.read_text())  # the demo's, with a tiny, quick model
+    cfg["train"].update(conv_channels=[8, 8], fc_units=[8], baseline="none", refit=False)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    run = CliRunner()
+    for args in (
+        ["build-cube", str(path), "-q"],
+        ["folds", str(path), "--no-maps", "-q"],
+        ["train", str(path), "--epochs", "2", "--device", "cpu", "-q"],
+    ):
+        result = run.invoke(app, args)
+        assert result.exit_code == 0, (args, result.output)
+    ds = open_cube(tmp_path / "cubes" / "demo.zarr", "alpha")
+    from agbcube.bands import BAND_PRESETS
+
+    assert list(ds.band.values[:59]) == list(BAND_PRESETS["multisensor-59"])
+    assert "S2_NDVI_T1" in ds.band.values and "S1_RVI_T3" in ds.band.values
+    metrics = json.loads((tmp_path / "runs" / "demo" / "metrics.json").read_text())
+    assert metrics
+    result = run.invoke(app, ["predict", str(tmp_path / "runs" / "demo"), "--device", "cpu", "-q"])
+    assert result.exit_code == 0, result.output
+    maps = list((tmp_path / "runs" / "demo" / "maps").rglob("*.tif"))
+    assert {p.parent.name for p in maps} >= {"alpha", "beta", "gamma"}
+
+
+def test_missing_asset_file_is_an_error_before_reading(tmp_path, s2_catalogue):
+    catalogue, _ = s2_catalogue
+    (catalogue.parent / "sentinel-2-l2a" / "S2_T2_1" / "B04.tif").unlink()
+    with pytest.raises(StacError, match=r"item 'S2_T2_1' asset 'B04' points to .*B04.tif"):
+        build_site_cube(_site(tmp_path, catalogue), _cube(tmp_path))
+
+
+def test_catalogue_written_under_a_relative_path_resolves(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    scene = _s2_scene(np.random.default_rng(0), "T1", 0)
+    catalogue = write_catalogue("rel/stac", [scene])
+    site = _site(tmp_path, catalogue, seasons={"T1": SEASONS["T1"]})
+    assert build_site_cube(site, _cube(tmp_path)).features.notnull().any().compute()
