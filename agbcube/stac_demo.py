@@ -23,7 +23,7 @@ from rasterio.transform import Affine, from_origin
 
 from agbcube.demo import _SITES, _Field, _grid, _holes, _Landscape, config_yaml, demo_config
 
-__all__ = ["Scene", "write_catalogue", "write_stac_demo"]
+__all__ = ["Scene", "synthetic_scenes", "write_catalogue", "write_stac_demo"]
 
 
 @dataclass(frozen=True)
@@ -193,6 +193,12 @@ def _ll_grid(lon0: float, lat0: float, size_m: float, res_deg: float) -> _Grid:
     )
 
 
+def _date_in_season(start: str, k: int, n: int, *, first_day: int) -> dt.datetime:
+    """The ``k``-th of ``n`` acquisition dates spread over a season from ``start``."""
+    day0 = dt.datetime.fromisoformat(start).replace(tzinfo=dt.UTC)
+    return day0 + dt.timedelta(days=first_day + round(100 * k / n), hours=5)
+
+
 def _saturation(land: _Landscape, grid: _Grid) -> Any:
     _, visible = land.agb(grid.lon, grid.lat)
     return lambda scale: 1 - np.exp(-visible / scale)
@@ -222,29 +228,29 @@ def _clouds(rng: np.random.Generator, shape: tuple[int, int], frac: float) -> tu
     return cloud, shadow
 
 
-def _s2_scenes(site: str, land: _Landscape, grid: _Grid, rng: np.random.Generator) -> list[Scene]:
+def _s2_scenes(
+    site: str, land: _Landscape, grid: _Grid, rng: np.random.Generator, n: int = 3
+) -> list[Scene]:
     sat = _saturation(land, grid)
     shape = grid.lon.shape
     scenes = []
     for season, (start, _) in _SEASONS.items():
-        for k in range(3):
+        for k in range(n):
             bands = _s2_reflectance(sat, _SEASON_GAIN[season], lambda sd: rng.normal(0, sd, shape))
-            cloud, shadow = _clouds(rng, shape, frac=(0.1, 0.25, 0.45)[k])
+            cloud, shadow = _clouds(rng, shape, frac=(0.1, 0.25, 0.45)[k % 3])
             scl = np.where(sat(90) > 0.3, 4, 5).astype(np.uint8)
             scl[cloud] = rng.choice([8, 9, 10], size=int(cloud.sum()))
             scl[shadow] = 3
-            new = k == 1  # processing baseline 04.00: DN carry +1000
+            new = k % 3 == 1  # processing baseline 04.00: DN carry +1000
             edge = np.add.outer(np.arange(shape[0]), np.arange(shape[1])) < shape[0] // 3
             for key, value in bands.items():
                 value = np.where(cloud, 6000 + rng.normal(0, 300, shape), value)
                 value = np.where(shadow, value * 0.4, value)
                 dn = np.clip(value + (1000 if new else 0), 1, 20000).astype(np.uint16)
-                dn[edge & (k == 2)] = 0  # the last scene of a season misses a corner
+                dn[edge & (k % 3 == 2)] = 0  # every third scene misses a corner
                 bands[key] = dn
-            scl[edge & (k == 2)] = 0
-            when = dt.datetime.fromisoformat(start).replace(tzinfo=dt.UTC) + dt.timedelta(
-                15 + 30 * k
-            )
+            scl[edge & (k % 3 == 2)] = 0
+            when = _date_in_season(start, k, n, first_day=15)
             scenes.append(
                 Scene(
                     "sentinel-2-l2a",
@@ -265,13 +271,13 @@ def _s2_scenes(site: str, land: _Landscape, grid: _Grid, rng: np.random.Generato
 
 
 def _landsat_scenes(
-    site: str, land: _Landscape, grid: _Grid, rng: np.random.Generator
+    site: str, land: _Landscape, grid: _Grid, rng: np.random.Generator, n: int = 2
 ) -> list[Scene]:
     sat = _saturation(land, grid)
     shape = grid.lon.shape
     scenes = []
     for season, (start, _) in _SEASONS.items():
-        for k in range(2):
+        for k in range(n):
             s2 = _s2_reflectance(sat, _SEASON_GAIN[season], lambda sd: rng.normal(0, sd, shape))
             cloud, shadow = _clouds(rng, shape, frac=0.15)
             qa = np.full(shape, _QA_CLEAR, np.uint16)
@@ -285,9 +291,7 @@ def _landsat_scenes(
                 reflectance = np.where(cloud, 0.6, s2[src] / 1e4)
                 assets[key] = np.clip((reflectance + 0.2) / 2.75e-5, 1, 65535).astype(np.uint16)
             assets["QA_PIXEL"] = qa
-            when = dt.datetime.fromisoformat(start).replace(tzinfo=dt.UTC) + dt.timedelta(
-                20 + 40 * k
-            )
+            when = _date_in_season(start, k, n, first_day=20)
             scenes.append(
                 Scene(
                     "landsat-c2-l2",
@@ -306,19 +310,20 @@ def _landsat_scenes(
     return scenes
 
 
-def _s1_scenes(site: str, land: _Landscape, grid: _Grid, rng: np.random.Generator) -> list[Scene]:
+def _s1_scenes(
+    site: str, land: _Landscape, grid: _Grid, rng: np.random.Generator, n: int = 3
+) -> list[Scene]:
     sat = _saturation(land, grid)
     shape = grid.lon.shape
     scenes = []
     for season, (start, _) in _SEASONS.items():
-        for k, orbit in enumerate(("descending", "descending", "ascending")):
+        for k in range(n):
+            orbit = "ascending" if k % 3 == 2 else "descending"
             db = {
                 "VV": -13 + 5 * sat(70) + rng.normal(0, 1.0, shape),
                 "VH": -21 + 7 * sat(110) + rng.normal(0, 1.2, shape),
             }
-            when = dt.datetime.fromisoformat(start).replace(tzinfo=dt.UTC) + dt.timedelta(
-                10 + 35 * k
-            )
+            when = _date_in_season(start, k, n, first_day=10)
             scenes.append(
                 Scene(
                     "sentinel-1-grd",
@@ -421,12 +426,32 @@ def _demo_sites(directory: Path, catalogue: Path, size_px: int, seed: int) -> li
             transform=transform,
         ) as dst:
             dst.write(agb.astype(np.float32), 1)
-        s2 = _utm_grid(lon0, lat0, size_m, 20.0)
-        scenes += _s2_scenes(name, land, s2, rng)
-        scenes += _landsat_scenes(name, land, _utm_grid(lon0, lat0, size_m, 30.0), rng)
-        scenes += _s1_scenes(name, land, s2, rng)
-        scenes += _static_scenes(name, land, lon0, lat0, size_m, rng)
+        scenes += synthetic_scenes(name, land, size_m, rng)
     return scenes
+
+
+def synthetic_scenes(
+    site: str,
+    land: _Landscape,
+    size_m: float,
+    rng: np.random.Generator,
+    *,
+    per_season: tuple[int, int, int] = (3, 2, 3),
+) -> list[Scene]:
+    """Every sensor's scenes over a square of ``size_m`` from the landscape's NW corner.
+
+    ``per_season`` counts Sentinel-2, Landsat-8 and Sentinel-1 scenes per season; the DEM, the
+    canopy height and two PALSAR-2 years come once.
+    """
+    lon0, lat0 = land.lon0, land.lat0
+    s2 = _utm_grid(lon0, lat0, size_m, 20.0)
+    n_s2, n_l8, n_s1 = per_season
+    return [
+        *_s2_scenes(site, land, s2, rng, n_s2),
+        *_landsat_scenes(site, land, _utm_grid(lon0, lat0, size_m, 30.0), rng, n_l8),
+        *_s1_scenes(site, land, s2, rng, n_s1),
+        *_static_scenes(site, land, lon0, lat0, size_m, rng),
+    ]
 
 
 def stac_demo_config(data_dir: str = "data", catalogue: str = "catalogue/catalog.json") -> dict:
