@@ -636,7 +636,15 @@ def composite(plan: StacPlan, gbox: GeoBox, *, chunk_px: int = 256) -> xr.DataAr
         Bands named as :meth:`StacPlan.band_names`; NaN where no clear observation exists. No
         spatial coordinates: the caller puts it on ``gbox``.
     """
+    from rasterio.errors import NotGeoreferencedWarning
+
     patch_url = _signer(plan.source.sign, site=plan.site)
+    # odc-loader warps in-memory windows through rasterio, which warns that they have no
+    # geotransform (they are given one explicitly); the warnings come from Dask's worker threads,
+    # where a catch_warnings() here would not reach, and would otherwise flood the CLI.
+    warnings.filterwarnings(
+        "ignore", message="Dataset has no geotransform", category=NotGeoreferencedWarning
+    )
     if _remote(plan):
         import odc.stac
 
