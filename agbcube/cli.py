@@ -121,6 +121,14 @@ def demo_cmd(
         Path, typer.Option("--output", "-o", help="Folder for the demo data and outputs.")
     ] = Path("demo-output"),
     size: Annotated[int, typer.Option(help="AGB map side of each site, pixels.")] = 160,
+    stac: Annotated[
+        bool,
+        typer.Option(
+            "--stac",
+            help="Build the sites' bands from a local STAC catalogue of synthetic scenes with "
+            "clouds (seasonal composites), not from ready-made stacks.",
+        ),
+    ] = False,
     scheduler: SchedulerOpt = "threads",
     quiet: QuietOpt = False,
 ) -> None:
@@ -131,7 +139,10 @@ def demo_cmd(
     from agbcube.folds import make_folds, write_folds
     from agbcube.train import run_cv
 
-    path = _run(write_demo, output, size_px=size)
+    writer = write_demo
+    if stac:
+        from agbcube.stac_demo import write_stac_demo as writer
+    path = _run(writer, output, size_px=size)
     console.print(f"demo sites and config written to [bold]{path}[/]")
     cfg = _run(load_config, path)
     results = _run(

@@ -9,6 +9,7 @@ setting that has no equivalent.
 
 from __future__ import annotations
 
+import datetime as dt
 import difflib
 import os
 import re
@@ -20,7 +21,9 @@ import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -36,6 +39,7 @@ __all__ = [
     "FoldsConfig",
     "GridSpec",
     "SiteConfig",
+    "StacSource",
     "TrainConfig",
     "config_reference",
     "load_config",
@@ -62,11 +66,107 @@ def _resolve(value: Path | None, info: ValidationInfo) -> Path | None:
     return Path(os.path.normpath(value))
 
 
+#: Sensors a STAC source can composite, in the order of the ``multisensor-59`` layout.
+StacSensor = Literal["sentinel-2", "landsat-8", "sentinel-1", "palsar-2", "dem", "canopy-height"]
+_SEASON_NAME = re.compile(r"^[A-Za-z0-9]+$")
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+class StacSource(_Section):
+    """A site's satellite bands composited from a STAC catalogue (see agbcube/stac.py)."""
+
+    stac: str = Field(
+        description="Static STAC catalogue/collection (path or URL of its JSON) or a STAC API URL."
+    )
+    seasons: dict[str, tuple[dt.date, dt.date]] = Field(
+        min_length=1,
+        description="Season name -> [first day, last day] (both included); bands are named "
+        "<band>_<season>, e.g. B4_T1.",
+    )
+    sensors: list[StacSensor] | None = Field(
+        default=None,
+        description="Sensors to composite (sentinel-2, landsat-8, sentinel-1, palsar-2, dem, "
+        "canopy-height); null: every one whose collection the catalogue has.",
+    )
+    max_cloud_cover: float = Field(
+        default=30.0,
+        ge=0,
+        le=100,
+        description="Largest scene cloud cover (%), Sentinel-2 and Landsat.",
+    )
+    provider: Literal["auto", "planetary-computer", "earth-search", "raw"] = Field(
+        default="auto",
+        description="Table of collection ids and asset names (agbcube.stac.PROVIDERS); 'auto' "
+        "picks it from the catalogue URL, else 'raw' (B02 … SCL, SR_B2 … QA_PIXEL).",
+    )
+    collections: dict[StacSensor, str] = Field(
+        default_factory=dict, description="Collection id per sensor, over the provider's."
+    )
+    assets: dict[StacSensor, dict[str, str]] = Field(
+        default_factory=dict,
+        description="Asset key per band name per sensor (e.g. {canopy-height: {CH: data}}), over "
+        "the provider's.",
+    )
+    orbit: Literal["descending", "ascending", "any"] = Field(
+        default="descending", description="Sentinel-1 pass direction (the original: descending)."
+    )
+    sentinel1_db: bool = Field(
+        default=False,
+        description="Turn Sentinel-1 linear backscatter into dB (10·log10) per scene before the "
+        "median, as the original's GEE collection holds it; false keeps the collection's values.",
+    )
+    sign: str | None = Field(
+        default=None,
+        description="Href signing: 'planetary-computer' (needs the planetary-computer package) or "
+        "'module:function' taking and returning an href; null: none.",
+    )
+
+    @field_validator("stac", mode="after")
+    @classmethod
+    def _resolve_stac(cls, value: str, info: ValidationInfo) -> str:
+        return value if _URL.match(value) else str(_resolve(Path(value), info))
+
+    @field_validator("seasons", mode="after")
+    @classmethod
+    def _check_seasons(
+        cls, value: dict[str, tuple[dt.date, dt.date]]
+    ) -> dict[str, tuple[dt.date, dt.date]]:
+        for name, (start, end) in value.items():
+            if not _SEASON_NAME.match(name):
+                raise ValueError(
+                    f"season name {name!r} must hold only letters and digits (it becomes a band "
+                    "name suffix, e.g. B4_T1)"
+                )
+            if end < start:
+                raise ValueError(f"season {name!r} ends ({end}) before it starts ({start})")
+        return value
+
+    @field_validator("sign", mode="after")
+    @classmethod
+    def _check_sign(cls, value: str | None) -> str | None:
+        if value not in (None, "planetary-computer") and ":" not in value:
+            raise ValueError(
+                f"sign must be 'planetary-computer' or 'module:function', got {value!r}"
+            )
+        return value
+
+
+def _satellite_kind(value: Any) -> str:
+    # A mapping is a STAC source, anything else a file path: errors then come from one branch.
+    return "StacSource" if isinstance(value, dict | StacSource) else "GeoTIFF"
+
+
 class SiteConfig(_Section):
-    """One site: a multi-band satellite stack and a single-band AGB map."""
+    """One site: a multi-band satellite stack (or a STAC source) and a single-band AGB map."""
 
     name: str = Field(description="Site name; becomes the Zarr group name.")
-    satellite: Path = Field(description="Multi-band satellite GeoTIFF (any CRS, grid and dtype).")
+    satellite: Annotated[
+        Annotated[Path, Tag("GeoTIFF")] | Annotated[StacSource, Tag("StacSource")],
+        Discriminator(_satellite_kind),
+    ] = Field(
+        description="Multi-band satellite GeoTIFF (any CRS, grid and dtype), or a STAC source "
+        "({stac, seasons, ...}: see sites[].satellite (STAC))."
+    )
     biomass: Path = Field(description="Single-band AGB GeoTIFF in Mg/ha.")
     bands: list[str] | str | None = Field(
         default=None,
@@ -96,8 +196,19 @@ class SiteConfig(_Section):
 
     @field_validator("satellite", "biomass", mode="after")
     @classmethod
-    def _resolve_paths(cls, value: Path, info: ValidationInfo) -> Path:
-        return _resolve(value, info)
+    def _resolve_paths(cls, value: Path | StacSource, info: ValidationInfo) -> Path | StacSource:
+        return value if isinstance(value, StacSource) else _resolve(value, info)
+
+    @model_validator(mode="after")
+    def _stac_names_its_bands(self) -> SiteConfig:
+        if isinstance(self.satellite, StacSource):
+            given = [k for k in ("bands", "satellite_nodata") if getattr(self, k) is not None]
+            if given:
+                raise ValueError(
+                    f"site {self.name!r}: a STAC source names its bands (B2_T1, ..., CH) and "
+                    f"masks its nodata itself; remove {given}"
+                )
+        return self
 
 
 class GridSpec(_Section):
@@ -537,7 +648,7 @@ def _is_union_tag(part: Any) -> bool:
     # pydantic puts the union member tried into the location (e.g. 'literal[...]', 'float').
     return isinstance(part, str) and (
         part.startswith(("literal[", "function-", "tuple[", "list["))
-        or part in {"float", "int", "str", "GridSpec", "constrained-float"}
+        or part in {"float", "int", "str", "GridSpec", "GeoTIFF", "StacSource", "constrained-float"}
     )
 
 
@@ -549,7 +660,7 @@ def _short(value: Any) -> str:
 def _did_you_mean(key: str, parent_loc: tuple) -> str:
     model: type[BaseModel] | None = Config
     for part in parent_loc:
-        if isinstance(part, int) or model is None:
+        if isinstance(part, int) or _is_union_tag(part) or model is None:
             continue
         field = model.model_fields.get(str(part))
         model = _model_of(field.annotation) if field else None
@@ -683,6 +794,7 @@ def config_reference() -> str:
     """
     sections = [
         ("sites[]", SiteConfig),
+        ("sites[].satellite (STAC)", StacSource),
         ("cube", CubeConfig),
         ("cube.grid (explicit)", GridSpec),
         ("chips", ChipsConfig),

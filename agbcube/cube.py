@@ -37,7 +37,7 @@ from agbcube._dask import check_scheduler, compute, dask_scheduler
 from agbcube._io import digest, output_lock, remove_path, replace_path, temporary_sibling
 from agbcube._store import _ZARR_FORMAT, _root_meta, cube_sites, open_cube, open_cube_tree
 from agbcube.bands import resolve_band_names
-from agbcube.config import CubeConfig, GridSpec, SiteConfig
+from agbcube.config import CubeConfig, GridSpec, SiteConfig, StacSource
 from agbcube.errors import (
     CubeError,
     GridError,
@@ -46,6 +46,7 @@ from agbcube.errors import (
     NoOverlapError,
 )
 from agbcube.indices import compute_indices, plan_indices
+from agbcube.stac import clear_fraction_checks, warn_no_clear
 
 __all__ = [
     "RasterInfo",
@@ -327,11 +328,20 @@ def _file_facts(path: Path) -> dict[str, Any]:
     return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def site_provenance(site: SiteConfig, cube: CubeConfig) -> dict[str, Any]:
-    """What a site's cube depends on; its ``key`` changes when any input or setting does."""
+def site_provenance(
+    site: SiteConfig, cube: CubeConfig, *, satellite: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """What a site's cube depends on; its ``key`` changes when any input or setting does.
+
+    ``satellite`` describes a STAC source's answer (:meth:`agbcube.stac.StacPlan.facts`: the
+    item ids and a key of their content); a file is described by its path, size and mtime.
+    """
+    if satellite is None:
+        assert isinstance(site.satellite, Path)
+        satellite = _file_facts(site.satellite)
     deps = {
         "format": CUBE_FORMAT,
-        "satellite": _file_facts(site.satellite),
+        "satellite": satellite,
         "biomass": _file_facts(site.biomass),
         "site": site.model_dump(mode="json"),
         "cube": cube.model_dump(mode="json", exclude={"output"}),
@@ -373,21 +383,19 @@ def build_site_cube(site: SiteConfig, cube: CubeConfig) -> xr.Dataset:
         Problems found from the file headers, before any pixel is read.
     """
     where = f"site '{site.name}'"
-    sat_info = probe_raster(site.satellite, what=f"{where} satellite", crs=site.crs)
     agb_info = probe_raster(site.biomass, what=f"{where} biomass", crs=site.crs)
     if agb_info.count != 1:
         raise GridError(
             f"{where} biomass: {site.biomass} has {agb_info.count} bands; the AGB map must be a "
             "single band in Mg/ha"
         )
-    names = resolve_band_names(
-        sat_info.count, sat_info.descriptions, site.bands, source=f"{where} ({site.satellite})"
-    )
+    if isinstance(site.satellite, StacSource):
+        sat, gbox, overlap, extra = _stac_satellite(site, cube, agb_info)
+    else:
+        sat, gbox, overlap = _file_satellite(site, cube, agb_info)
+        extra = {}
+    names = [str(b) for b in sat["band"].values]
     specs = plan_indices(names, cube.indices, source=where)
-    gbox, overlap = target_geobox(sat_info.geobox, agb_info.geobox, cube.grid, site=site.name)
-
-    sat = open_raster(sat_info, nodata=site.satellite_nodata, chunk_px=cube.chunks)
-    sat = align(sat, sat_info.geobox, gbox, resampling="bilinear").assign_coords(band=names)
 
     agb = open_raster(agb_info, nodata=site.biomass_nodata, chunk_px=cube.chunks)
     lo, hi = cube.agb_range
@@ -412,9 +420,49 @@ def build_site_cube(site: SiteConfig, cube: CubeConfig) -> xr.Dataset:
         site=site.name,
         n_raw_bands=len(names),
         overlap_fraction=round(float(overlap), 6),
-        provenance=json.dumps(site_provenance(site, cube)),
+        provenance=json.dumps(site_provenance(site, cube, satellite=extra.pop("facts", None))),
+        **extra,
     )
     return ds
+
+
+def _file_satellite(
+    site: SiteConfig, cube: CubeConfig, agb_info: RasterInfo
+) -> tuple[xr.DataArray, GeoBox, float]:
+    """A satellite GeoTIFF, lazily aligned onto the target grid, with its bands named."""
+    where = f"site '{site.name}'"
+    assert isinstance(site.satellite, Path)
+    sat_info = probe_raster(site.satellite, what=f"{where} satellite", crs=site.crs)
+    names = resolve_band_names(
+        sat_info.count, sat_info.descriptions, site.bands, source=f"{where} ({site.satellite})"
+    )
+    gbox, overlap = target_geobox(sat_info.geobox, agb_info.geobox, cube.grid, site=site.name)
+    sat = open_raster(sat_info, nodata=site.satellite_nodata, chunk_px=cube.chunks)
+    sat = align(sat, sat_info.geobox, gbox, resampling="bilinear").assign_coords(band=names)
+    return sat, gbox, overlap
+
+
+def _stac_satellite(
+    site: SiteConfig, cube: CubeConfig, agb_info: RasterInfo
+) -> tuple[xr.DataArray, GeoBox, float, dict[str, Any]]:
+    """Seasonal composites from a STAC source on the target grid (the AGB map's footprint).
+
+    The catalogue is searched and checked here, before any pixel is read; the extra attrs carry
+    the provenance facts (item ids) and the layers whose clear share is checked after writing.
+    """
+    from agbcube import stac
+
+    assert isinstance(site.satellite, StacSource)
+    if cube.grid == "satellite":
+        raise GridError(
+            f"site '{site.name}': cube.grid is 'satellite' but the satellite is a STAC source, "
+            "which has no grid of its own; use grid: biomass or {crs, resolution}"
+        )
+    gbox, overlap = target_geobox(agb_info.geobox, agb_info.geobox, cube.grid, site=site.name)
+    plan = stac.plan_composites(site.satellite, gbox, site=site.name)
+    sat = _with_grid(stac.composite(plan, gbox, chunk_px=cube.chunks), gbox)
+    extra = {"facts": plan.facts(), "stac_layers": json.dumps(stac.layer_labels(plan))}
+    return sat, gbox, overlap, extra
 
 
 # --------------------------------------------------------------------------------------------
@@ -485,14 +533,20 @@ def write_site(
             encoding=_encoding(ds),
         )
         stats = _agb_stats(ds["agb"])
+        checks = clear_fraction_checks(ds)  # STAC sites: share of clear pixels per season
         _, *values = compute(
             delayed,
             *stats.values(),
+            *checks.values(),
             client=client,
             progress=progress,
             label=f"building site '{site}'",
         )
-        stats = {k: _jsonable(v) for k, v in zip(stats, values, strict=True)}
+        stats = {k: _jsonable(v) for k, v in zip([*stats, *checks], values, strict=True)}
+        if checks:
+            clear = {k: stats.pop(k) for k in checks}
+            stats["clear_fraction"] = clear
+            warn_no_clear(site, clear)
         group = zarr.open_group(tmp, mode="a", zarr_format=_ZARR_FORMAT)
         group.attrs["stats"] = json.dumps(stats)
         zarr.consolidate_metadata(tmp)

@@ -11,6 +11,7 @@ from __future__ import annotations
 __all__ = [
     "AgbcubeError",
     "BandError",
+    "CatalogueUnreachableError",
     "ConfigError",
     "CubeError",
     "FoldError",
@@ -19,6 +20,7 @@ __all__ = [
     "MissingCRSError",
     "NoOverlapError",
     "OutputLockedError",
+    "StacError",
     "TrainingError",
 ]
 
@@ -68,3 +70,11 @@ class OutputLockedError(AgbcubeError, RuntimeError):
 
 class TrainingError(AgbcubeError, RuntimeError):
     """Training cannot continue (diverged loss, out of memory, incompatible checkpoint)."""
+
+
+class StacError(AgbcubeError, ValueError):
+    """A STAC source cannot give what a site needs (no items for a sensor, an asset missing)."""
+
+
+class CatalogueUnreachableError(AgbcubeError, ConnectionError):
+    """A STAC catalogue or API cannot be opened (missing file, no network, bad URL)."""
