@@ -345,7 +345,6 @@ def predict_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Map AGB (ensemble mean and s.d.) and its area of applicability, as COGs, Zarr and PNGs."""
-    import yaml
 
     from agbcube.config import load_config
     from agbcube.cube import build_cube, cube_sites
@@ -364,11 +363,9 @@ def predict_cmd(
         )
         store = cfg.cube.output
     else:
-        run_cfg = run_dir / "config.yaml"
-        if not run_cfg.exists():
-            console.print(f"[red]error:[/] {run_cfg} not found: is {run_dir} a training run?")
-            raise typer.Exit(2)
-        store = Path(yaml.safe_load(run_cfg.read_text())["cube"]["output"])
+        from agbcube.config import load_run_config
+
+        store = _run(load_run_config, run_dir).cube.output
     _predict_sites(
         run_dir,
         store,

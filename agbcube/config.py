@@ -43,6 +43,7 @@ __all__ = [
     "TrainConfig",
     "config_reference",
     "load_config",
+    "load_run_config",
     "with_overrides",
 ]
 
@@ -590,6 +591,18 @@ def load_config(path: str | Path) -> Config:
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from err
     return parse_config(raw, base_dir=path.resolve().parent, source=path)
+
+
+def load_run_config(run_dir: str | Path) -> Config:
+    """The configuration a training run was made with (its ``config.yaml``), validated as
+    strictly as a fresh one: an edited or foreign run config is a :class:`ConfigError`.
+    """
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(
+            f"{path} not found: is {run_dir} a run directory written by `agbcube train`?"
+        )
+    return load_config(path)
 
 
 def parse_config(

@@ -614,22 +614,21 @@ def predict_run(
         As :func:`predict_site`, with ``attrs["key"]``: a digest of the ensemble, the site's
         cube and the settings, with which :func:`write_maps` resumes an interrupted write.
     """
-    import yaml
-
+    from agbcube.config import load_run_config
     from agbcube.folds import read_folds
     from agbcube.train import load_ensemble
 
     run_dir = Path(run_dir)
     models, spec = load_ensemble(run_dir, device=device)
     tcfg = spec["train"]
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    cfg = load_run_config(run_dir)
     size = int(spec["size_px"]) - 2 * int(tcfg.get("context_px", 0))  # the chips, not windows
     dense = tcfg["head"] == "dense"
     window = window_px or (4 * size if dense else size)
     reference = None
     if aoa:
         folds = read_folds(run_dir / "folds.parquet")
-        pixels, fold_of = _labelled_pixels(Path(cfg["cube"]["output"]), folds, spec["bands"], size)
+        pixels, fold_of = _labelled_pixels(cfg.cube.output, folds, spec["bands"], size)
         reference = aoa_reference(pixels, fold_of)
     stride = stride_px or max(1, window // (4 if dense else 2))
     maps = predict_site(
