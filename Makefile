@@ -1,13 +1,16 @@
 # Two commands on a fresh machine with Python >= 3.11:
 #   make demo   set up .venv and run the pipeline on built-in synthetic sites
 #   make test   set up .venv and run the linters and the test-suite
-# TORCH picks the PyTorch build; the default is the CPU build (see README, "Installing torch").
+#   make docs   build the documentation site into site/ (notebooks executed; warnings are errors)
+# setup installs every role and the test and docs tools (.[all,test,docs]); a machine with one
+# role installs its extra instead (docs, "Installing").
+# TORCH picks the PyTorch build; the default is the CPU build (docs, "Installing").
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint bench-cube clean
+.PHONY: setup demo test lint docs bench-cube clean
 
 setup: $(VENV)/.installed
 
@@ -15,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e ".[all,test,docs]"
 	touch $@
 
 demo: setup
@@ -28,8 +31,11 @@ lint: setup
 test: lint
 	$(BIN)/python -m pytest -q
 
+docs: setup
+	MPLBACKEND=Agg $(BIN)/mkdocs build --strict --site-dir site
+
 bench-cube: setup
 	$(BIN)/python bench/build_cube.py
 
 clean:
-	rm -rf $(VENV) demo-output cubes runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) demo-output cubes runs site .pytest_cache .ruff_cache

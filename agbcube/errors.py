@@ -17,6 +17,7 @@ __all__ = [
     "GridError",
     "InputFileError",
     "MissingCRSError",
+    "MissingDependencyError",
     "NoOverlapError",
     "OutputLockedError",
     "TrainingError",
@@ -68,3 +69,7 @@ class OutputLockedError(AgbcubeError, RuntimeError):
 
 class TrainingError(AgbcubeError, RuntimeError):
     """Training cannot continue (diverged loss, out of memory, incompatible checkpoint)."""
+
+
+class MissingDependencyError(AgbcubeError, ImportError):
+    """A package of an optional extra is not installed (the message names the extra)."""
