@@ -31,8 +31,10 @@ lint: setup
 test: lint
 	$(BIN)/python -m pytest -q
 
+# The two variables silence banners about MkDocs 2 that Material and a plugin print.
 docs: setup
-	MPLBACKEND=Agg $(BIN)/mkdocs build --strict --site-dir site
+	NO_MKDOCS_2_WARNING=1 DISABLE_MKDOCS_2_WARNING=true \
+		$(BIN)/mkdocs build --strict --site-dir site
 
 bench-cube: setup
 	$(BIN)/python bench/build_cube.py

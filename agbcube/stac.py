@@ -121,7 +121,6 @@ def map_item(
         Asset hrefs are relative to ``directory``.
     """
     import pystac
-    from pystac.extensions.raster import DataType, RasterBand, RasterExtension, Statistics
 
     directory = Path(directory)
     created = created or _now()
@@ -143,25 +142,8 @@ def map_item(
     )
     _apply_projection(item, gbox)
     for name, info in layers.items():
-        if not (directory / f"{name}.tif").exists():
-            continue
-        asset = pystac.Asset(
-            href=f"./{name}.tif",
-            media_type=COG_MEDIA_TYPE,
-            title=info["title"],
-            description=info["description"],
-            roles=["data"],
-        )
-        stats = (statistics or {}).get(name)
-        band = RasterBand.create(
-            nodata=_stac_nodata(info["nodata"]),
-            data_type=DataType(np.dtype(info["dtype"]).name),
-            spatial_resolution=_resolution(transform),
-            unit=info.get("unit"),
-            statistics=Statistics.create(**stats) if stats else None,
-        )
-        item.add_asset(name, asset)
-        RasterExtension.ext(asset, add_if_missing=True).apply(bands=[band])
+        if (directory / f"{name}.tif").exists():
+            _add_cog_asset(item, name, info, transform, (statistics or {}).get(name))
         if (directory / f"{name}.png").exists():
             item.add_asset(
                 f"{name}_preview",
@@ -173,6 +155,35 @@ def map_item(
                 ),
             )
     return item
+
+
+def _add_cog_asset(
+    item: Any,
+    name: str,
+    info: Mapping[str, Any],
+    transform: Any,
+    stats: Mapping[str, float] | None,
+) -> None:
+    """A COG asset ``./<name>.tif`` with its raster band (dtype, nodata, unit, statistics)."""
+    import pystac
+    from pystac.extensions.raster import DataType, RasterBand, RasterExtension, Statistics
+
+    asset = pystac.Asset(
+        href=f"./{name}.tif",
+        media_type=COG_MEDIA_TYPE,
+        title=info["title"],
+        description=info["description"],
+        roles=["data"],
+    )
+    item.add_asset(name, asset)  # the extension needs the asset's owner
+    band = RasterBand.create(
+        nodata=_stac_nodata(info["nodata"]),
+        data_type=DataType(np.dtype(info["dtype"]).name),
+        spatial_resolution=_resolution(transform),
+        unit=info.get("unit"),
+        statistics=Statistics.create(**stats) if stats else None,
+    )
+    RasterExtension.ext(asset, add_if_missing=True).apply(bands=[band])
 
 
 def _stac_nodata(value: float) -> float | str:
@@ -345,7 +356,7 @@ def cube_item(ds: Any, *, group: str, store_href: str, created: dt.datetime | No
         group, so ``xr.open_dataset(asset.get_absolute_href(), **open_kwargs)`` opens it.
     """
     import pystac
-    from pystac.extensions.datacube import DatacubeExtension, Dimension, Variable
+    from pystac.extensions.datacube import DatacubeExtension
 
     created = created or _now()
     transform = ds.rio.transform()
@@ -375,6 +386,17 @@ def cube_item(ds: Any, *, group: str, store_href: str, created: dt.datetime | No
             "xarray:open_kwargs": {"engine": "zarr", "group": group, "consolidated": True}
         },
     )
+    dims, variables = _datacube_fields(ds, gbox)
+    item.add_asset("zarr", asset)
+    DatacubeExtension.ext(asset, add_if_missing=True).apply(dimensions=dims, variables=variables)
+    return item
+
+
+def _datacube_fields(ds: Any, gbox: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``cube:dimensions`` (x, y at pixel centres; band names) and ``cube:variables``."""
+    from pystac.extensions.datacube import Dimension, Variable
+
+    transform = gbox.transform
     crs_code = gbox.crs.epsg if gbox.crs.epsg is not None else gbox.crs.to_wkt()
     half = _resolution(transform) / 2
     bounds = gbox.boundingbox
@@ -414,9 +436,7 @@ def cube_item(ds: Any, *, group: str, store_href: str, created: dt.datetime | No
             }
         ),
     }
-    item.add_asset("zarr", asset)
-    DatacubeExtension.ext(asset, add_if_missing=True).apply(dimensions=dims, variables=variables)
-    return item
+    return dims, variables
 
 
 def write_cube_item(ds: Any, store: str | Path) -> Path:
