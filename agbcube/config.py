@@ -568,7 +568,8 @@ def _translate_legacy(raw: dict, where: str) -> dict:
 def config_reference() -> str:
     """Markdown reference of every configuration key, generated from the models.
 
-    Keeping the README's reference generated from here means it cannot drift from the code.
+    The documentation's configuration page is generated from here when the site is built
+    (``docs/gen_pages.py``), so it cannot drift from the code.
     """
     sections = [
         ("sites[]", SiteConfig),
