@@ -2,13 +2,16 @@
 #   make demo   set up .venv and run the pipeline on built-in synthetic sites
 #   make test   set up .venv and run the linters and the test-suite
 #   make test-fast  the same without the whole-pipeline (slow) tests: a few minutes
-# TORCH picks the PyTorch build; the default is the CPU build (see README, "Installing torch").
+#   make docs   build the documentation site into site/ (notebooks executed; warnings are errors)
+# setup installs every role and the test and docs tools (.[all,test,docs]); a machine with one
+# role installs its extra instead (docs, "Installing").
+# TORCH picks the PyTorch build; the default is the CPU build (docs, "Installing").
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-fast lint bench-cube clean
+.PHONY: setup demo test test-fast lint docs bench-cube clean
 
 setup: $(VENV)/.installed
 
@@ -16,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e ".[all,test,docs]"
 	touch $@
 
 demo: setup
@@ -32,8 +35,13 @@ test: lint
 test-fast: lint
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# The two variables silence banners about MkDocs 2 that Material and a plugin print.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 DISABLE_MKDOCS_2_WARNING=true \
+		$(BIN)/mkdocs build --strict --site-dir site
+
 bench-cube: setup
 	$(BIN)/python bench/build_cube.py
 
 clean:
-	rm -rf $(VENV) demo-output cubes runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) demo-output cubes runs site .pytest_cache .ruff_cache

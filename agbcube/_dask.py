@@ -52,7 +52,15 @@ def dask_scheduler(
         with dask.config.set(scheduler=spec):
             yield None
         return
-    from distributed import Client, LocalCluster
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError as err:
+        from agbcube.errors import MissingDependencyError
+
+        raise MissingDependencyError(
+            f"--scheduler {spec} needs dask.distributed, which is not installed: "
+            "pip install 'agbcube[cluster]' (or use threads, processes or synchronous)"
+        ) from err
 
     cluster = None
     if spec == "local":

@@ -394,9 +394,11 @@ def _predict_sites(
     quiet: bool = False,
 ) -> None:
     from agbcube._dask import dask_scheduler
+    from agbcube.catalog import update_map_collection
     from agbcube.cube import open_cube
     from agbcube.predict import predict_run, write_maps
 
+    items = []
     with dask_scheduler(scheduler) as client:
         for name in sites:
             ds = _run(open_cube, store, name, chunks=None)  # each tile task reads its window
@@ -416,6 +418,10 @@ def _predict_sites(
             )
             _run(write_maps, maps, out, client=client, progress=not quiet, echo=console.print)
             console.print(f"site '{name}': maps written to [bold]{out}[/]")
+            items.append(out / "item.json")
+    root = output if (output is not None and len(sites) == 1) else (output or run_dir / "maps")
+    collection = _run(update_map_collection, root / "collection.json", items, run_dir=run_dir)
+    console.print(f"STAC collection of the maps: [bold]{collection}[/]")
 
 
 @app.command("config-reference")

@@ -801,9 +801,10 @@ def _translate_legacy(raw: dict, where: str) -> dict:
 def config_reference() -> str:
     """Markdown reference of every configuration key, generated from the models.
 
-    Keeping the README's reference generated from here means it cannot drift from the code.
-    The ``train`` settings are listed by group (model, optimisation, augmentation, evaluation,
-    data path), so a user sees which ones matter.
+    The documentation's configuration page is generated from here when the site is built
+    (``docs/gen_pages.py``), so it cannot drift from the code. The ``train`` settings are
+    listed by group (model, optimisation, augmentation, evaluation, data path), so a user sees
+    which ones matter.
     """
     sections = [
         ("sites[]", SiteConfig),

@@ -513,12 +513,17 @@ def write_site(
     The data goes to a hidden temporary group, which is renamed into place only once every chunk
     is written; an existing group of the same name is replaced only then.
 
+    A STAC Item then describes the group: ``<store>.stac/<site>.json``
+    (:func:`agbcube.catalog.write_cube_item`).
+
     Returns
     -------
     dict
         Summary statistics of the site's valid AGB, also stored in the group's ``stats`` attr.
     """
     import zarr
+
+    from agbcube.catalog import write_cube_item
 
     store = Path(store)
     site = ds.attrs["site"]
@@ -551,6 +556,7 @@ def write_site(
         group.attrs["stats"] = json.dumps(stats)
         zarr.consolidate_metadata(tmp)
         replace_path(tmp, store / site)
+        write_cube_item(ds, store)  # a STAC Item of the group, beside the store
     finally:
         remove_path(tmp)
     return stats

@@ -18,6 +18,7 @@ __all__ = [
     "GridError",
     "InputFileError",
     "MissingCRSError",
+    "MissingDependencyError",
     "NoOverlapError",
     "OutputLockedError",
     "StacError",
@@ -78,3 +79,7 @@ class StacError(AgbcubeError, ValueError):
 
 class CatalogueUnreachableError(AgbcubeError, ConnectionError):
     """A STAC catalogue or API cannot be opened (missing file, no network, bad URL)."""
+
+
+class MissingDependencyError(AgbcubeError, ImportError):
+    """A package of an optional extra is not installed (the message names the extra)."""

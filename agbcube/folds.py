@@ -851,32 +851,34 @@ def plot_fold_map(
     *,
     buffer_m: Mapping[str, float] | None = None,
 ) -> None:
-    """A PNG per site: chips coloured by test fold, then the roles of each fold."""
-    import matplotlib
+    """A PNG per site: chips coloured by test fold, then the roles of each fold.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Chips are drawn in the site's UTM zone, with its coordinates (km) on the axes.
+    """
     from matplotlib.patches import Patch
+
+    from agbcube._plot import label_projected, new_figure
 
     sub = folds[folds["site"] == site]
     sub = sub.to_crs(sub.estimate_utm_crs())
     n = n_folds + 1
-    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.6), squeeze=False)
-    axes = axes[0]
+    fig = new_figure((3.4 * n, 4.4))
+    axes = fig.subplots(1, n, squeeze=False, sharex=True, sharey=True)[0]
     sub.plot(column="fold", categorical=True, cmap="tab10", ax=axes[0], edgecolor="none")
-    axes[0].set_title(f"{site}: test fold")
+    axes[0].set_title(f"{site}: test fold", fontsize=9)
     for k in range(n_folds):
         colours = sub[f"role_{k}"].map(_ROLE_COLOURS)
         sub.plot(color=colours, ax=axes[k + 1], edgecolor="none")
-        axes[k + 1].set_title(f"fold {k} roles")
-    for ax in axes:
-        ax.set_axis_off()
+        axes[k + 1].set_title(f"fold {k} roles", fontsize=9)
+    for i, ax in enumerate(axes):
         ax.set_aspect("equal")
+        label_projected(ax, sub.crs)
+        if i:
+            ax.set_ylabel("")
     handles = [Patch(color=c, label=r) for r, c in _ROLE_COLOURS.items()]
     buf = (buffer_m or {}).get(site)
     title = f"{site}: {len(sub)} chips" + (f", buffer {buf:.0f} m" if buf is not None else "")
     fig.suptitle(title)
     fig.legend(handles=handles, loc="lower center", ncol=4, frameon=False)
-    fig.tight_layout(rect=(0, 0.08, 1, 0.95))
-    fig.savefig(path, dpi=90, format="png")
-    plt.close(fig)
+    fig.tight_layout(rect=(0, 0.12, 1, 0.95))
+    fig.savefig(path, dpi=90, format="png")  # the caller writes through a temporary path

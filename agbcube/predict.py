@@ -51,6 +51,7 @@ from agbcube._io import (
     temporary_sibling,
     write_json_atomic,
 )
+from agbcube._plot import label_projected, new_figure, raster_extent, save_figure
 from agbcube.errors import BandError
 
 __all__ = [
@@ -60,10 +61,49 @@ __all__ = [
     "cosine_weights",
     "predict_run",
     "predict_site",
+    "quicklook",
     "write_maps",
 ]
 
 LAYERS = ("agb_mean", "agb_std", "di", "aoa")
+
+# What each map layer is, for the COGs' band metadata, the quick looks and the STAC Item.
+LAYER_INFO: dict[str, dict[str, Any]] = {
+    "agb_mean": {
+        "title": "AGB, ensemble mean",
+        "description": "Above-ground biomass: mean of the run's fold models.",
+        "unit": "Mg/ha",
+        "dtype": "float32",
+        "nodata": float("nan"),
+        "cmap": "YlGn",
+    },
+    "agb_std": {
+        "title": "AGB, ensemble standard deviation",
+        "description": "Standard deviation of the fold models' AGB (their disagreement).",
+        "unit": "Mg/ha",
+        "dtype": "float32",
+        "nodata": float("nan"),
+        "cmap": "magma",
+    },
+    "di": {
+        "title": "dissimilarity index",
+        "description": "Distance to the nearest training pixel in standardised feature space, "
+        "over the mean distance between training pixels (Meyer & Pebesma 2021); unitless.",
+        "unit": "1",
+        "dtype": "float32",
+        "nodata": float("nan"),
+        "cmap": "viridis",
+    },
+    "aoa": {
+        "title": "area of applicability",
+        "description": "1 where the dissimilarity index is within the training data's "
+        "threshold (inside the area of applicability), 0 outside, 255 no data.",
+        "unit": None,
+        "dtype": "uint8",
+        "nodata": 255,
+        "cmap": "RdYlGn",
+    },
+}
 
 
 def cosine_weights(size: int) -> np.ndarray:
@@ -660,6 +700,7 @@ def predict_run(
             "aoa": aoa,
         }
     )
+    maps.attrs["run"] = run_dir.resolve().name
     return maps
 
 
@@ -679,10 +720,19 @@ def write_maps(
     partial store's, only the missing tiles are computed; otherwise it starts over. One writer
     per output: a second one is refused (:class:`~agbcube.errors.OutputLockedError`).
 
-    Each layer then becomes ``output/<layer>.tif`` (Cloud-Optimised GeoTIFF, deflate, with
-    overviews; nodata NaN for floats, 255 for the AOA mask), written window by window, and
-    ``output/<layer>.png`` (a quick look). Memory stays bounded by the tile size throughout.
+    Each layer then becomes ``output/<layer>.tif`` (Cloud-Optimised GeoTIFF, deflate with the
+    floating-point predictor, overviews, the band's description and unit; nodata NaN for
+    floats, 255 for the AOA mask), written window by window, and ``output/<layer>.png`` (a
+    quick look). Last comes ``output/item.json``, a STAC Item of the COGs
+    (:func:`agbcube.catalog.map_item`). Memory stays bounded by the tile size throughout.
+
+    Returns
+    -------
+    list of Path
+        ``maps.zarr``, every COG and PNG, and ``item.json``.
     """
+    from agbcube.catalog import map_item, write_map_item
+
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     say = echo or (lambda _m: None)
@@ -690,21 +740,57 @@ def write_maps(
     # GDAL's block cache (5 % of RAM by default) would grow with the map while the COG driver
     # builds overviews; as in build_cube, a small one costs nothing. The user's setting wins.
     os.environ.setdefault("GDAL_CACHEMAX", "256")
+    site, run = str(maps.attrs.get("site") or output.name), maps.attrs.get("run")
     with output_lock(zpath, what="maps"):
         _write_tiles(maps, zpath, client=client, progress=progress, say=say)
         written = [zpath]
         stored = xr.open_zarr(zpath, consolidated=True, zarr_format=2)
         crs, transform = maps.rio.crs, maps.rio.transform()
-        for name in _layers_of(stored):
+        layers = _layers_of(stored)
+        for name in layers:
             tif, png = output / f"{name}.tif", output / f"{name}.png"
-            _write_cog(stored[name], tif, crs=crs, transform=transform, mask=name == "aoa")
-            with atomic_path(png) as tmp:
-                _quicklook(stored[name], tmp, name)
+            _write_cog(stored[name], tif, crs=crs, transform=transform, info=LAYER_INFO[name])
+            fig = quicklook(stored[name], name, site=site, run=run, transform=transform, crs=crs)
+            save_figure(fig, png, tight=True)
             written += [tif, png]
             say(f"wrote {tif} and {png.name}")
-        meta = {"layers": _layers_of(stored), "attrs": {k: str(v) for k, v in maps.attrs.items()}}
+        meta = {"layers": layers, "attrs": {k: str(v) for k, v in maps.attrs.items()}}
         write_json_atomic(output / "maps.json", meta)
+        item = map_item(
+            output,
+            site=site,
+            run=run,
+            layers={name: LAYER_INFO[name] for name in layers},
+            shape=(stored.sizes["y"], stored.sizes["x"]),
+            transform=transform,
+            crs=crs.to_wkt(),
+            statistics=_statistics(stored, layers),
+        )
+        written.append(write_map_item(item, output))
     return written
+
+
+def _statistics(stored: xr.Dataset, layers: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Minimum, maximum, mean and valid share of each layer (raster extension statistics)."""
+    import dask
+
+    todo = {
+        name: (stored[name].min(), stored[name].max(), stored[name].mean(), stored[name].count())
+        for name in layers
+    }
+    (done,) = dask.compute(todo)
+    size = stored.sizes["y"] * stored.sizes["x"]
+    out = {}
+    for name, (lo, hi, mean, count) in done.items():
+        if int(count) == 0:
+            continue
+        out[name] = {
+            "minimum": float(lo),
+            "maximum": float(hi),
+            "mean": float(mean),
+            "valid_percent": round(100.0 * int(count) / size, 3),
+        }
+    return out
 
 
 def _layers_of(ds: xr.Dataset) -> list[str]:
@@ -788,25 +874,33 @@ def _store_tile(
 
 
 def _write_cog(
-    layer: xr.DataArray, path: Path, *, crs: Any, transform: Any, mask: bool, block: int = 512
+    layer: xr.DataArray,
+    path: Path,
+    *,
+    crs: Any,
+    transform: Any,
+    info: dict[str, Any],
+    block: int = 512,
 ) -> None:
     """A Cloud-Optimised GeoTIFF of a lazily opened layer, written window by window.
 
     The layer goes into a tiled GeoTIFF a block of rows at a time, which GDAL's COG driver
-    then copies with overviews; neither step holds the layer in memory.
+    then copies with overviews; neither step holds the layer in memory. The band carries the
+    layer's description and unit (``info``, from :data:`LAYER_INFO`), which the copy keeps.
     """
     import rasterio
     import rasterio.shutil
     from rasterio.windows import Window
 
     ny, nx = layer.sizes["y"], layer.sizes["x"]
-    dtype, nodata = (np.uint8, 255) if mask else (np.float32, np.nan)
+    dtype, nodata = np.dtype(info["dtype"]), info["nodata"]
+    mask = dtype.kind == "u"
     profile = {
         "driver": "GTiff",
         "height": ny,
         "width": nx,
         "count": 1,
-        "dtype": np.dtype(dtype).name,
+        "dtype": dtype.name,
         "crs": crs,
         "transform": transform,
         "nodata": nodata,
@@ -821,14 +915,20 @@ def _write_cog(
             for r0 in range(0, ny, block):
                 rows = layer.isel(y=slice(r0, r0 + block)).values
                 if mask:
-                    rows = np.where(np.isfinite(rows), rows, 255).astype(np.uint8)
+                    rows = np.where(np.isfinite(rows), rows, nodata)
                 dst.write(rows.astype(dtype), 1, window=Window(0, r0, nx, rows.shape[0]))
+            dst.set_band_description(1, info["title"])
+            if info.get("unit"):
+                dst.set_band_unit(1, info["unit"])
+            dst.update_tags(1, DESCRIPTION=info["description"])
         with atomic_path(path) as tmp:
             rasterio.shutil.copy(
                 plain,
                 tmp,
                 driver="COG",
                 COMPRESS="DEFLATE",
+                # horizontal differencing of floats (TIFF predictor 3): smaller COGs
+                PREDICTOR="STANDARD" if mask else "FLOATING_POINT",
                 BLOCKSIZE=128,
                 OVERVIEW_RESAMPLING="NEAREST" if mask else "AVERAGE",
                 BIGTIFF="IF_SAFER",
@@ -837,21 +937,43 @@ def _write_cog(
         remove_path(plain)
 
 
-def _quicklook(da: xr.DataArray, path: Path, name: str) -> None:
-    """A PNG of a layer, decimated to at most ~1000 px a side while it is read."""
-    import matplotlib
+def quicklook(
+    da: xr.DataArray,
+    name: str,
+    *,
+    site: str,
+    run: str | None = None,
+    transform: Any = None,
+    crs: Any = None,
+    max_px: int = 1000,
+) -> Any:
+    """A quick-look figure of a map layer, decimated to at most ``max_px`` a side as it is read.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    The colour bar carries the layer's unit; with ``transform`` and ``crs`` the axes show
+    projected coordinates. Returns a ``matplotlib.figure.Figure`` (no pyplot state).
+    """
+    from matplotlib.colors import BoundaryNorm, ListedColormap
 
-    step = max(1, int(np.ceil(max(da.sizes["y"], da.sizes["x"]) / 1000)))
+    info = LAYER_INFO[name]
+    step = max(1, int(np.ceil(max(da.sizes["y"], da.sizes["x"]) / max_px)))
     small = da.isel(y=slice(None, None, step), x=slice(None, None, step)).values
-    cmap = {"agb_mean": "YlGn", "agb_std": "magma", "di": "viridis", "aoa": "RdYlGn"}[name]
-    fig, ax = plt.subplots(figsize=(6, 5))
-    limits = {"vmin": 0, "vmax": 1} if name == "aoa" else {}
-    im = ax.imshow(small, cmap=cmap, **limits)
-    fig.colorbar(im, ax=ax, shrink=0.8)
-    ax.set_title(name)
-    ax.set_axis_off()
-    fig.savefig(path, dpi=90, format="png", bbox_inches="tight")
-    plt.close(fig)
+    fig = new_figure((6.4, 5.2))
+    ax = fig.subplots()
+    extent = None if transform is None else raster_extent(transform, da.shape)
+    if name == "aoa":
+        cmap = ListedColormap(["#d7301f", "#1a9850"])
+        im = ax.imshow(small, cmap=cmap, norm=BoundaryNorm([-0.5, 0.5, 1.5], 2), extent=extent)
+        bar = fig.colorbar(im, ax=ax, shrink=0.8, ticks=[0, 1])
+        bar.ax.set_yticklabels(["outside", "inside"])
+        bar.set_label("area of applicability")
+    else:
+        im = ax.imshow(small, cmap=info["cmap"], extent=extent)
+        unit = info["unit"]
+        bar = fig.colorbar(im, ax=ax, shrink=0.8)
+        bar.set_label(f"{info['title']} ({'unitless' if unit == '1' else unit})")
+    if extent is not None and crs is not None:
+        label_projected(ax, crs)
+    else:
+        ax.set_axis_off()
+    ax.set_title(f"{site}: {info['title']}" + (f"\nrun '{run}'" if run else ""), fontsize=10)
+    return fig

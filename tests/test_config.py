@@ -155,17 +155,6 @@ def test_config_reference_lists_every_key():
         assert f"`{key}`" in text
 
 
-def test_readme_config_reference_is_current():
-    readme = (ROOT / "README.md").read_text()
-    start = readme.index("<!-- config-reference:start -->\n") + len(
-        "<!-- config-reference:start -->\n"
-    )
-    end = readme.index("<!-- config-reference:end -->")
-    assert readme[start:end] == config_reference(), (
-        "README's config reference is stale: paste the output of `agbcube config-reference`"
-    )
-
-
 def test_import_is_light_and_public_api_resolves():
     import subprocess
     import sys

@@ -6,9 +6,11 @@ import pytest
 import rasterio
 import torch
 import xarray as xr
+from rio_cogeo.cogeo import cog_validate
 
 from agbcube.errors import BandError, OutputLockedError
 from agbcube.predict import (
+    LAYER_INFO,
     _upper_whisker,
     aoa_reference,
     chips_to_dataarray,
@@ -146,8 +148,17 @@ def test_cogs_zarr_and_pngs(tmp_path):
     assert (tmp_path / "maps" / "maps.zarr").is_dir()
     back = xr.open_zarr(tmp_path / "maps" / "maps.zarr")
     assert set(back.data_vars) >= {"agb_mean", "agb_std", "di", "aoa"}
+    units = {"agb_mean": "Mg/ha", "agb_std": "Mg/ha", "di": "1", "aoa": None}
     for layer in ("agb_mean", "agb_std", "di", "aoa"):
-        with rasterio.open(tmp_path / "maps" / f"{layer}.tif") as src:
+        tif = tmp_path / "maps" / f"{layer}.tif"
+        valid, errors, warns = cog_validate(str(tif), strict=True)
+        assert valid and not errors and not warns, (layer, errors, warns)
+        with rasterio.open(tif) as src:
+            assert src.descriptions == (LAYER_INFO[layer]["title"],)
+            assert src.units == (units[layer],)
+            assert src.tags(1)["DESCRIPTION"] == LAYER_INFO[layer]["description"]
+            predictor = "3" if layer != "aoa" else "2"  # floating point / horizontal
+            assert src.tags(ns="IMAGE_STRUCTURE").get("PREDICTOR") == predictor, layer
             assert src.crs == ds.rio.crs
             assert src.transform.almost_equals(ds.rio.transform())
             assert src.nodata is not None
@@ -161,7 +172,7 @@ def test_cogs_zarr_and_pngs(tmp_path):
         else:
             np.testing.assert_array_equal(values, stored)
         assert (tmp_path / "maps" / f"{layer}.png").read_bytes()[:4] == b"\x89PNG"
-    assert len(paths) == 9
+    assert len(paths) == 10 and paths[-1] == tmp_path / "maps" / "item.json"
 
 
 def test_chips_to_dataarray_is_the_inverse_of_chipping():

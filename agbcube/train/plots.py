@@ -1,4 +1,9 @@
-"""Plots of a cross-validation run (PNG, written atomically)."""
+"""Plots of a cross-validation run (PNG, written atomically).
+
+Each plot is built as a ``matplotlib.figure.Figure`` by its own function (no pyplot, so no
+backend switch or global figure registry in a notebook user's session), and
+:func:`write_plots` saves them.
+"""
 
 from __future__ import annotations
 
@@ -8,42 +13,31 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["write_plots"]
+from agbcube._plot import finite_limit, label_projected, new_figure, save_figure
+
+__all__ = [
+    "plot_predicted_vs_observed",
+    "plot_residual_map",
+    "plot_residuals",
+    "plot_site_performance",
+    "plot_training_history",
+    "write_plots",
+]
+
+MG_HA = "Mg/ha"
 
 
-def _save(fig: Any, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    from agbcube._io import atomic_path
-
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
+def _models_and_sites(predictions: pd.DataFrame) -> tuple[list[str], list[str]]:
+    return list(pd.unique(predictions["model"])), sorted(pd.unique(predictions["site"]))
 
 
-def write_plots(
-    directory: Path,
-    predictions: pd.DataFrame,
-    pixels: pd.DataFrame,
-    fold_info: dict[int, dict[str, Any]],
-    folds: Any,
-    metrics: dict[str, Any],
-) -> list[Path]:
-    """Predicted vs observed, training history, residuals, per-site scores, residual maps."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    directory.mkdir(parents=True, exist_ok=True)
-    written = []
-    models = list(pd.unique(predictions["model"]))
-    sites = sorted(pd.unique(predictions["site"]))
-
-    # predicted vs observed, one panel per site and model
-    fig, axes = plt.subplots(
-        len(models), len(sites), figsize=(3.6 * len(sites), 3.4 * len(models)), squeeze=False
-    )
+def plot_predicted_vs_observed(
+    predictions: pd.DataFrame, metrics: dict[str, Any], *, run: str = ""
+) -> Any:
+    """Predicted against observed chip AGB, one panel per model and site, with its R²."""
+    models, sites = _models_and_sites(predictions)
+    fig = new_figure((3.6 * len(sites), 3.4 * len(models) + 0.4))
+    axes = fig.subplots(len(models), len(sites), squeeze=False)
     for i, model in enumerate(models):
         for j, site in enumerate(sites):
             ax = axes[i, j]
@@ -51,50 +45,57 @@ def write_plots(
             ax.scatter(d.agb_true, d.agb_pred, s=8, c=d.fold, cmap="tab10", alpha=0.8)
             hi = float(np.nanmax([d.agb_true.max(), d.agb_pred.max(), 1.0]))
             ax.plot([0, hi], [0, hi], "k--", lw=0.8)
-            m = metrics["models"][model]["chip"]["mg_ha"]["per_site"].get(site, {})
-            r2 = m.get("r2")
-            ax.set_title(f"{site} · {model}\nR² {r2:.2f}" if r2 is not None else site, fontsize=9)
-            ax.set_xlabel("observed AGB (Mg/ha)")
-            ax.set_ylabel("predicted AGB (Mg/ha)")
-    fig.tight_layout()
-    path = directory / "predicted_vs_observed.png"
-    _save(fig, path)
-    written.append(path)
+            r2 = metrics["models"][model]["chip"]["mg_ha"]["per_site"].get(site, {}).get("r2")
+            ax.set_title(f"{site} · {model}" + (f"\nR² {r2:.2f}" if r2 is not None else ""))
+            ax.set_xlabel(f"observed AGB ({MG_HA})")
+            ax.set_ylabel(f"predicted AGB ({MG_HA})")
+    _suptitle(fig, "chip AGB, test folds (colour: fold)", run)
+    return fig
 
-    # training history
+
+def plot_training_history(fold_info: dict[int, dict[str, Any]], *, run: str = "") -> Any | None:
+    """Training and validation loss and the learning rate per epoch; None without history."""
     histories = {k: v.get("history") for k, v in fold_info.items() if v.get("history")}
-    if histories:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-        for k, hist in histories.items():
-            h = pd.DataFrame(hist)
-            axes[0].plot(h.epoch + 1, h.train_loss, lw=1, label=f"fold {k} train")
-            axes[0].plot(h.epoch + 1, h.val_loss, lw=1, ls="--", label=f"fold {k} val")
-            axes[1].plot(h.epoch + 1, h.lr, lw=1, label=f"fold {k}")
-        axes[0].set(xlabel="epoch", ylabel="loss", yscale="log", title="loss")
-        axes[1].set(xlabel="epoch", ylabel="learning rate", title="learning rate")
-        axes[0].legend(fontsize=6, ncol=2)
-        fig.tight_layout()
-        path = directory / "training_history.png"
-        _save(fig, path)
-        written.append(path)
+    if not histories:
+        return None
+    fig = new_figure((10, 4))
+    axes = fig.subplots(1, 2)
+    for k, hist in histories.items():
+        h = pd.DataFrame(hist)
+        axes[0].plot(h.epoch + 1, h.train_loss, lw=1, label=f"fold {k} train")
+        axes[0].plot(h.epoch + 1, h.val_loss, lw=1, ls="--", label=f"fold {k} val")
+        axes[1].plot(h.epoch + 1, h.lr, lw=1, label=f"fold {k}")
+    axes[0].set(xlabel="epoch", ylabel="loss", yscale="log", title="loss")
+    axes[1].set(xlabel="epoch", ylabel="learning rate", title="learning rate")
+    axes[0].legend(fontsize=6, ncol=2)
+    _suptitle(fig, "training history", run)
+    return fig
 
-    # residuals
-    fig, axes = plt.subplots(len(models), 2, figsize=(9, 3.3 * len(models)), squeeze=False)
+
+def plot_residuals(predictions: pd.DataFrame, *, run: str = "") -> Any:
+    """Residuals against the prediction, and their histogram, per model."""
+    models, _ = _models_and_sites(predictions)
+    fig = new_figure((9, 3.3 * len(models) + 0.4))
+    axes = fig.subplots(len(models), 2, squeeze=False)
     for i, model in enumerate(models):
         d = predictions[predictions.model == model]
         res = d.agb_pred - d.agb_true
         axes[i, 0].scatter(d.agb_pred, res, s=6, alpha=0.6)
         axes[i, 0].axhline(0, color="k", lw=0.8)
-        axes[i, 0].set(xlabel="predicted (Mg/ha)", ylabel="residual (Mg/ha)", title=model)
+        axes[i, 0].set(xlabel=f"predicted ({MG_HA})", ylabel=f"residual ({MG_HA})", title=model)
         axes[i, 1].hist(res.dropna(), bins=40)
-        axes[i, 1].set(xlabel="residual (Mg/ha)", title=f"{model}: residuals")
-    fig.tight_layout()
-    path = directory / "residuals.png"
-    _save(fig, path)
-    written.append(path)
+        axes[i, 1].set(xlabel=f"residual ({MG_HA})", ylabel="chips", title=f"{model}: residuals")
+    _suptitle(fig, "residuals (predicted − observed)", run)
+    return fig
 
-    # per-site performance, chip and pixel level
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+
+def plot_site_performance(
+    predictions: pd.DataFrame, metrics: dict[str, Any], *, run: str = ""
+) -> Any:
+    """Per-site R² with its 95 % interval, chip and pixel level, one bar per model."""
+    models, sites = _models_and_sites(predictions)
+    fig = new_figure((10, 4))
+    axes = fig.subplots(1, 2)
     width = 0.8 / max(1, len(models))
     for i, model in enumerate(models):
         for ax, level in zip(axes, ("chip", "pixel"), strict=True):
@@ -107,10 +108,9 @@ def write_plots(
             err = np.clip(
                 np.array([[v - c[0], c[1] - v] for v, c in zip(values, ci, strict=True)]).T, 0, None
             )
-            ax.bar(np.arange(len(sites)) + i * width, values, width, label=model)
-            ax.errorbar(
-                np.arange(len(sites)) + i * width, values, err, fmt="none", color="k", lw=0.8
-            )
+            x = np.arange(len(sites)) + i * width
+            ax.bar(x, values, width, label=model)
+            ax.errorbar(x, values, err, fmt="none", color="k", lw=0.8)
     for ax, level in zip(axes, ("chip", "pixel"), strict=True):
         ax.set_xticks(np.arange(len(sites)) + width * (len(models) - 1) / 2, sites)
         ax.set(
@@ -119,27 +119,91 @@ def write_plots(
             ylim=(min(0, ax.get_ylim()[0]), 1),
         )
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = directory / "site_performance.png"
-    _save(fig, path)
-    written.append(path)
+    _suptitle(fig, "per-site accuracy", run)
+    return fig
 
-    # residual map per site (chip footprints coloured by residual)
+
+def plot_residual_map(predictions: pd.DataFrame, folds: Any, site: str, *, run: str = "") -> Any:
+    """Chip footprints of a site coloured by residual, one panel per model, in UTM metres."""
+    models, _ = _models_and_sites(predictions)
     geo = folds[["chip_id", "geometry"]]
+    fig = new_figure((4.6 * len(models), 4.4))
+    axes = fig.subplots(1, len(models), squeeze=False)[0]
+    for ax, model in zip(axes, models, strict=True):
+        d = predictions[(predictions.model == model) & (predictions.site == site)]
+        g = geo.merge(d, on="chip_id").set_geometry("geometry")
+        g = g.to_crs(g.estimate_utm_crs())
+        residual = g.agb_pred - g.agb_true
+        lim = finite_limit(residual)
+        g.assign(residual=residual).plot(
+            column="residual",
+            cmap="RdBu_r",
+            vmin=-lim,
+            vmax=lim,
+            legend=True,
+            legend_kwds={"label": f"residual ({MG_HA})", "shrink": 0.8},
+            ax=ax,
+        )
+        ax.set_title(model, fontsize=9)
+        ax.set_aspect("equal")
+        label_projected(ax, g.crs)
+    _suptitle(fig, f"{site}: residual per chip (predicted − observed)", run)
+    return fig
+
+
+def _suptitle(fig: Any, what: str, run: str) -> None:
+    fig.suptitle(f"{what} · run '{run}'" if run else what, fontsize=10)
+    fig.tight_layout()
+
+
+def write_plots(
+    directory: Path,
+    predictions: pd.DataFrame,
+    pixels: pd.DataFrame,
+    fold_info: dict[int, dict[str, Any]],
+    folds: Any,
+    metrics: dict[str, Any],
+    *,
+    run: str | None = None,
+) -> list[Path]:
+    """Predicted vs observed, training history, residuals, per-site scores, residual maps.
+
+    Parameters
+    ----------
+    directory : Path
+        Folder of the PNGs (created).
+    predictions : pd.DataFrame
+        The run's chip predictions (``chip_id, site, fold, model, agb_true, agb_pred``).
+    pixels : pd.DataFrame
+        Pixel-level predictions (not plotted yet; kept for the caller's signature).
+    fold_info : dict
+        Per fold, its record (with ``history``: per epoch ``train_loss, val_loss, lr``).
+    folds : GeoDataFrame
+        The chips and their geometry.
+    metrics : dict
+        The run's metrics (per-site R² and intervals).
+    run : str, optional
+        The run's name for the titles; default the name of ``directory``'s parent.
+
+    Returns
+    -------
+    list of Path
+        The PNGs written.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    run = run if run is not None else directory.resolve().parent.name
+    _, sites = _models_and_sites(predictions)
+    figures = {
+        "predicted_vs_observed": plot_predicted_vs_observed(predictions, metrics, run=run),
+        "training_history": plot_training_history(fold_info, run=run),
+        "residuals": plot_residuals(predictions, run=run),
+        "site_performance": plot_site_performance(predictions, metrics, run=run),
+    }
     for site in sites:
-        fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 4), squeeze=False)
-        for i, model in enumerate(models):
-            d = predictions[(predictions.model == model) & (predictions.site == site)]
-            g = geo.merge(d, on="chip_id")
-            g = g.set_geometry("geometry").to_crs(g.estimate_utm_crs())
-            lim = float(np.nanmax(np.abs(g.agb_pred - g.agb_true))) or 1.0
-            g.assign(residual=g.agb_pred - g.agb_true).plot(
-                column="residual", cmap="RdBu_r", vmin=-lim, vmax=lim, legend=True, ax=axes[0, i]
-            )
-            axes[0, i].set_title(f"{site} · {model}: residual (Mg/ha)", fontsize=9)
-            axes[0, i].set_axis_off()
-        fig.tight_layout()
-        path = directory / f"residual_map_{site}.png"
-        _save(fig, path)
-        written.append(path)
-    return written
+        figures[f"residual_map_{site}"] = plot_residual_map(predictions, folds, site, run=run)
+    return [
+        save_figure(fig, directory / f"{name}.png")
+        for name, fig in figures.items()
+        if fig is not None
+    ]
