@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from agbcube.config import TrainConfig, load_config
+from agbcube.config import TrainConfig, load_config, with_overrides
 from agbcube.train import run_cv
 from agbcube.train.loop import build_model, resolve_device
 
@@ -67,11 +67,11 @@ def original_rate(device) -> float:
     return model_rate(cfg, 108 + 2, 24, 16, device)
 
 
-def time_config(path: str, device: str, seed: int, output: Path) -> dict:
+def time_config(path: str, device: str, seed: int, output: Path, epochs: int | None = None) -> dict:
     cfg = load_config(path)
-    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": seed})})
+    cfg = cfg.model_copy(update={"train": with_overrides(cfg.train, "train", seed=seed)})
     t0 = time.perf_counter()
-    metrics = run_cv(cfg, device=device, output=output, overwrite=True, plots=False)
+    metrics = run_cv(cfg, device=device, epochs=epochs, output=output, overwrite=True, plots=False)
     wall = time.perf_counter() - t0
     primary = metrics["primary_model"]
     per_site = {
@@ -83,7 +83,7 @@ def time_config(path: str, device: str, seed: int, output: Path) -> dict:
     }
     tasks = sorted(output.glob("fold_*/*.npz"))
     return {
-        "config": str(Path(path).relative_to(ROOT) if Path(path).is_relative_to(ROOT) else path),
+        "config": str(path),
         "seed": seed,
         "wall_s": round(wall, 1),
         "r2": per_site,
@@ -103,6 +103,7 @@ def main() -> None:
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--epochs", type=int, default=None, help="cap (a quick smoke test)")
     parser.add_argument("--output", type=Path, default=Path("/tmp/agbcube-bench-train"))
     parser.add_argument("--results", type=Path, default=None)
     parser.add_argument("--rate-only", action="store_true", help="only the original's rate")
@@ -122,7 +123,8 @@ def main() -> None:
     print(f"original CNN here: {rate:.0f} samples/s at batch 16 → its CV ≈ {anchor:.0f} s")
     for path in [] if args.rate_only else args.configs:
         for seed in args.seeds:
-            run = time_config(path, args.device, seed, args.output / f"{Path(path).stem}-{seed}")
+            out = args.output / f"{Path(path).stem}-{seed}"
+            run = time_config(path, args.device, seed, out, args.epochs)
             run["vs_original"] = round(run["wall_s"] / anchor, 2)
             if device.type == "cuda":
                 run["vs_original_h100"] = round(run["wall_s"] / ORIGINAL_H100_S, 3)

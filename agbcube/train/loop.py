@@ -38,7 +38,7 @@ def resolve_device(spec: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise TrainingError(
             f"device {spec!r} was requested but CUDA is not available; use --device cpu or "
-            "install a CUDA build of torch (README, 'Installing torch')"
+            "install a CUDA build of torch (docs: Getting started, 'PyTorch builds')"
         )
     return device
 

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Issue 21's GPU checks in one run on the device machine; results under $OUT.
+#
+# Prepare here (CPU): build the benchmark cube and folds, then `python bench/device/pack.py`
+# (writes .device/ and .whl/, ~60 MiB). Run there with the device tool:
+#   run(command="bash bench/device/run.sh", carry=[".device", ".whl"], timeout_s=540)
+# Test here first, on the CPU and short: `DEVICE=cpu EPOCHS=2 SEEDS=0 bash bench/device/run.sh`.
+#
+# 1. batches ready for the model against the device-to-device copy rate (bench/streaming.py);
+# 2. the 5-fold CV of train's defaults and of the original protocol, each seed timed and
+#    scored, beside the original pipeline's anchors (bench/train_cv.py).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-device-results}
+DEVICE=${DEVICE:-cuda}
+SEEDS=${SEEDS:-0 1 2}
+EPOCHS=${EPOCHS:-}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+if [ -d .whl ] && [ "$DEVICE" != cpu ]; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site:$PWD
+else
+    export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1
+{ nvidia-smi || true; "$PY" -c "import torch; print(torch.__version__, torch.cuda.is_available())"; } \
+    > "$OUT/machine.txt" 2>&1
+"$PY" bench/streaming.py --cube .device/cube.zarr --device "$DEVICE" 2>&1 | tee "$OUT/streaming.log"
+cp "bench/results/streaming_${DEVICE%%:*}.json" "$OUT/" || true
+(
+    cd .device
+    "$PY" ../bench/train_cv.py --device "$DEVICE" --configs benchmark.yaml original.yaml \
+        --seeds $SEEDS ${EPOCHS:+--epochs $EPOCHS} --output runs --results "../$OUT/train_cv.json"
+) 2>&1 | tee "$OUT/train_cv.log"
