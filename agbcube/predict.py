@@ -32,6 +32,7 @@ equally weighted (the CNN gives no importance).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -46,12 +47,13 @@ from agbcube._io import (
     atomic_path,
     digest,
     output_lock,
+    prepare_output_dir,
     remove_path,
     replace_path,
     temporary_sibling,
     write_json_atomic,
 )
-from agbcube.errors import BandError
+from agbcube.errors import BandError, ConfigError
 
 __all__ = [
     "AOAReference",
@@ -60,10 +62,13 @@ __all__ = [
     "cosine_weights",
     "predict_run",
     "predict_site",
+    "run_cube",
     "write_maps",
 ]
 
 LAYERS = ("agb_mean", "agb_std", "di", "aoa")
+
+log = logging.getLogger(__name__)
 
 
 def cosine_weights(size: int) -> np.ndarray:
@@ -187,16 +192,19 @@ class _Window:
     grew with the site. Here a task holds only its own window, and memory stays flat.
     """
 
-    __slots__ = ("data",)
+    __slots__ = ("data", "site")
 
-    def __init__(self, data: xr.DataArray) -> None:
+    def __init__(self, data: xr.DataArray, site: str = "") -> None:
         self.data = data
+        self.site = site
 
     def read(self) -> np.ndarray:
         import dask
 
+        from agbcube._store import site_read_errors
+
         # a Dask-backed input is computed here, in this task, never on a cluster from inside it
-        with dask.config.set(scheduler="synchronous"):
+        with dask.config.set(scheduler="synchronous"), site_read_errors(None, self.site):
             return np.asarray(self.data.values, dtype=np.float32)
 
 
@@ -382,9 +390,10 @@ def predict_site(
     import dask
     import dask.array as dsa
 
+    site = str(ds.attrs.get("site", "site"))
     have = [str(b) for b in ds["band"].values]
     if bands is not None:
-        check_bands(have, list(bands), site=str(ds.attrs.get("site", "site")))
+        check_bands(have, list(bands), site=site)
         feats = ds["features"].isel(band=_band_index(have, list(bands)))
     else:
         feats = ds["features"]
@@ -418,7 +427,7 @@ def predict_site(
             xs = _windows_touching(shape[1], window_px, spec.stride, int(c0), nx)
             left, right = int(xs[0]), min(shape[1], int(xs[-1]) + window_px)
             region = feats.isel(y=slice(top, bottom), x=slice(left, right))
-            source = region.values if loaded else _Window(_without_cache(region))
+            source = region.values if loaded else _Window(_without_cache(region), site)
             tile = dask.delayed(_predict_tile, pure=False)(
                 source,
                 members_d,
@@ -550,15 +559,16 @@ def _labelled_pixels(
     random_state: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A sample of labelled pixels' features from every chip, with the chip's test fold."""
-    from agbcube.cube import open_cube
+    from agbcube._store import open_cube, site_read_errors
 
     rng = np.random.default_rng(random_state)
     feats, fold_of = [], []
     for site, sub in folds.groupby("site"):
         ds = open_cube(store, str(site))
         f = ds["features"] if site_bands is None else ds["features"].sel(band=list(site_bands))
-        f = f.values
-        agb = ds["agb"].values
+        with site_read_errors(store, str(site)):
+            f = f.values
+            agb = ds["agb"].values
         for r, c, k in zip(sub["row"], sub["col"], sub["fold"], strict=True):
             win = f[:, r : r + size, c : c + size].reshape(f.shape[0], -1)
             ok = np.flatnonzero(np.isfinite(agb[r : r + size, c : c + size].ravel()))
@@ -604,24 +614,23 @@ def predict_run(
         As :func:`predict_site`, with ``attrs["key"]``: a digest of the ensemble, the site's
         cube and the settings, with which :func:`write_maps` resumes an interrupted write.
     """
-    import yaml
-
     from agbcube.folds import read_folds
     from agbcube.train import load_ensemble
 
     run_dir = Path(run_dir)
+    store = run_cube(run_dir)
     models, spec = load_ensemble(run_dir, device=device)
     tcfg = spec["train"]
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     size = int(spec["size_px"]) - 2 * int(tcfg.get("context_px", 0))  # the chips, not windows
     dense = tcfg["head"] == "dense"
     window = window_px or (4 * size if dense else size)
+    stride = stride_px or max(1, window // (4 if dense else 2))
+    _check_window(window, stride, (ds.sizes["y"], ds.sizes["x"]), size)
     reference = None
     if aoa:
-        folds = read_folds(run_dir / "folds.parquet")
-        pixels, fold_of = _labelled_pixels(Path(cfg["cube"]["output"]), folds, spec["bands"], size)
+        folds = read_folds(run_dir / "folds.parquet", cube=store)
+        pixels, fold_of = _labelled_pixels(store, folds, spec["bands"], size)
         reference = aoa_reference(pixels, fold_of)
-    stride = stride_px or max(1, window // (4 if dense else 2))
     maps = predict_site(
         ds,
         models,
@@ -653,6 +662,45 @@ def predict_run(
     return maps
 
 
+def run_cube(run_dir: str | Path) -> Path:
+    """The cube a training run was trained on, from the ``cube`` section of its config.yaml.
+
+    Raises
+    ------
+    ConfigError
+        ``run_dir`` holds no readable config.yaml with a valid ``cube`` section.
+    """
+    from pydantic import ValidationError
+
+    from agbcube.config import CubeConfig, _format_errors, read_yaml
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(
+            f"{path} not found: is {run_dir} a run directory written by `agbcube train`?"
+        )
+    raw = read_yaml(path, what="run config")
+    section = raw.get("cube") if isinstance(raw, dict) else None
+    if not isinstance(section, dict):
+        raise ConfigError(f"run config {path} has no 'cube' section; train the run again")
+    try:
+        return CubeConfig.model_validate(section, context={"base_dir": path.parent}).output
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, f"run config {path}, section cube")) from None
+
+
+def _check_window(window: int, stride: int, shape: tuple[int, int], size: int) -> None:
+    """Refuse window settings that cannot work or would read far more than the site."""
+    if window < 2 or stride < 1:
+        raise ConfigError(f"window ({window} px) must be >= 2 and stride ({stride} px) >= 1")
+    if window > max(max(shape), size):
+        raise ConfigError(
+            f"window {window} px is larger than the site ({shape[0]}×{shape[1]} px) and the "
+            f"model's chips ({size} px); give --window {size} or another size up to "
+            f"{max(max(shape), size)}"
+        )
+
+
 def write_maps(
     maps: xr.Dataset,
     output: str | Path,
@@ -672,14 +720,22 @@ def write_maps(
     Each layer then becomes ``output/<layer>.tif`` (Cloud-Optimised GeoTIFF, deflate, with
     overviews; nodata NaN for floats, 255 for the AOA mask), written window by window, and
     ``output/<layer>.png`` (a quick look). Memory stays bounded by the tile size throughout.
+    Progress goes to the ``agbcube.predict`` logger (``echo`` is deprecated).
+
+    Raises
+    ------
+    OutputExistsError
+        ``output`` is a file, or a folder holding files agbcube did not write.
     """
+    from agbcube._log import reporter
+
     output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    say = echo or (lambda _m: None)
+    say = reporter(log, echo)
     zpath = output / "maps.zarr"
     # GDAL's block cache (5 % of RAM by default) would grow with the map while the COG driver
     # builds overviews; as in build_cube, a small one costs nothing. The user's setting wins.
     os.environ.setdefault("GDAL_CACHEMAX", "256")
+    prepare_output_dir(output, kind="maps", what="maps output")
     with output_lock(zpath, what="maps"):
         _write_tiles(maps, zpath, client=client, progress=progress, say=say)
         written = [zpath]

@@ -62,16 +62,27 @@ def _ensure_folds(config: Any, echo: Callable[[str], None]) -> Any:
 
 
 def _prepare_output(out: Path, *, resume: bool, overwrite: bool) -> None:
-    if out.exists() and any(out.iterdir()) and not (resume or overwrite):
+    """Make ``out`` a run directory; only an agbcube run (its marker) is continued or replaced."""
+    from agbcube._io import MARKER, output_kind, prepare_output_dir
+    from agbcube.errors import OutputExistsError
+
+    is_run = output_kind(out) == "run"
+    if out.is_dir() and not is_run and any(not c.name.startswith(".") for c in out.iterdir()):
+        raise OutputExistsError(
+            f"run directory {out} holds files but no agbcube run (no {MARKER} marker); agbcube "
+            "never deletes or mixes with files it did not write, with or without --overwrite: "
+            "give a new or empty folder (--output or train.output)"
+        )
+    if is_run and not (resume or overwrite):
         raise TrainingError(
             f"run directory {out} already holds a run; pass --resume to continue it, "
             "--overwrite to replace it, or --output for a new one"
         )
-    if overwrite and out.exists():
+    if overwrite and is_run:
         for child in out.iterdir():
             if not child.name.startswith("."):
                 remove_path(child)
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_output_dir(out, kind="run", what="run directory")
 
 
 def run_cv(
