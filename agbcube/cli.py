@@ -159,6 +159,8 @@ def _session(*, verbose: bool, quiet: bool) -> Iterator[None]:
 
 # torch reports a write that failed for want of space as a RuntimeError, without an errno
 _WRITE_FAILURES = ("unexpected pos", "PytorchStreamWriter failed", "file write failed")
+# a codec's own words for a damaged chunk, when no agbcube reader named the site around it
+_DAMAGED_DATA = ("blosc decompression", "error during decompression", "corrupt")
 
 
 def _fail(kind: str, message: str, code: int, err: BaseException) -> None:
@@ -200,6 +202,12 @@ def _errors() -> Iterator[None]:
             message = (
                 f"writing a file failed ({err}); the disk is probably full or read-only: free "
                 "some space or write the output elsewhere"
+            )
+            _fail(type(err).__name__, message, 2, err)
+        if any(s in str(err) for s in _DAMAGED_DATA):
+            message = (
+                f"a cube chunk cannot be decoded ({err}); the cube is damaged: run `agbcube "
+                "build-cube CONFIG`, which rebuilds damaged sites"
             )
             _fail(type(err).__name__, message, 2, err)
         hint = "" if _verbose() else "; re-run with -v for the traceback"
