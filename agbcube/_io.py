@@ -25,6 +25,7 @@ import datetime as dt
 import errno
 import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -205,6 +206,14 @@ def png_metadata(path: str | Path) -> dict[str, str]:
         return out
 
 
+_SCRATCH = re.compile(r"^\..+(\.lock|\.(tmp|old|plain)-[0-9a-f]{8})$")
+
+
+def _holds_files(folder: Path) -> bool:
+    """Whether a folder holds anything besides agbcube's own lock files and temporaries."""
+    return any(not _SCRATCH.match(child.name) for child in folder.iterdir())
+
+
 def check_replaceable(path: str | Path, *, what: str = "output", folder: bool = False) -> None:
     """Raise :class:`OutputExistsError` unless agbcube may put its output at ``path``.
 
@@ -221,7 +230,7 @@ def check_replaceable(path: str | Path, *, what: str = "output", folder: bool = 
             f"{what} {path} is {have}, where agbcube writes {want}; give another path (agbcube "
             f"never replaces {have} with {want})"
         )
-    if owned(path) or (folder and not any(path.iterdir())):
+    if owned(path) or (folder and not _holds_files(path)):
         return
     raise OutputExistsError(
         f"{what} {path} exists and was not written by agbcube (it carries no agbcube marker); "
@@ -233,7 +242,8 @@ def check_replaceable(path: str | Path, *, what: str = "output", folder: bool = 
 def prepare_output_dir(path: str | Path, *, kind: str, what: str = "output") -> Path:
     """Create the folder ``path`` for an output of ``kind`` and mark it as agbcube's.
 
-    An existing folder is used when agbcube owns it or it is empty.
+    An existing folder is used when agbcube owns it or it is empty (but for agbcube's own lock
+    files and temporaries).
 
     Raises
     ------
@@ -247,7 +257,7 @@ def prepare_output_dir(path: str | Path, *, kind: str, what: str = "output") -> 
         raise OutputExistsError(
             f"{where} is a file; give a folder (agbcube writes several files into it)"
         )
-    if path.is_dir() and not owned(path) and any(path.iterdir()):
+    if path.is_dir() and not owned(path) and _holds_files(path):
         raise OutputExistsError(
             f"{what} {path} holds files agbcube did not write (it has no {MARKER} marker); "
             "agbcube never mixes its outputs with other files or deletes them: choose a new or "

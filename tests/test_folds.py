@@ -582,9 +582,9 @@ def test_a_damaged_cube_chunk_names_the_site_when_cutting_chips(folds_file):
 @pytest.mark.parametrize("where", ["folder", "foreign file", "foreign audit", "foreign map"])
 def test_write_folds_never_replaces_what_agbcube_did_not_write(folds_file, tmp_path, where):
     from agbcube.errors import OutputExistsError
-    from agbcube.folds import make_folds, write_folds
+    from agbcube.folds import read_folds, write_folds
 
-    folds = make_folds(folds_file)
+    folds = read_folds(folds_file.folds.output)
     out = tmp_path / "out" / "folds.parquet"
     out.parent.mkdir()
     victim = {
@@ -600,11 +600,11 @@ def test_write_folds_never_replaces_what_agbcube_did_not_write(folds_file, tmp_p
         victim.write_text("the user's own")
     before = sorted(p.name for p in out.parent.rglob("*"))
     with pytest.raises(OutputExistsError, match=f"{victim}"):
-        write_folds(folds, out)
+        write_folds(folds, out, maps=where == "foreign map")
     assert sorted(p.name for p in out.parent.rglob("*")) == before  # nothing written at all
     if where == "folder":
         assert (victim / "precious.csv").read_text() == "1,2,3"
+        for _ in range(2):  # agbcube's own outputs are replaced freely
+            write_folds(folds, tmp_path / "ok" / "folds.parquet", maps=False)
     else:
         assert victim.read_text() == "the user's own"
-    write_folds(folds, tmp_path / "ok" / "folds.parquet")  # agbcube's own: replaced freely
-    write_folds(folds, tmp_path / "ok" / "folds.parquet")

@@ -169,11 +169,16 @@ def test_prepare_output_dir(tmp_path):
     assert (tmp_path / "file").read_text() == "mine"
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "paper.pdf").write_bytes(b"%PDF")
-    with pytest.raises(OutputExistsError, match="holds files agbcube did not write"):
-        prepare_output_dir(tmp_path / "docs", kind="maps")
+    (tmp_path / "dotfiles").mkdir()
+    (tmp_path / "dotfiles" / ".git").mkdir()
+    for folder in ("docs", "dotfiles"):
+        with pytest.raises(OutputExistsError, match="holds files agbcube did not write"):
+            prepare_output_dir(tmp_path / folder, kind="maps")
     assert _snapshot(tmp_path / "docs") == {"paper.pdf": b"%PDF"}
     assert not (tmp_path / "docs" / MARKER).exists()
     (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / ".maps.zarr.lock").write_text("")  # agbcube's own scratch files
+    (tmp_path / "empty" / ".agb.tif.tmp-0123abcd").write_text("")
     for path in (tmp_path / "empty", tmp_path / "new" / "deep"):
         prepare_output_dir(path, kind="maps")
         assert output_kind(path) == "maps"
