@@ -627,9 +627,8 @@ def build_cube(
     prune : bool
         Remove the cube's sites that ``sites`` does not name (CLI: ``--prune``).
     replace_changed : bool
-        Rebuild a site of the cube whose inputs or settings changed. False makes that an error
-        instead: ``agbcube predict --config`` builds a new area into a cube that may hold the
-        training sites, and must never replace one.
+        False: a site of the cube built from other inputs or settings is an error, not rebuilt
+        (``predict --config`` must never replace a training site sharing the cube).
     scheduler : str
         Dask scheduler (see :func:`agbcube._dask.dask_scheduler`).
     progress : bool
@@ -640,30 +639,26 @@ def build_cube(
     Returns
     -------
     dict
-        Per site: ``status`` ("built" or "up to date"), ``shape``, ``bands``, AGB stats and
-        ``empty_bands``.
+        Per site: ``status`` ("built", "up to date"), ``shape``, ``bands``, AGB stats…
 
     Raises
     ------
     CubeError
-        ``cube.output`` exists and is not an agbcube cube, or (``replace_changed=False``) a
-        site would replace one built from other inputs.
+        ``cube.output`` is not an agbcube cube, or a site would replace another (see above).
     """
     from agbcube._log import reporter
 
     store = Path(cube.output)
     say = reporter(log, echo)
-    # GDAL's block cache defaults to 5 % of RAM (13 GB on a 256 GB node) and is what made peak
-    # memory grow; chunks are read once, so a small cache costs nothing. Takes effect when GDAL
-    # has not read pixels yet in this process (always so for the CLI); the user's setting wins.
+    # GDAL's block cache defaults to 5 % of RAM (13 GB on a 256 GB node) and made peak memory
+    # grow; chunks are read once, so a small cache costs nothing. The user's setting wins.
     os.environ.setdefault("GDAL_CACHEMAX", "256")
     # Validate everything first: a bad third site must not fail after an hour on the first two.
     check_scheduler(scheduler)
     for site in sites:
         build_site_cube(site, cube).close()
-    # Each site's lazy cube (its open rasters and its task graph, ~40 MB for a benchmark site)
-    # is planned again when its turn comes and closed after it, so memory stays flat in the
-    # number of sites, not only in their size.
+    # Each site's lazy cube (open rasters and task graph, ~40 MB for a benchmark site) is planned
+    # again when its turn comes and closed after it: memory stays flat in the number of sites.
     planned = {site.name: functools.partial(build_site_cube, site, cube) for site in sites}
     with output_lock(store, what="cube"), write_errors(store, what="cube"):
         meta = _existing_meta(store)
@@ -674,13 +669,11 @@ def build_cube(
         meta["complete"] = False
         meta["expected_sites"] = [*planned, *([] if prune else others)]
         _write_root_meta(store, meta)
-        results: dict[str, dict[str, Any]] = {}
+        results = {}
         with dask_scheduler(scheduler) as client:
             for name, plan in planned.items():
                 with plan() as ds:
-                    results[name] = _build_one(
-                        ds, store, meta, overwrite=overwrite, client=client, progress=progress
-                    )
+                    results[name] = _build_one(ds, store, meta, overwrite, client, progress)
                 say(_build_message(name, results[name]))
                 _warn_if_empty(name, results[name], cube)
         _prune_or_keep(store, meta, others, prune=prune, say=say)
@@ -732,13 +725,7 @@ def _prune_or_keep(
 
 
 def _build_one(
-    ds: xr.Dataset,
-    store: Path,
-    meta: dict[str, Any],
-    *,
-    overwrite: bool,
-    client: Any,
-    progress: bool,
+    ds: xr.Dataset, store: Path, meta: dict[str, Any], overwrite: bool, client: Any, progress: bool
 ) -> dict[str, Any]:
     """Write one planned site unless it is up to date; record it in the root metadata."""
     name = ds.attrs["site"]

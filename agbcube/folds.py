@@ -553,48 +553,25 @@ def make_folds(config: Any, *, echo: Any = None) -> gpd.GeoDataFrame:
         be split.
     """
     from agbcube._log import reporter
-    from agbcube._store import cube_site_keys, open_cube, site_read_errors
 
     say = reporter(log, echo)
     store = config.cube.output
     chips_cfg, folds_cfg = config.chips, config.folds
-    keys = cube_site_keys(store)
-    names = [site.name for site in config.sites]
-    missing = [name for name in names if name not in keys]
-    if missing:
-        raise CubeError(
-            f"cube {store} has no site {missing} of the config (its sites: {list(keys)}); run "
-            "`agbcube build-cube CONFIG` first"
-        )
+    keys = _config_site_keys(config)
     parts, summaries, buffers, variograms = [], {}, {}, {}
     layouts: dict[str, int] = {}
-    for site in names:
-        with site_read_errors(store, site):
-            ds = open_cube(store, site)
-            gdf, summary = make_chips(
-                ds,
-                size_px=chips_cfg.size,
-                overlap=chips_cfg.overlap,
-                min_valid_fraction=chips_cfg.min_valid_fraction,
-                max_nan_fraction=chips_cfg.max_nan_fraction,
-                site=site,
-            )
-        summaries[site] = summary
-        if summary["kept"] == 0:
-            warnings.warn(
-                f"site '{site}' has no usable chip and is left out: {_no_chip(summary, config)}",
-                UserWarning,
-                stacklevel=2,
-            )
+    for site in keys:
+        gdf, summaries[site], variogram = _cut_site(config, site)
+        if gdf is None:
             continue
-        if folds_cfg.buffer_m == "auto":
-            with site_read_errors(store, site):
-                variograms[site] = estimate_range_m(ds, random_state=folds_cfg.seed)
-            buffers[site], layouts[site] = _auto_buffer(gdf, variograms[site]["range_m"], folds_cfg)
+        if variogram is not None:
+            variograms[site] = variogram
+            buffers[site], layouts[site] = _auto_buffer(gdf, variogram["range_m"], folds_cfg)
         else:
             buffers[site] = max(float(folds_cfg.buffer_m), folds_cfg.min_buffer_m)
             # none enough: layout 0, and the splitter's error if a fold keeps nothing at all
             layouts[site] = _first_layout(gdf, buffers[site], folds_cfg) or 0
+        summary = summaries[site]
         say(
             f"site '{site}': {summary['kept']} chips of {summary['candidates']} "
             f"(dropped {summary['dropped_low_valid_agb']} for AGB, "
@@ -627,6 +604,48 @@ def make_folds(config: Any, *, echo: Any = None) -> gpd.GeoDataFrame:
         "cube": {"store": str(Path(store).resolve()), "sites": {s: keys[s] for s in summaries}},
     }
     return out
+
+
+def _config_site_keys(config: Any) -> dict[str, str]:
+    """The build key of each of the config's sites in its cube; a site not built is an error."""
+    from agbcube._store import cube_site_keys
+
+    keys = cube_site_keys(config.cube.output)
+    missing = [site.name for site in config.sites if site.name not in keys]
+    if missing:
+        raise CubeError(
+            f"cube {config.cube.output} has no site {missing} of the config (its sites: "
+            f"{list(keys)}); run `agbcube build-cube CONFIG` first"
+        )
+    return {site.name: keys[site.name] for site in config.sites}
+
+
+def _cut_site(config: Any, site: str) -> tuple[gpd.GeoDataFrame | None, dict, dict | None]:
+    """A site's chips (None, with a warning naming the cause, when it has none), their summary
+    and, with ``buffer_m: auto``, its variogram; a damaged store is named with the site."""
+    from agbcube._store import open_cube, site_read_errors
+
+    store, chips_cfg = config.cube.output, config.chips
+    with site_read_errors(store, site):
+        ds = open_cube(store, site)
+        gdf, summary = make_chips(
+            ds,
+            size_px=chips_cfg.size,
+            overlap=chips_cfg.overlap,
+            min_valid_fraction=chips_cfg.min_valid_fraction,
+            max_nan_fraction=chips_cfg.max_nan_fraction,
+            site=site,
+        )
+        if summary["kept"] == 0:
+            warnings.warn(
+                f"site '{site}' has no usable chip and is left out: {_no_chip(summary, config)}",
+                UserWarning,
+                stacklevel=3,
+            )
+            return None, summary, None
+        if config.folds.buffer_m != "auto":
+            return gdf, summary, None
+        return gdf, summary, estimate_range_m(ds, random_state=config.folds.seed)
 
 
 def _no_chip(summary: dict[str, Any], config: Any) -> str:
