@@ -53,7 +53,7 @@ from agbcube._io import (
     temporary_sibling,
     write_json_atomic,
 )
-from agbcube.errors import BandError, ConfigError
+from agbcube.errors import BandError, ConfigError, FoldError
 
 __all__ = [
     "AOAReference",
@@ -623,12 +623,19 @@ def predict_run(
     tcfg = spec["train"]
     size = int(spec["size_px"]) - 2 * int(tcfg.get("context_px", 0))  # the chips, not windows
     dense = tcfg["head"] == "dense"
-    window = window_px or (4 * size if dense else size)
+    default = 4 * size if dense else size
+    window = window_px or default
     stride = stride_px or max(1, window // (4 if dense else 2))
-    _check_window(window, stride, (ds.sizes["y"], ds.sizes["x"]), size)
+    _check_window(window, stride, (ds.sizes["y"], ds.sizes["x"]), default)
     reference = None
     if aoa:
-        folds = read_folds(run_dir / "folds.parquet", cube=store)
+        try:
+            folds = read_folds(run_dir / "folds.parquet", cube=store)
+        except FoldError as err:
+            raise FoldError(
+                f"run {run_dir}: {err}. The run's area of applicability needs the cube it was "
+                "trained on: train the run again, or map without it (--no-aoa)"
+            ) from err
         pixels, fold_of = _labelled_pixels(store, folds, spec["bands"], size)
         reference = aoa_reference(pixels, fold_of)
     maps = predict_site(
@@ -689,15 +696,18 @@ def run_cube(run_dir: str | Path) -> Path:
         raise ConfigError(_format_errors(err, f"run config {path}, section cube")) from None
 
 
-def _check_window(window: int, stride: int, shape: tuple[int, int], size: int) -> None:
-    """Refuse window settings that cannot work or would read far more than the site."""
+def _check_window(window: int, stride: int, shape: tuple[int, int], default: int) -> None:
+    """Refuse window settings that cannot work or would read far more than the site.
+
+    A window may exceed the site up to the run's default (a chip model's window is its chip).
+    """
     if window < 2 or stride < 1:
         raise ConfigError(f"window ({window} px) must be >= 2 and stride ({stride} px) >= 1")
-    if window > max(max(shape), size):
+    largest = max(*shape, default)
+    if window > largest:
         raise ConfigError(
             f"window {window} px is larger than the site ({shape[0]}×{shape[1]} px) and the "
-            f"model's chips ({size} px); give --window {size} or another size up to "
-            f"{max(max(shape), size)}"
+            f"run's default window ({default} px); give --window {largest} or less"
         )
 
 

@@ -355,7 +355,8 @@ def test_window_settings_that_cannot_work_are_refused():
     from agbcube.errors import ConfigError
     from agbcube.predict import _check_window
 
-    _check_window(24, 12, (20, 30), 24)  # a chip model's window may exceed a small site
+    _check_window(96, 12, (20, 30), 96)  # the run's default window may exceed a small site
+    _check_window(30, 12, (20, 30), 24)
     with pytest.raises(ConfigError, match=r"window 100000 px is larger than the site \(20×30"):
         _check_window(100_000, 12, (20, 30), 24)
     with pytest.raises(ConfigError, match="must be >= 2"):
