@@ -160,7 +160,7 @@ def _session(*, verbose: bool, quiet: bool) -> Iterator[None]:
 # torch reports a write that failed for want of space as a RuntimeError, without an errno
 _WRITE_FAILURES = ("unexpected pos", "PytorchStreamWriter failed", "file write failed")
 # a codec's own words for a damaged chunk, when no agbcube reader named the site around it
-_DAMAGED_DATA = ("blosc decompression", "error during decompression", "corrupt")
+_DAMAGED_DATA = ("blosc decompression", "error during decompression", "while decompressing data")
 
 
 def _fail(kind: str, message: str, code: int, err: BaseException) -> None:
@@ -211,7 +211,10 @@ def _errors() -> Iterator[None]:
             )
             _fail(type(err).__name__, message, 2, err)
         hint = "" if _verbose() else "; re-run with -v for the traceback"
-        message = f"{err} (unexpected: this may be a bug in agbcube{hint}, please report it)"
+        message = (
+            f"{str(err) or repr(err)} (unexpected: this may be a bug in agbcube{hint}, please "
+            "report it)"
+        )
         _fail(type(err).__name__, message, 1, err)
 
 
