@@ -17,6 +17,7 @@ _EXPORTS = {
     "agbcube.errors": tuple(_errors.__all__),
     "agbcube.folds": (
         "HybridSiteSpatialKFold",
+        "check_folds_cube",
         "estimate_range_m",
         "leakage_audit",
         "make_folds",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -12,6 +13,8 @@ import dask
 __all__ = ["check_scheduler", "compute", "dask_scheduler"]
 
 SCHEDULERS = ("threads", "processes", "synchronous", "local")
+
+log = logging.getLogger(__name__)
 
 
 def check_scheduler(spec: str) -> None:
@@ -40,7 +43,7 @@ def dask_scheduler(
     n_workers : int, optional
         Workers for ``"local"`` (default: one per core).
     echo : bool
-        Print the dashboard link.
+        Log the dashboard link (``agbcube._dask`` logger, INFO).
 
     Yields
     ------
@@ -71,10 +74,18 @@ def dask_scheduler(
         )
         client = Client(cluster)
     else:
-        client = Client(spec)
+        try:
+            client = Client(spec)
+        except OSError as err:  # distributed's connection timeout
+            from agbcube.errors import ConfigError
+
+            raise ConfigError(
+                f"cannot reach the Dask scheduler at {spec} ({err}); check the address, and "
+                "that the scheduler is running and reachable from this machine"
+            ) from err
     try:
         if echo:
-            print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr, flush=True)
+            log.info("Dask dashboard: %s", client.dashboard_link)
         yield client
     finally:
         client.close()

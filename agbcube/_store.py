@@ -8,27 +8,77 @@ needs no GDAL.
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import xarray as xr
 
-from agbcube.errors import CubeError
+from agbcube._io import digest
+from agbcube.errors import AgbcubeError, CubeError
 
-__all__ = ["cube_crs", "cube_sites", "open_cube", "open_cube_tree"]
+__all__ = [
+    "cube_crs",
+    "cube_site_keys",
+    "cube_sites",
+    "folder_manifest",
+    "open_cube",
+    "open_cube_tree",
+    "site_read_errors",
+]
 
 _ZARR_FORMAT = 2  # read by zarr-python 2 and 3, GDAL and every xarray since 2023
 
 
 def _root_meta(store: Path) -> dict[str, Any] | None:
-    import zarr
-
+    """The cube's root ``agbcube`` attribute, read from ``.zattrs`` (no consolidated metadata
+    needed, so a cube whose ``.zmetadata`` was lost is still recognised and repaired)."""
     try:
-        root = zarr.open_group(store, mode="r")
-    except (FileNotFoundError, ValueError, KeyError):  # zarr's GroupNotFoundError is both
+        attrs = json.loads((Path(store) / ".zattrs").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return None
-    meta = root.attrs.get("agbcube")
+    meta = attrs.get("agbcube") if isinstance(attrs, dict) else None
     return dict(meta) if isinstance(meta, dict) else None
+
+
+def folder_manifest(folder: Path) -> str | None:
+    """A digest of every file under ``folder`` (relative path, size, mtime); None if absent.
+
+    Recorded when a site is written; a chunk damaged or edited since changes it, so
+    ``build-cube`` rebuilds the site instead of calling it up to date. A stat per file: cheap
+    next to reading the chunks.
+    """
+    if not folder.is_dir():
+        return None
+    entries = []
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            st = os.stat(os.path.join(root, name))
+            rel = os.path.relpath(os.path.join(root, name), folder)
+            entries.append((rel, st.st_size, st.st_mtime_ns))
+    return digest(sorted(entries))
+
+
+@contextlib.contextmanager
+def site_read_errors(store: str | Path | None, site: str) -> Iterator[None]:
+    """Turn a failure to read or decode a cube site's data into a :class:`CubeError` naming it.
+
+    Zarr and its codecs report a damaged chunk as ``RuntimeError: error during blosc
+    decompression: -1`` and the like, naming neither the store nor the site.
+    """
+    try:
+        yield
+    except AgbcubeError:
+        raise
+    except (RuntimeError, ValueError, OSError, KeyError) as err:
+        where = f"cube {store}, site '{site}'" if store is not None else f"cube site '{site}'"
+        raise CubeError(
+            f"{where}: its data cannot be read ({type(err).__name__}: {err}); the store is "
+            "damaged or was changed by hand: run `agbcube build-cube CONFIG`, which rebuilds "
+            "damaged sites, then `agbcube folds CONFIG`"
+        ) from err
 
 
 def cube_sites(store: str | Path) -> list[str]:
@@ -53,6 +103,17 @@ def cube_sites(store: str | Path) -> list[str]:
     return [s for s in meta.get("expected_sites", []) if s in meta["sites"]]
 
 
+def cube_site_keys(store: str | Path) -> dict[str, str]:
+    """Each site's build key (a digest of its inputs and settings) in a complete cube.
+
+    Folds record these keys (see :func:`agbcube.folds.check_folds_cube`): a site rebuilt from
+    other inputs or settings since the folds were cut has another key.
+    """
+    sites = cube_sites(store)
+    meta = _root_meta(Path(store)) or {}
+    return {s: str(meta["sites"][s]) for s in sites}
+
+
 def open_cube(store: str | Path, site: str, *, chunks: Any = "auto") -> xr.Dataset:
     """Open one site of a cube lazily.
 
@@ -75,13 +136,24 @@ def open_cube(store: str | Path, site: str, *, chunks: Any = "auto") -> xr.Datas
     names = cube_sites(store)
     if site not in names:
         raise CubeError(f"cube {store} has no site {site!r}; its sites: {names}")
+    if not (Path(store) / ".zmetadata").is_file():
+        raise CubeError(
+            f"cube {store} has lost its consolidated metadata ({Path(store) / '.zmetadata'}); "
+            "run `agbcube build-cube CONFIG` on it to restore it"
+        )
     with contextlib.suppress(ImportError):  # the .rio accessor users expect; not for training
         import rioxarray  # noqa: F401
 
+    with site_read_errors(store, site):
+        ds = _open_site(Path(store), site, chunks)
+    return ds.set_coords([v for v in ("spatial_ref",) if v in ds.data_vars])
+
+
+def _open_site(store: Path, site: str, chunks: Any) -> xr.Dataset:
     if chunks is None:
         # no Dask and no in-memory cache: a slice read for one task must not stay behind
         ds = xr.open_dataset(
-            Path(store),
+            store,
             engine="zarr",
             group=site,
             consolidated=True,
@@ -93,7 +165,7 @@ def open_cube(store: str | Path, site: str, *, chunks: Any = "auto") -> xr.Datas
         ds = xr.open_zarr(
             Path(store), group=site, consolidated=True, zarr_format=_ZARR_FORMAT, chunks=chunks
         )
-    return ds.set_coords([v for v in ("spatial_ref",) if v in ds.data_vars])
+    return ds
 
 
 def open_cube_tree(store: str | Path) -> xr.DataTree:

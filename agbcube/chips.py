@@ -18,7 +18,14 @@ import shapely
 import xarray as xr
 from pyproj import CRS, Transformer
 
-__all__ = ["CHIP_COLUMNS", "chip_origins", "local_metric_crs", "make_chips", "to_local_metric"]
+__all__ = [
+    "CHIP_COLUMNS",
+    "chip_origins",
+    "local_metric_crs",
+    "make_chips",
+    "no_chip_reason",
+    "to_local_metric",
+]
 
 CHIP_COLUMNS = ("chip_id", "site", "row", "col", "agb_mean", "valid_fraction", "nan_fraction")
 CHIP_CRS = "EPSG:4326"
@@ -75,8 +82,9 @@ def make_chips(
     chips : gpd.GeoDataFrame
         One row per kept chip, footprints in EPSG:4326.
     summary : dict
-        ``candidates``, ``kept``, and the counts dropped for too few valid AGB pixels or too
-        many NaN features.
+        ``candidates``, ``kept``, the counts dropped for too few valid AGB pixels or too many
+        NaN features, and what :func:`no_chip_reason` needs: ``shape``, ``size_px``,
+        ``valid_agb_px`` and ``nan_feature_fraction`` of the whole site.
     """
     import dask
 
@@ -106,6 +114,10 @@ def make_chips(
         "kept": int(keep.sum()),
         "dropped_low_valid_agb": int(too_few.sum()),
         "dropped_nan_features": int(too_nan.sum()),
+        "shape": [int(n_y), int(n_x)],
+        "size_px": int(size_px),
+        "valid_agb_px": int(valid_px.values.sum()),
+        "nan_feature_fraction": float(nan_px.values.sum() / (n_y * n_x * ds.sizes["band"])),
     }
     rows, cols = rows[keep], cols[keep]
     chips = pd.DataFrame(
@@ -122,6 +134,38 @@ def make_chips(
     geometry = _footprints(ds, rows, cols, size_px)
     gdf = gpd.GeoDataFrame(chips, geometry=geometry, crs=ds.rio.crs).to_crs(CHIP_CRS)
     return gdf, summary
+
+
+def no_chip_reason(
+    summary: dict[str, Any], *, min_valid_fraction: float, max_nan_fraction: float
+) -> str:
+    """Why a site gave no chip, and what to change: from a :func:`make_chips` summary."""
+    n_y, n_x = summary["shape"]
+    size = summary["size_px"]
+    if summary["candidates"] == 0:
+        return (
+            f"the chip ({size}×{size} px, chips.size) is larger than the site ({n_y}×{n_x} px); "
+            "lower chips.size"
+        )
+    if summary["valid_agb_px"] == 0:
+        return (
+            "its AGB is NaN everywhere (nodata, or outside cube.agb_range); check the AGB map, "
+            "biomass_nodata and cube.agb_range, then rebuild the cube"
+        )
+    if summary["nan_feature_fraction"] >= 0.999:
+        return (
+            "its feature bands are all NaN (nodata over the whole site); check the satellite "
+            "stack and satellite_nodata, then rebuild the cube"
+        )
+    share = summary["valid_agb_px"] / (n_y * n_x)
+    return (
+        f"of {summary['candidates']} chips, {summary['dropped_low_valid_agb']} have less than "
+        f"chips.min_valid_fraction={min_valid_fraction:g} valid AGB pixels (the site has valid "
+        f"AGB at {share:.1%} of its pixels) and {summary['dropped_nan_features']} more than "
+        f"chips.max_nan_fraction={max_nan_fraction:g} NaN feature values (the site's features "
+        f"are {summary['nan_feature_fraction']:.1%} NaN); lower chips.min_valid_fraction, "
+        "raise chips.max_nan_fraction, or use smaller chips"
+    )
 
 
 def _footprints(ds: xr.Dataset, rows: np.ndarray, cols: np.ndarray, size: int) -> np.ndarray:

@@ -1,30 +1,63 @@
-"""The ``agbcube`` command line: parse, load the config, call the library, print a summary."""
+"""The ``agbcube`` command line: parse, load the config, call the library, print a summary.
+
+Result tables go to stdout; progress, messages, warnings and errors go to stderr, so
+``agbcube folds cfg.yaml > summary.txt`` keeps the summary. The library only logs (module
+loggers under ``agbcube``) and warns; this module alone attaches a handler, for the duration
+of a command: ``-q`` shows warnings and errors only, ``-v`` debug messages too, and the
+traceback of an error.
+
+Exit codes: 0 success; 1 an unexpected error (a bug: ``-v`` shows its traceback); 2 a problem
+with the input, the configuration or the environment (one line: what, where, what to do), or
+a command-line usage error; 130 interrupted (finished work is kept).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import logging
 import os
 import sys
+import traceback
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
+import click
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from agbcube import __version__
 from agbcube.errors import AgbcubeError
+
+EXIT_CODES = (
+    "Exit codes: 0 success; 1 unexpected error (a bug: re-run with -v for the traceback); "
+    "2 bad input, configuration or environment (one-line message), or bad usage; "
+    "130 interrupted."
+)
 
 app = typer.Typer(
     help="Above-ground biomass cubes, honest spatial cross-validation, models and maps.",
+    epilog=EXIT_CODES,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-# A log file (not a terminal, no COLUMNS) gets 120 columns rather than Rich's 80, so that the
-# summary table, whose R² cells carry intervals, stays one line per row.
-console = Console(
-    stderr=True, width=None if sys.stderr.isatty() or "COLUMNS" in os.environ else 120
-)
+
+
+def _width(stream: Any) -> int | None:
+    # A log file (not a terminal, no COLUMNS) gets 120 columns rather than Rich's 80, so that
+    # the summary table, whose R² cells carry intervals, stays one line per row.
+    return None if stream.isatty() or "COLUMNS" in os.environ else 120
+
+
+# Progress and messages (stderr) and results (stdout). Each looks its stream up when it prints,
+# so a redirected or captured stream is honoured.
+console = Console(stderr=True, width=_width(sys.stderr))
+results = Console(width=_width(sys.stdout))
+log = logging.getLogger("agbcube")
 
 ConfigArg = Annotated[Path, typer.Argument(help="YAML config (see configs/benchmark.yaml).")]
 SchedulerOpt = Annotated[
@@ -35,46 +68,179 @@ SchedulerOpt = Annotated[
         "or a cluster address tcp://host:port.",
     ),
 ]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+QuietOpt = Annotated[
+    bool, typer.Option("--quiet", "-q", help="Warnings and results only: no progress.")
+]
+VerboseOpt = Annotated[
+    bool, typer.Option("--verbose", "-v", help="Debug messages, and the traceback of an error.")
+]
+
+_OPTIONS = {"verbose": False, "quiet": False}  # the global -v/-q, before the command name
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"agbcube {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+    verbose: VerboseOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Above-ground biomass cubes, honest spatial cross-validation, models and maps."""
+    _OPTIONS.update(verbose=verbose, quiet=quiet)
+
+
+# --------------------------------------------------------------------------------------------
+# logging, warnings and errors, for the duration of one command
+
+
+class _ConsoleHandler(logging.Handler):
+    """Log records as lines on stderr: warnings and errors with a coloured prefix."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = self.format(record)
+            if record.levelno >= logging.ERROR:
+                console.print("[red]error:[/]", end=" ")
+            elif record.levelno >= logging.WARNING:
+                console.print("[yellow]warning:[/]", end=" ")
+            console.print(text, markup=False, highlight=False, soft_wrap=True)
+        except Exception:  # logging's contract: a handler never raises
+            self.handleError(record)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    console.print(f"[yellow]warning:[/] {message}")
+    if _OPTIONS["verbose"]:
+        log.warning("%s (%s, %s:%s)", message, category.__name__, filename, lineno)
+    else:
+        log.warning("%s", message)
 
 
-def _run(func, *args, **kwargs):
-    """Call into the library; turn agbcube errors into a one-line message and exit code 2."""
-    warnings.showwarning = _show_warning
+def _verbose() -> bool:
+    return _OPTIONS["verbose"]
+
+
+def _quiet(quiet: bool = False) -> bool:
+    return quiet or _OPTIONS["quiet"]
+
+
+@contextlib.contextmanager
+def _session(*, verbose: bool, quiet: bool) -> Iterator[None]:
+    """Handler and level on the ``agbcube`` logger, warnings shown as log lines; all undone."""
+    verbose = verbose or _OPTIONS["verbose"]
+    level = logging.DEBUG if verbose else logging.WARNING if _quiet(quiet) else logging.INFO
+    handler = _ConsoleHandler()
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s" if verbose else "%(message)s"))
+    saved = (log.level, log.propagate, _OPTIONS["verbose"])
+    log.addHandler(handler)
+    log.setLevel(level)
+    log.propagate = False
+    _OPTIONS["verbose"] = verbose
     try:
-        return func(*args, **kwargs)
+        with warnings.catch_warnings():  # restores warnings.showwarning afterwards
+            warnings.showwarning = _show_warning
+            yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(saved[0])
+        log.propagate = saved[1]
+        _OPTIONS["verbose"] = saved[2]
+
+
+# torch reports a write that failed for want of space as a RuntimeError, without an errno
+_WRITE_FAILURES = ("unexpected pos", "PytorchStreamWriter failed", "file write failed")
+# a codec's own words for a damaged chunk, when no agbcube reader named the site around it
+_DAMAGED_DATA = ("blosc decompression", "error during decompression", "while decompressing data")
+
+
+def _fail(kind: str, message: str, code: int, err: BaseException) -> None:
+    if _verbose():
+        console.print("".join(traceback.format_exception(err)), markup=False, highlight=False)
+    console.print(f"[red]error ({kind}):[/]", end=" ")
+    console.print(message, markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(code) from None
+
+
+def _os_error_message(err: OSError) -> str:
+    from agbcube._io import _WRITE_HINTS, write_failure
+
+    if err.errno in _WRITE_HINTS:
+        return write_failure(Path(err.filename or "."), err, what="output")
+    where = f"{err.filename}: " if err.filename else ""
+    return f"{where}{err.strerror or err}; check the path and that the file is readable"
+
+
+@contextlib.contextmanager
+def _errors() -> Iterator[None]:
+    """One line and exit 2 for every error of input or environment; 1 for a bug."""
+    try:
+        yield
+    except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+        raise
     except AgbcubeError as err:
-        console.print(f"[red]error ({type(err).__name__}):[/]", end=" ")
-        console.print(str(err), markup=False, highlight=False)
-        raise typer.Exit(2) from None
+        _fail(type(err).__name__, str(err), 2, err)
     except KeyboardInterrupt:
         console.print("[red]interrupted[/]: finished work is kept; re-run to resume")
         raise typer.Exit(130) from None
+    except OSError as err:
+        _fail(type(err).__name__, _os_error_message(err), 2, err)
+    except MemoryError as err:
+        message = "out of memory; use smaller chips, batches or tiles, or a larger machine"
+        _fail("MemoryError", message, 2, err)
+    except Exception as err:
+        if any(s in str(err) for s in _WRITE_FAILURES):
+            message = (
+                f"writing a file failed ({err}); the disk is probably full or read-only: free "
+                "some space or write the output elsewhere"
+            )
+            _fail(type(err).__name__, message, 2, err)
+        if any(s in str(err) for s in _DAMAGED_DATA):
+            message = (
+                f"a cube chunk cannot be decoded ({err}); the cube is damaged: run `agbcube "
+                "build-cube CONFIG`, which rebuilds damaged sites"
+            )
+            _fail(type(err).__name__, message, 2, err)
+        hint = "" if _verbose() else "; re-run with -v for the traceback"
+        message = (
+            f"{str(err) or repr(err)} (unexpected: this may be a bug in agbcube{hint}, please "
+            "report it)"
+        )
+        _fail(type(err).__name__, message, 1, err)
 
 
-def _log_progress(quiet: bool) -> None:
-    """Training's progress lines (the ``agbcube.train`` logger) on the console."""
-    import logging
+def _command(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a command inside a logging session and the error handling (one line, exit code)."""
 
-    from rich.logging import RichHandler
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        verbose, quiet = kwargs.get("verbose", False), kwargs.get("quiet", False)
+        with _session(verbose=verbose, quiet=quiet), _errors():
+            return func(*args, **kwargs)
 
-    logger = logging.getLogger("agbcube.train")
-    logger.setLevel(logging.WARNING if quiet else logging.INFO)
-    if not logger.handlers:
-        handler = RichHandler(console=console, show_time=False, show_path=False, markup=False)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
+    return wrapper
 
 
-def _cube_table(results: dict) -> Table:
+def _run(func, *args, **kwargs):
+    """Call into the library (errors are turned into one line by the command's wrapper)."""
+    with _errors():
+        return func(*args, **kwargs)
+
+
+def _cube_table(built: dict) -> Table:
     table = Table(title="cube")
-    for col in ("site", "status", "pixels", "bands", "indices", "valid AGB px", "AGB mean"):
+    cols = ("site", "status", "pixels", "bands", "indices", "empty bands", "valid AGB px")
+    for col in (*cols, "AGB mean"):
         table.add_column(col, justify="right" if col not in ("site", "status") else "left")
-    for site, r in results.items():
+    for site, r in built.items():
         mean = r.get("agb_mean")
         table.add_row(
             site,
@@ -82,45 +248,56 @@ def _cube_table(results: dict) -> Table:
             f"{r['shape'][0]}×{r['shape'][1]}",
             str(r["bands"]),
             str(r["indices"]),
+            str(len(r.get("empty_bands") or [])),
             f"{r.get('n_valid_agb', 0):,}",
             "–" if mean is None else f"{mean:.1f}",
         )
     return table
 
 
-@app.command("build-cube")
+@app.command("build-cube", epilog=EXIT_CODES)
+@_command
 def build_cube_cmd(
     config: ConfigArg,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Rebuild sites that are up to date.")
     ] = False,
+    prune: Annotated[
+        bool,
+        typer.Option(
+            "--prune", help="Remove the cube's sites the config does not name (kept otherwise)."
+        ),
+    ] = False,
     scheduler: SchedulerOpt = "threads",
     quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Align each site's satellite stack and AGB map and write the Zarr cube."""
     from agbcube.config import load_config
     from agbcube.cube import build_cube
 
-    cfg = _run(load_config, config)
-    results = _run(
-        build_cube,
+    cfg = load_config(config)
+    built = build_cube(
         cfg.sites,
         cfg.cube,
         overwrite=overwrite,
+        prune=prune,
         scheduler=scheduler,
-        progress=not quiet,
-        echo=console.print,
+        progress=not _quiet(quiet),
     )
-    console.print(_cube_table(results))
-    console.print(f"cube written to [bold]{cfg.cube.output}[/]")
+    results.print(_cube_table(built))
+    log.info("cube written to %s", cfg.cube.output)
 
 
-@app.command("demo")
+@app.command("demo", epilog=EXIT_CODES)
+@_command
 def demo_cmd(
     output: Annotated[
         Path, typer.Option("--output", "-o", help="Folder for the demo data and outputs.")
     ] = Path("demo-output"),
-    size: Annotated[int, typer.Option(help="AGB map side of each site, pixels.")] = 160,
+    size: Annotated[
+        int, typer.Option(min=48, max=2048, help="AGB map side of each site, pixels.")
+    ] = 160,
     stac: Annotated[
         bool,
         typer.Option(
@@ -131,52 +308,45 @@ def demo_cmd(
     ] = False,
     scheduler: SchedulerOpt = "threads",
     quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Generate three synthetic sites and run the pipeline on them end to end."""
+    from agbcube._io import prepare_output_dir
     from agbcube.config import load_config
-    from agbcube.cube import build_cube
+    from agbcube.cube import build_cube, cube_sites
     from agbcube.demo import write_demo
     from agbcube.folds import make_folds, write_folds
-    from agbcube.train import run_cv
+    from agbcube.train.loop import resolve_device
 
+    prepare_output_dir(output, kind="demo", what="demo --output")
     writer = write_demo
     if stac:
         from agbcube.stac_demo import write_stac_demo as writer
-    path = _run(writer, output, size_px=size)
-    console.print(f"demo sites and config written to [bold]{path}[/]")
-    cfg = _run(load_config, path)
-    results = _run(
-        build_cube,
-        cfg.sites,
-        cfg.cube,
-        overwrite=True,
-        scheduler=scheduler,
-        progress=not quiet,
-        echo=console.print,
+    path = writer(output, size_px=size)
+    log.info("demo sites and config written to %s", path)
+    cfg = load_config(path)
+    built = build_cube(
+        cfg.sites, cfg.cube, overwrite=True, scheduler=scheduler, progress=not _quiet(quiet)
     )
-    console.print(_cube_table(results))
-    folds = _run(make_folds, cfg, echo=console.print)
-    _run(write_folds, folds, cfg.folds.output)
-    console.print(_folds_table(folds))
-    _log_progress(quiet)
-    metrics = _run(run_cv, cfg, overwrite=True)
-    console.print(_metrics_table(metrics))
-    from agbcube.cube import cube_sites
-    from agbcube.train.loop import resolve_device
-
+    results.print(_cube_table(built))
+    folds = make_folds(cfg)
+    write_folds(folds, cfg.folds.output)
+    results.print(_folds_table(folds))
+    results.print(_metrics_table(_train(cfg, overwrite=True)))
     run_dir = cfg.train.output
     _predict_sites(
         run_dir,
         cfg.cube.output,
-        _run(cube_sites, cfg.cube.output),
+        cube_sites(cfg.cube.output),
         output=None,
         device=str(resolve_device("auto")),
         scheduler=scheduler,
-        quiet=quiet,
+        quiet=_quiet(quiet),
     )
-    console.print(
-        f"demo outputs under [bold]{output}[/]: cube, folds, run (plots, metrics), "
-        f"maps in {run_dir / 'maps'}"
+    log.info(
+        "demo outputs under %s: cube, folds, run (plots, metrics), maps in %s",
+        output,
+        run_dir / "maps",
     )
 
 
@@ -205,28 +375,59 @@ def _folds_table(folds) -> Table:
     return table
 
 
-@app.command("folds")
+def _chips_table(folds) -> Table:
+    """Chips kept and dropped per site (also the sites left out), with each site's buffer."""
+    meta = folds.attrs["agbcube"]
+    table = Table(title="chips per site")
+    cols = ["site", "candidates", "kept", "dropped: AGB", "dropped: NaN features", "buffer m"]
+    for col in cols:
+        table.add_column(col, justify="left" if col == "site" else "right")
+    for site, m in meta["chip_summary"].items():
+        buffer = meta.get("buffer_m", {}).get(site)
+        table.add_row(
+            site,
+            str(m["candidates"]),
+            str(m["kept"]),
+            str(m["dropped_low_valid_agb"]),
+            str(m["dropped_nan_features"]),
+            "left out" if buffer is None else f"{buffer:.0f}",
+        )
+    return table
+
+
+@app.command("folds", epilog=EXIT_CODES)
+@_command
 def folds_cmd(
     config: ConfigArg,
     maps: Annotated[bool, typer.Option(help="Write a PNG map per site.")] = True,
     scheduler: SchedulerOpt = "threads",
     quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Cut the cube into chips, split them into honest spatial folds, audit for leakage."""
     from agbcube._dask import dask_scheduler
     from agbcube.config import load_config
     from agbcube.folds import make_folds, write_folds
 
-    cfg = _run(load_config, config)
+    cfg = load_config(config)
     with dask_scheduler(scheduler):  # the chip statistics run on it (dashboard under "local")
-        folds = _run(make_folds, cfg, echo=None if quiet else console.print)
-    paths = _run(write_folds, folds, cfg.folds.output, maps=maps)
-    console.print(_folds_table(folds))
+        folds = make_folds(cfg)
+    paths = write_folds(folds, cfg.folds.output, maps=maps)
+    results.print(_chips_table(folds))
+    results.print(_folds_table(folds))
     for path in paths:
-        console.print(f"wrote {path}")
+        log.info("wrote %s", path)
 
 
-@app.command("train")
+def _train(cfg: Any, **kwargs: Any) -> dict:
+    """``run_cv``: its progress goes to the ``agbcube.train`` logger (INFO: -q hides it)."""
+    from agbcube.train import run_cv
+
+    return run_cv(cfg, **kwargs)
+
+
+@app.command("train", epilog=EXIT_CODES)
+@_command
 def train_cmd(
     config: ConfigArg,
     device: Annotated[
@@ -246,18 +447,17 @@ def train_cmd(
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No per-epoch lines; the summary only.")
     ] = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Cross-validate the model over the folds (making them if missing); write the run."""
     from agbcube.config import load_config
-    from agbcube.train import run_cv
 
-    cfg = _run(load_config, config)
-    _log_progress(quiet)
-    metrics = _run(
-        run_cv, cfg, device=device, epochs=epochs, resume=resume, overwrite=overwrite, output=output
+    cfg = load_config(config)
+    metrics = _train(
+        cfg, device=device, epochs=epochs, resume=resume, overwrite=overwrite, output=output
     )
-    console.print(_metrics_table(metrics))
-    console.print(f"run written to [bold]{output or cfg.train.output}[/]")
+    results.print(_metrics_table(metrics))
+    log.info("run written to %s", output or cfg.train.output)
 
 
 def _metrics_table(metrics: dict) -> Table:
@@ -324,7 +524,8 @@ def _metrics_table(metrics: dict) -> Table:
     return table
 
 
-@app.command("predict")
+@app.command("predict", epilog=EXIT_CODES)
+@_command
 def predict_cmd(
     run_dir: Annotated[Path, typer.Argument(help="Run directory written by `agbcube train`.")],
     site: Annotated[
@@ -332,51 +533,55 @@ def predict_cmd(
     ] = None,
     config: Annotated[
         Path | None,
-        typer.Option("--config", help="Predict a new area: its config's sites are built first."),
+        typer.Option(
+            "--config",
+            help="Predict a new area: its config's sites are built first (never replacing a "
+            "site already in its cube).",
+        ),
     ] = None,
     output: Annotated[
         Path | None, typer.Option(help="Output folder (default RUN_DIR/maps/<site>).")
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    window: Annotated[int | None, typer.Option(help="Window side in pixels.")] = None,
-    stride: Annotated[int | None, typer.Option(help="Window stride in pixels.")] = None,
+    window: Annotated[int | None, typer.Option(min=2, help="Window side in pixels.")] = None,
+    stride: Annotated[int | None, typer.Option(min=1, help="Window stride in pixels.")] = None,
     aoa: Annotated[bool, typer.Option(help="Compute the DI and AOA layers.")] = True,
     scheduler: SchedulerOpt = "threads",
     quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Map AGB (ensemble mean and s.d.) and its area of applicability, as COGs, Zarr and PNGs."""
-
     from agbcube.config import load_config
     from agbcube.cube import build_cube, cube_sites
+    from agbcube.predict import run_cube
     from agbcube.train.loop import resolve_device
 
-    dev = str(_run(resolve_device, device))
+    dev = str(resolve_device(device))
     if config is not None:
-        cfg = _run(load_config, config)
-        _run(
-            build_cube,
+        cfg = load_config(config)
+        build_cube(
             cfg.sites,
             cfg.cube,
+            replace_changed=False,
             scheduler=scheduler,
-            progress=not quiet,
-            echo=console.print,
+            progress=not _quiet(quiet),
         )
         store = cfg.cube.output
+        sites = site or [s.name for s in cfg.sites]
     else:
-        from agbcube.config import load_run_config
-
-        store = _run(load_run_config, run_dir).cube.output
+        store = run_cube(run_dir)
+        sites = site or cube_sites(store)
     _predict_sites(
         run_dir,
         store,
-        site or _run(cube_sites, store),
+        sites,
         output=output,
         device=dev,
         window=window,
         stride=stride,
         aoa=aoa,
         scheduler=scheduler,
-        quiet=quiet,
+        quiet=_quiet(quiet),
     )
 
 
@@ -401,9 +606,8 @@ def _predict_sites(
     items = []
     with dask_scheduler(scheduler) as client:
         for name in sites:
-            ds = _run(open_cube, store, name, chunks=None)  # each tile task reads its window
-            maps = _run(
-                predict_run,
+            ds = open_cube(store, name, chunks=None)  # each tile task reads its window
+            maps = predict_run(
                 run_dir,
                 ds,
                 device=device,
@@ -416,15 +620,16 @@ def _predict_sites(
                 if (output is not None and len(sites) == 1)
                 else ((output or run_dir / "maps") / name)
             )
-            _run(write_maps, maps, out, client=client, progress=not quiet, echo=console.print)
-            console.print(f"site '{name}': maps written to [bold]{out}[/]")
+            write_maps(maps, out, client=client, progress=not quiet)
+            log.info("site '%s': maps written to %s", name, out)
             items.append(out / "item.json")
     root = output if (output is not None and len(sites) == 1) else (output or run_dir / "maps")
-    collection = _run(update_map_collection, root / "collection.json", items, run_dir=run_dir)
-    console.print(f"STAC collection of the maps: [bold]{collection}[/]")
+    collection = update_map_collection(root / "collection.json", items, run_dir=run_dir)
+    log.info("STAC collection of the maps: %s", collection)
 
 
 @app.command("config-reference")
+@_command
 def config_reference_cmd() -> None:
     """Print the reference of every configuration key (Markdown)."""
     from agbcube.config import config_reference

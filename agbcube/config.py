@@ -44,6 +44,7 @@ __all__ = [
     "config_reference",
     "load_config",
     "load_run_config",
+    "read_yaml",
     "with_overrides",
 ]
 
@@ -157,6 +158,21 @@ def _satellite_kind(value: Any) -> str:
     return "StacSource" if isinstance(value, dict | StacSource) else "GeoTIFF"
 
 
+def _check_crs(value: str) -> str:
+    """A CRS pyproj understands (EPSG code, WKT, PROJ string), else a ValueError naming it."""
+    from pyproj import CRS
+    from pyproj.exceptions import CRSError
+
+    try:
+        CRS.from_user_input(value)
+    except CRSError as err:
+        raise ValueError(
+            f"{value!r} is not a CRS pyproj knows ({err}); give e.g. 'EPSG:32643', a WKT or a "
+            "PROJ string"
+        ) from None
+    return value
+
+
 class SiteConfig(_Section):
     """One site: a multi-band satellite stack (or a STAC source) and a single-band AGB map."""
 
@@ -184,6 +200,11 @@ class SiteConfig(_Section):
         default=None,
         description="CRS to assume for rasters of this site that carry none (e.g. 'EPSG:4326').",
     )
+
+    @field_validator("crs")
+    @classmethod
+    def _check_site_crs(cls, value: str | None) -> str | None:
+        return None if value is None else _check_crs(value)
 
     @field_validator("name")
     @classmethod
@@ -217,6 +238,11 @@ class GridSpec(_Section):
 
     crs: str = Field(description="Target CRS, e.g. 'EPSG:32643'.")
     resolution: float = Field(gt=0, description="Pixel size in the target CRS's units.")
+
+    @field_validator("crs")
+    @classmethod
+    def _check_grid_crs(cls, value: str) -> str:
+        return _check_crs(value)
 
 
 class CubeConfig(_Section):
@@ -584,12 +610,7 @@ def load_config(path: str | Path) -> Config:
         The file is missing, is not YAML, or a key is unknown or has the wrong type.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist (check the path)")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from err
+    raw = read_yaml(path, what="config file")
     return parse_config(raw, base_dir=path.resolve().parent, source=path)
 
 
@@ -605,6 +626,34 @@ def load_run_config(run_dir: str | Path) -> Config:
     return load_config(path)
 
 
+def read_yaml(path: str | Path, *, what: str = "YAML file") -> Any:
+    """Parse a YAML file, turning every way it can be unreadable into a :class:`ConfigError`."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{what} {path} is a folder; give the path of a YAML file")
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist (check the path)")
+    try:
+        data = path.read_bytes()
+        text = data.decode("utf-8-sig")  # UTF-8, with or without a byte-order mark
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{what} {path} is not UTF-8 text (byte 0x{data[err.start]:02x} on line {line}); "
+            "save it as UTF-8"
+        ) from None
+    except OSError as err:
+        raise ConfigError(f"cannot read {what} {path}: {err.strerror or err}") from err
+    try:
+        data = yaml.safe_load(text)
+    except (yaml.YAMLError, ValueError, RecursionError) as err:  # ValueError: a bad date
+        detail = " ".join(str(err).split())
+        raise ConfigError(f"{what} {path} is not valid YAML: {detail}") from None
+    if data is None:
+        raise ConfigError(f"{what} {path} is empty; see configs/benchmark.yaml for an example")
+    return data
+
+
 def parse_config(
     raw: Any, *, base_dir: str | Path | None = None, source: str | Path | None = None
 ) -> Config:
@@ -612,7 +661,8 @@ def parse_config(
     where = str(source) if source is not None else "config"
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping of sections, got {type(raw).__name__}")
-    if _is_legacy(raw):
+    legacy = _is_legacy(raw)
+    if legacy:
         raw = _translate_legacy(raw, where)
     raw = dict(raw)
     if source is not None:
@@ -620,7 +670,13 @@ def parse_config(
     try:
         return Config.model_validate(raw, context={"base_dir": base_dir})
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, where)) from None
+        note = (
+            " (an original-pipeline config: keys are named as agbcube names them, e.g. "
+            "raster_pairs[i] is sites.i, training.num_epochs is train.epochs)"
+            if legacy
+            else ""
+        )
+        raise ConfigError(_format_errors(err, where) + note) from None
 
 
 def with_overrides(section: _S, where: str, **changes: Any) -> _S:
@@ -643,9 +699,16 @@ def with_overrides(section: _S, where: str, **changes: Any) -> _S:
 
 
 def _format_errors(err: ValidationError, where: str) -> str:
-    lines = [f"{where}: {err.error_count()} invalid setting(s):"]
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not _is_union_tag(p))
+    """One line per invalid setting; a single one on the line of ``where``.
+
+    Of a union's errors, the one deepest in the key's path is kept: ``cube.grid: {crs: …}``
+    failing inside the mapping is not also reported as "not 'biomass' or 'satellite'".
+    """
+    errors = [(".".join(str(p) for p in e["loc"] if not _is_union_tag(p)), e) for e in err.errors()]
+    locs = [loc for loc, _ in errors]
+    errors = [(loc, e) for loc, e in errors if not any(o.startswith(loc + ".") for o in locs)]
+    lines = [f"{where}: {len(errors)} invalid setting(s):"]
+    for loc, e in errors:
         if e["type"] == "extra_forbidden":
             key = str(e["loc"][-1])
             hint = _did_you_mean(key, e["loc"][:-1])
@@ -653,7 +716,10 @@ def _format_errors(err: ValidationError, where: str) -> str:
         elif e["type"] == "missing":
             lines.append(f"  - {loc}: required key is missing")
         else:
-            lines.append(f"  - {loc}: {e['msg']} (got {_short(e.get('input'))})")
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"  - {loc}: {msg} (got {_short(e.get('input'))})")
+    if len(lines) == 2:
+        return f"{where}: {lines[1].removeprefix('  - ')}"
     return "\n".join(lines)
 
 
@@ -730,25 +796,53 @@ def _is_legacy(raw: dict) -> bool:
     return "raster_pairs" in raw or (isinstance(pre, dict) and "raster_pairs" in pre)
 
 
-def _translate_legacy(raw: dict, where: str) -> dict:
-    """Map the original pipeline's ``preprocessing``/``training`` layout onto ours."""
-    pre = dict(raw.get("preprocessing", raw))
-    training = dict(raw.get("training") or {})
-    pairs = pre.pop("raster_pairs", None) or []
-    if not isinstance(pairs, list):
-        raise ConfigError(f"{where}: preprocessing.raster_pairs must be a list of mappings")
+def _legacy_section(value: Any, name: str, where: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: '{name}' must be a mapping of settings, got {_short(value)}")
+    return dict(value)
+
+
+def _legacy_sites(pairs: Any, where: str) -> list[dict[str, Any]]:
+    """``raster_pairs`` entries as ``sites`` entries, each checked and named in errors."""
+    if not isinstance(pairs, list) or not pairs:
+        raise ConfigError(
+            f"{where}: preprocessing.raster_pairs must be a non-empty list of mappings with "
+            f"satellite_path, biomass_path and site_name, got {_short(pairs)}"
+        )
     sites = []
     for i, pair in enumerate(pairs):
-        missing = {"satellite_path", "biomass_path"} - set(pair or {})
+        at = f"{where}: preprocessing.raster_pairs[{i}]"
+        if not isinstance(pair, dict):
+            raise ConfigError(
+                f"{at} must be a mapping with satellite_path, biomass_path and site_name, got "
+                f"{_short(pair)}"
+            )
+        missing = sorted({"satellite_path", "biomass_path"} - set(pair))
         if missing:
-            raise ConfigError(f"{where}: raster_pairs[{i}] lacks {sorted(missing)}")
+            raise ConfigError(f"{at} lacks {missing}")
+        for key in ("satellite_path", "biomass_path"):
+            if not isinstance(pair[key], str) or not pair[key].strip():
+                raise ConfigError(f"{at}.{key} must be a file path, got {_short(pair[key])}")
+        name = pair.get("site_name")
+        if name is not None and not isinstance(name, str | int):
+            raise ConfigError(f"{at}.site_name must be a name, got {_short(name)}")
         sites.append(
             {
-                "name": str(pair.get("site_name") or Path(pair["satellite_path"]).stem),
+                "name": str(name or Path(pair["satellite_path"]).stem),
                 "satellite": pair["satellite_path"],
                 "biomass": pair["biomass_path"],
             }
         )
+    return sites
+
+
+def _translate_legacy(raw: dict, where: str) -> dict:
+    """Map the original pipeline's ``preprocessing``/``training`` layout onto ours."""
+    pre = _legacy_section(raw.get("preprocessing", raw), "preprocessing", where)
+    training = _legacy_section(raw.get("training"), "training", where)
+    sites = _legacy_sites(pre.pop("raster_pairs", None), where)
     chips = {new: pre.pop(old) for old, new in _LEGACY_CHIPS.items() if old in pre}
     folds: dict[str, Any] = {}
     if "n_folds" in training:
@@ -764,7 +858,12 @@ def _translate_legacy(raw: dict, where: str) -> dict:
         )
     train = {new: training.pop(old) for old, new in _LEGACY_TRAIN.items() if old in training}
     if "tta_samples" in training:  # augmented copies besides the original
-        train["tta_rotations"] = min(8, int(training.pop("tta_samples")) + 1)
+        samples = training.pop("tta_samples")
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
+            raise ConfigError(
+                f"{where}: training.tta_samples must be a whole number >= 0, got {_short(samples)}"
+            )
+        train["tta_rotations"] = min(8, samples + 1)
     if "use_log_transform" in pre:
         train["log_target"] = bool(pre.pop("use_log_transform"))
     if training.get("model_type") == "cnn_coordinate":

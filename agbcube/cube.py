@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import os
 import warnings
@@ -30,12 +31,27 @@ import rasterio
 import xarray as xr
 from odc.geo.geobox import GeoBox
 from odc.geo.xr import xr_coords, xr_reproject
-from rasterio.errors import RasterioIOError
+from rasterio.errors import RasterioError, RasterioIOError
 
 from agbcube import __version__
 from agbcube._dask import check_scheduler, compute, dask_scheduler
-from agbcube._io import digest, output_lock, remove_path, replace_path, temporary_sibling
-from agbcube._store import _ZARR_FORMAT, _root_meta, cube_sites, open_cube, open_cube_tree
+from agbcube._io import (
+    digest,
+    output_lock,
+    remove_output,
+    remove_path,
+    replace_path,
+    temporary_sibling,
+    write_errors,
+)
+from agbcube._store import (
+    _ZARR_FORMAT,
+    _root_meta,
+    cube_sites,
+    folder_manifest,
+    open_cube,
+    open_cube_tree,
+)
 from agbcube.bands import resolve_band_names
 from agbcube.config import CubeConfig, GridSpec, SiteConfig, StacSource
 from agbcube.errors import (
@@ -60,6 +76,12 @@ __all__ = [
 ]
 
 CUBE_FORMAT = 1
+# An explicit grid with this many times more pixels than its finest input raster has over the
+# site is a unit mistake (a resolution in degrees for a metre CRS), not an upsampling anyone
+# wants: 10x finer along each axis.
+MAX_UPSAMPLING = 100
+
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,6 +241,7 @@ def target_geobox(
         assert isinstance(grid, GridSpec)
         bbox = biomass.extent.to_crs(grid.crs).boundingbox
         full = GeoBox.from_bbox(bbox, crs=grid.crs, resolution=grid.resolution)
+        _check_grid_size(full, (satellite, biomass), grid, site=site)
     crs = full.crs
     sat_ext = satellite.extent.to_crs(crs)
     agb_ext = biomass.extent.to_crs(crs)
@@ -238,6 +261,36 @@ def target_geobox(
             stacklevel=2,
         )
     return _crop(full, common.boundingbox), overlap
+
+
+def _check_grid_size(
+    full: GeoBox, inputs: tuple[GeoBox, ...], grid: GridSpec, *, site: str
+) -> None:
+    """Refuse an explicit grid whose size betrays a unit mistake, before anything is planned.
+
+    Only the shape is computed here (GeoBox arithmetic); a grid of 10^14 pixels would otherwise
+    be planned chunk by chunk and never finish.
+    """
+    unit = full.crs.units[0] if full.crs is not None else "unit"
+    finest = min(_pixel_area(g, full.crs) for g in inputs)  # in the grid's units, squared
+    ny, nx = full.shape.yx
+    upsampling = finest / grid.resolution**2  # target pixels per finest input pixel
+    hint = (
+        f"cube.grid.resolution is in the units of cube.grid.crs ({unit}); the finer input "
+        f"raster's pixels are {math.sqrt(finest):.3g} {unit} wide"
+    )
+    if upsampling > MAX_UPSAMPLING:
+        raise GridError(
+            f"site '{site}': cube.grid resolution {grid.resolution:g} {unit} in {grid.crs} "
+            f"gives a {ny}×{nx}-pixel grid, {upsampling:.3g} times more pixels than the finer "
+            f"input raster has over the site. {hint}: give a resolution in {unit}"
+        )
+    if min(ny, nx) < 2:
+        raise GridError(
+            f"site '{site}': cube.grid resolution {grid.resolution:g} {unit} in {grid.crs} is "
+            f"coarser than the site itself ({ny}×{nx} pixels). {hint}: give a resolution in "
+            f"{unit}"
+        )
 
 
 def _bounds(gbox: GeoBox) -> str:
@@ -491,6 +544,9 @@ def _encoding(ds: xr.Dataset) -> dict[str, dict[str, Any]]:
     }
 
 
+EMPTY_BAND_FRACTION = 0.01  # a band with valid values at fewer pixels than this share is empty
+
+
 def _agb_stats(agb: xr.DataArray) -> dict[str, Any]:
     valid = np.isfinite(agb)
     return {
@@ -499,6 +555,25 @@ def _agb_stats(agb: xr.DataArray) -> dict[str, Any]:
         "agb_mean": agb.mean(),
         "agb_max": agb.max(),
     }
+
+
+def _empty_bands(group: Path, max_chunks: int = 8) -> list[str]:
+    """Bands valid at fewer than :data:`EMPTY_BAND_FRACTION` of the pixels of a written group.
+
+    Read back from the store, at most ``max_chunks`` chunk rows and columns spread over the
+    site: a tenth of a second for a benchmark site, bounded for any size, where counting in the
+    build's own pass cost a fifth of the build.
+    """
+    feats = xr.open_zarr(group, consolidated=False, zarr_format=_ZARR_FORMAT)["features"]
+    picks = {}
+    for dim, chunks in zip(("y", "x"), feats.chunks[1:], strict=True):
+        starts = np.cumsum((0, *chunks[:-1]))
+        keep = np.unique(np.linspace(0, len(chunks) - 1, min(len(chunks), max_chunks)).round())
+        picks[dim] = np.concatenate(
+            [np.arange(starts[i], starts[i] + chunks[i]) for i in keep.astype(int)]
+        )
+    valid = feats.isel(picks).notnull().mean(("y", "x")).values
+    return [str(b) for b in feats["band"].values[valid < EMPTY_BAND_FRACTION]]
 
 
 def write_site(
@@ -519,7 +594,13 @@ def write_site(
     Returns
     -------
     dict
-        Summary statistics of the site's valid AGB, also stored in the group's ``stats`` attr.
+        Summary statistics of the site's valid AGB and the names of its empty bands (valid at
+        fewer than 1 % of the pixels), also stored in the group's ``stats`` attr.
+
+    Raises
+    ------
+    InputFileError
+        An input raster cannot be read past its header (truncated or damaged).
     """
     import zarr
 
@@ -539,23 +620,36 @@ def write_site(
         )
         stats = _agb_stats(ds["agb"])
         checks = clear_fraction_checks(ds)  # STAC sites: share of clear pixels per season
-        _, *values = compute(
-            delayed,
-            *stats.values(),
-            *checks.values(),
-            client=client,
-            progress=progress,
-            label=f"building site '{site}'",
-        )
+        try:
+            _, *values = compute(
+                delayed,
+                *stats.values(),
+                *checks.values(),
+                client=client,
+                progress=progress,
+                label=f"building site '{site}'",
+            )
+        except RasterioError as err:
+            inputs = json.loads(ds.attrs["provenance"])
+            sources = [
+                str(inputs.get(role, {}).get("path", f"its {role} input"))
+                for role in ("satellite", "biomass")
+            ]
+            raise InputFileError(
+                f"site '{site}': reading its rasters failed after their headers were read "
+                f"({err}); a file is probably truncated or damaged: check "
+                f"{' and '.join(sources)} with `gdalinfo -checksum`"
+            ) from err
         stats = {k: _jsonable(v) for k, v in zip([*stats, *checks], values, strict=True)}
         if checks:
             clear = {k: stats.pop(k) for k in checks}
             stats["clear_fraction"] = clear
             warn_no_clear(site, clear)
+        stats["empty_bands"] = _empty_bands(tmp)
         group = zarr.open_group(tmp, mode="a", zarr_format=_ZARR_FORMAT)
         group.attrs["stats"] = json.dumps(stats)
         zarr.consolidate_metadata(tmp)
-        replace_path(tmp, store / site)
+        replace_path(tmp, store / site, what=f"cube site '{site}'")
         write_cube_item(ds, store)  # a STAC Item of the group, beside the store
     finally:
         remove_path(tmp)
@@ -574,14 +668,18 @@ def build_cube(
     cube: CubeConfig,
     *,
     overwrite: bool = False,
+    prune: bool = False,
+    replace_changed: bool = True,
     scheduler: str = "threads",
     progress: bool = True,
     echo: Any = None,
 ) -> dict[str, dict[str, Any]]:
     """Build (or bring up to date) the Zarr cube of every site.
 
-    Sites whose inputs and settings are unchanged since they were built are skipped unless
-    ``overwrite``; each site is validated from its file headers before any site is computed.
+    Sites whose inputs, settings and stored files are unchanged since they were built are
+    skipped unless ``overwrite``; each site is validated from its file headers before any site
+    is computed. Sites of the cube that the list does not name are kept unless ``prune``.
+    Progress goes to the ``agbcube.cube`` logger.
 
     Parameters
     ----------
@@ -589,75 +687,108 @@ def build_cube(
     cube : CubeConfig
     overwrite : bool
         Rebuild every site even when it is up to date.
+    prune : bool
+        Remove the cube's sites that ``sites`` does not name (CLI: ``--prune``).
+    replace_changed : bool
+        False: a site of the cube built from other inputs or settings is an error, not rebuilt
+        (``predict --config`` must never replace a training site sharing the cube).
     scheduler : str
         Dask scheduler (see :func:`agbcube._dask.dask_scheduler`).
     progress : bool
         Show a progress bar per site.
     echo : callable, optional
-        Called with one line of text per site (the CLI prints them).
+        Deprecated: receives the progress lines instead of the logger.
 
     Returns
     -------
     dict
-        Per site: ``status`` ("built" or "up to date"), ``shape``, ``bands``, and AGB stats.
+        Per site: ``status`` ("built", "up to date"), ``shape``, ``bands``, AGB stats…
 
     Raises
     ------
     CubeError
-        ``cube.output`` exists and is not an agbcube cube.
+        ``cube.output`` is not an agbcube cube, or a site would replace another (see above).
     """
+    from agbcube._log import reporter
+
     store = Path(cube.output)
-    say = echo or (lambda _msg: None)
-    # GDAL's block cache defaults to 5 % of RAM (13 GB on a 256 GB node) and is what made peak
-    # memory grow; chunks are read once, so a small cache costs nothing. Takes effect when GDAL
-    # has not read pixels yet in this process (always so for the CLI); the user's setting wins.
+    say = reporter(log, echo)
+    # GDAL's block cache defaults to 5 % of RAM (13 GB on a 256 GB node) and made peak memory
+    # grow; chunks are read once, so a small cache costs nothing. The user's setting wins.
     os.environ.setdefault("GDAL_CACHEMAX", "256")
     # Validate everything first: a bad third site must not fail after an hour on the first two.
     check_scheduler(scheduler)
     for site in sites:
         build_site_cube(site, cube).close()
-    # Each site's lazy cube (its open rasters and its task graph, ~40 MB for a benchmark site)
-    # is planned again when its turn comes and closed after it, so memory stays flat in the
-    # number of sites, not only in their size.
+    # Each site's lazy cube (open rasters and task graph, ~40 MB for a benchmark site) is planned
+    # again when its turn comes and closed after it: memory stays flat in the number of sites.
     planned = {site.name: functools.partial(build_site_cube, site, cube) for site in sites}
-    with output_lock(store, what="cube"):
-        meta = _root_meta(store)
-        if meta is None and store.exists() and (not store.is_dir() or any(store.iterdir())):
-            raise CubeError(
-                f"cube.output {store} exists and is not an agbcube cube; choose another "
-                "path or remove it"
-            )
-        if meta is None:
-            meta = {"format": CUBE_FORMAT, "sites": {}}
+    with output_lock(store, what="cube"), write_errors(store, what="cube"):
+        meta = _existing_meta(store)
+        if not replace_changed and not overwrite:
+            _refuse_replacing(store, meta, sites, cube)
         _remove_leftovers(store)
+        others = [name for name in meta["sites"] if name not in planned]
         meta["complete"] = False
-        meta["expected_sites"] = [s.name for s in sites]
+        meta["expected_sites"] = [*planned, *([] if prune else others)]
         _write_root_meta(store, meta)
-        results: dict[str, dict[str, Any]] = {}
+        results = {}
         with dask_scheduler(scheduler) as client:
             for name, plan in planned.items():
                 with plan() as ds:
-                    results[name] = _build_one(
-                        ds, store, meta, overwrite=overwrite, client=client, progress=progress
-                    )
+                    results[name] = _build_one(ds, store, meta, overwrite, client, progress)
                 say(_build_message(name, results[name]))
-        for stale in set(meta["sites"]) - set(planned):
-            remove_path(store / stale)
-            meta["sites"].pop(stale)
-            say(f"site '{stale}': not in the config any more, removed from the cube")
+                _warn_if_empty(name, results[name], cube)
+        _prune_or_keep(store, meta, others, prune=prune, say=say)
         meta["complete"] = True
         _write_root_meta(store, meta)
     return results
 
 
+def _existing_meta(store: Path) -> dict[str, Any]:
+    """The root metadata of the cube at ``store``, or a new one; a foreign path is refused."""
+    meta = _root_meta(store)
+    if meta is None and store.exists() and (not store.is_dir() or any(store.iterdir())):
+        raise CubeError(
+            f"cube.output {store} exists and is not an agbcube cube (no 'agbcube' attribute in "
+            f"its root {store / '.zattrs'}); agbcube never writes into what it did not make: "
+            "choose another path"
+        )
+    if meta is None:
+        meta = {"format": CUBE_FORMAT, "sites": {}}
+    meta.setdefault("files", {})
+    return meta
+
+
+def _refuse_replacing(
+    store: Path, meta: dict[str, Any], sites: list[SiteConfig], cube: CubeConfig
+) -> None:
+    for site in sites:
+        key = meta["sites"].get(site.name)
+        if key is not None and key != site_provenance(site, cube)["key"]:
+            raise CubeError(
+                f"site '{site.name}' is already in cube {store}, built from other rasters or "
+                "settings; it is never replaced from here (it may be a training site): give "
+                "the new area's sites other names, or set cube.output to another store"
+            )
+
+
+def _prune_or_keep(
+    store: Path, meta: dict[str, Any], others: list[str], *, prune: bool, say: Any
+) -> None:
+    """Remove the sites the config does not name (``prune``) or say that they are kept."""
+    for name in others:
+        if prune:
+            remove_output(store / name, what=f"cube site '{name}'")
+            meta["sites"].pop(name)
+            meta["files"].pop(name, None)
+            say(f"site '{name}': not in the config, removed from the cube (--prune)")
+        else:
+            say(f"site '{name}': in the cube but not in the config; kept (--prune removes it)")
+
+
 def _build_one(
-    ds: xr.Dataset,
-    store: Path,
-    meta: dict[str, Any],
-    *,
-    overwrite: bool,
-    client: Any,
-    progress: bool,
+    ds: xr.Dataset, store: Path, meta: dict[str, Any], overwrite: bool, client: Any, progress: bool
 ) -> dict[str, Any]:
     """Write one planned site unless it is up to date; record it in the root metadata."""
     name = ds.attrs["site"]
@@ -668,11 +799,24 @@ def _build_one(
         "indices": int(ds.sizes["band"]) - int(ds.attrs["n_raw_bands"]),
         "overlap": ds.attrs["overlap_fraction"],
     }
-    if not overwrite and meta["sites"].get(name) == key and (store / name).is_dir():
-        stats = json.loads(_site_attrs(store, name).get("stats", "{}"))
-        return {"status": "up to date", **summary, **stats}
+    if not overwrite and meta["sites"].get(name) == key:
+        # the files as written: a damaged or edited chunk (its size or mtime) is rebuilt
+        recorded = meta["files"].get(name)
+        if recorded is not None and recorded == folder_manifest(store / name):
+            stats = json.loads(_site_attrs(store, name).get("stats", "{}"))
+            return {"status": "up to date", **summary, **stats}
+        if recorded is None:
+            log.info("site '%s': built by an earlier agbcube (no file record); rebuilding", name)
+        else:
+            log.warning(
+                "site '%s': its files in %s changed since they were written (damaged or "
+                "edited); rebuilding it",
+                name,
+                store / name,
+            )
     stats = write_site(ds, store, client=client, progress=progress)
     meta["sites"][name] = key
+    meta["files"][name] = folder_manifest(store / name)
     _write_root_meta(store, meta)
     return {"status": "built", **summary, **stats}
 
@@ -681,6 +825,28 @@ def _build_message(name: str, result: dict[str, Any]) -> str:
     if result["status"] == "up to date":
         return f"site '{name}': up to date, skipped (--overwrite rebuilds)"
     return f"site '{name}': built {result['shape']} px, {result['bands']} bands"
+
+
+def _warn_if_empty(name: str, result: dict[str, Any], cube: CubeConfig) -> None:
+    """Warn about a site that cannot give a single chip: no AGB, or mostly empty bands."""
+    if result.get("n_valid_agb", 1) == 0:
+        warnings.warn(
+            f"site '{name}': no valid AGB pixel on the cube's grid: every pixel is nodata, NaN "
+            f"or outside cube.agb_range {list(cube.agb_range)} (low < AGB <= high, Mg/ha); "
+            "check biomass_nodata, cube.agb_range and the AGB map's units",
+            UserWarning,
+            stacklevel=3,
+        )
+    empty = result.get("empty_bands") or []
+    if len(empty) > result["bands"] / 2:
+        shown = ", ".join(empty[:8]) + (", …" if len(empty) > 8 else "")
+        warnings.warn(
+            f"site '{name}': {len(empty)} of {result['bands']} feature bands are empty (valid at "
+            f"fewer than {EMPTY_BAND_FRACTION:.0%} of the pixels: {shown}); check "
+            "satellite_nodata and the satellite stack",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _remove_leftovers(store: Path) -> None:

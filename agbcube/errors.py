@@ -20,7 +20,9 @@ __all__ = [
     "MissingCRSError",
     "MissingDependencyError",
     "NoOverlapError",
+    "OutputExistsError",
     "OutputLockedError",
+    "OutputWriteError",
     "StacError",
     "TrainingError",
 ]
@@ -67,6 +69,17 @@ class FoldError(AgbcubeError, ValueError):
 
 class OutputLockedError(AgbcubeError, RuntimeError):
     """Another agbcube process is writing the same output."""
+
+
+class OutputExistsError(AgbcubeError, FileExistsError):
+    """An output path holds something agbcube did not write, which it never removes or replaces."""
+
+
+class OutputWriteError(AgbcubeError, OSError):
+    """An output cannot be written: full disk, read-only file system, no permission."""
+
+    def __str__(self) -> str:  # OSError would otherwise format (errno, strerror) pairs
+        return str(self.args[0]) if self.args else ""
 
 
 class TrainingError(AgbcubeError, RuntimeError):

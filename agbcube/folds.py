@@ -26,6 +26,7 @@ References
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 import zlib
 from collections.abc import Iterator, Mapping
@@ -39,12 +40,13 @@ import shapely
 import xarray as xr
 from sklearn.model_selection import BaseCrossValidator
 
-from agbcube.chips import make_chips, pixel_centres_m
-from agbcube.errors import FoldError
+from agbcube.chips import make_chips, no_chip_reason, pixel_centres_m
+from agbcube.errors import CubeError, FoldError
 
 __all__ = [
     "ROLES",
     "HybridSiteSpatialKFold",
+    "check_folds_cube",
     "estimate_range_m",
     "label_mask",
     "leakage_audit",
@@ -55,6 +57,8 @@ __all__ = [
 
 ROLES = ("train", "val", "test", "buffer")
 _QUANTILES = np.linspace(0, 1, 21)
+
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------
@@ -524,49 +528,50 @@ def leakage_audit(folds: gpd.GeoDataFrame, n_folds: int) -> dict[str, Any]:
 
 
 def make_folds(config: Any, *, echo: Any = None) -> gpd.GeoDataFrame:
-    """Chips of every site of a built cube, with their folds and roles.
+    """Chips of the config's sites in a built cube, with their folds and roles.
 
     Parameters
     ----------
     config : agbcube.config.Config
-        Uses ``cube.output``, ``chips`` and ``folds``.
+        Uses ``sites`` (their names), ``cube.output``, ``chips`` and ``folds``.
     echo : callable, optional
-        Receives progress lines.
+        Deprecated: receives the progress lines instead of the ``agbcube.folds`` logger.
 
     Returns
     -------
     gpd.GeoDataFrame
         The chip columns, ``cluster``, ``fold`` and ``role_0`` … ``role_{K-1}``;
-        ``attrs["agbcube"]`` holds the per-site chip summary, buffers, fold layouts, variograms
-        and the audit.
-    """
-    from agbcube.cube import cube_sites, open_cube
+        ``attrs["agbcube"]`` holds the per-site chip summary, buffers, fold layouts, variograms,
+        the audit and the cube the chips were cut from (its sites' build keys).
 
-    say = echo or (lambda _msg: None)
+    Raises
+    ------
+    CubeError
+        The cube is missing, incomplete, damaged, or lacks a site of the config.
+    FoldError
+        No site gives a usable chip (the message gives each site's cause), or the chips cannot
+        be split.
+    """
+    from agbcube._log import reporter
+
+    say = reporter(log, echo)
+    store = config.cube.output
     chips_cfg, folds_cfg = config.chips, config.folds
+    keys = _config_site_keys(config)
     parts, summaries, buffers, variograms = [], {}, {}, {}
     layouts: dict[str, int] = {}
-    for site in cube_sites(config.cube.output):
-        ds = open_cube(config.cube.output, site)
-        gdf, summary = make_chips(
-            ds,
-            size_px=chips_cfg.size,
-            overlap=chips_cfg.overlap,
-            min_valid_fraction=chips_cfg.min_valid_fraction,
-            max_nan_fraction=chips_cfg.max_nan_fraction,
-            site=site,
-        )
-        summaries[site] = summary
-        if summary["kept"] == 0:
-            warnings.warn(f"site '{site}' has no valid chips and is left out", stacklevel=2)
+    for site in keys:
+        gdf, summaries[site], variogram = _cut_site(config, site)
+        if gdf is None:
             continue
-        if folds_cfg.buffer_m == "auto":
-            variograms[site] = estimate_range_m(ds, random_state=folds_cfg.seed)
-            buffers[site], layouts[site] = _auto_buffer(gdf, variograms[site]["range_m"], folds_cfg)
+        if variogram is not None:
+            variograms[site] = variogram
+            buffers[site], layouts[site] = _auto_buffer(gdf, variogram["range_m"], folds_cfg)
         else:
             buffers[site] = max(float(folds_cfg.buffer_m), folds_cfg.min_buffer_m)
             # none enough: layout 0, and the splitter's error if a fold keeps nothing at all
             layouts[site] = _first_layout(gdf, buffers[site], folds_cfg) or 0
+        summary = summaries[site]
         say(
             f"site '{site}': {summary['kept']} chips of {summary['candidates']} "
             f"(dropped {summary['dropped_low_valid_agb']} for AGB, "
@@ -574,7 +579,8 @@ def make_folds(config: Any, *, echo: Any = None) -> gpd.GeoDataFrame:
         )
         parts.append(gdf)
     if not parts:
-        raise FoldError("no site has a valid chip: check chips.min_valid_fraction and the cube")
+        causes = "; ".join(f"site '{s}': {_no_chip(m, config)}" for s, m in summaries.items())
+        raise FoldError(f"no site has a usable chip. {causes}")
     chips = pd.concat(parts, ignore_index=True)
     cv = HybridSiteSpatialKFold(
         folds_cfg.n_folds,
@@ -595,8 +601,59 @@ def make_folds(config: Any, *, echo: Any = None) -> gpd.GeoDataFrame:
         "variograms": variograms,
         "chip_summary": summaries,
         "audit": leakage_audit(out, folds_cfg.n_folds),
+        "cube": {"store": str(Path(store).resolve()), "sites": {s: keys[s] for s in summaries}},
     }
     return out
+
+
+def _config_site_keys(config: Any) -> dict[str, str]:
+    """The build key of each of the config's sites in its cube; a site not built is an error."""
+    from agbcube._store import cube_site_keys
+
+    keys = cube_site_keys(config.cube.output)
+    missing = [site.name for site in config.sites if site.name not in keys]
+    if missing:
+        raise CubeError(
+            f"cube {config.cube.output} has no site {missing} of the config (its sites: "
+            f"{list(keys)}); run `agbcube build-cube CONFIG` first"
+        )
+    return {site.name: keys[site.name] for site in config.sites}
+
+
+def _cut_site(config: Any, site: str) -> tuple[gpd.GeoDataFrame | None, dict, dict | None]:
+    """A site's chips (None, with a warning naming the cause, when it has none), their summary
+    and, with ``buffer_m: auto``, its variogram; a damaged store is named with the site."""
+    from agbcube._store import open_cube, site_read_errors
+
+    store, chips_cfg = config.cube.output, config.chips
+    with site_read_errors(store, site):
+        ds = open_cube(store, site)
+        gdf, summary = make_chips(
+            ds,
+            size_px=chips_cfg.size,
+            overlap=chips_cfg.overlap,
+            min_valid_fraction=chips_cfg.min_valid_fraction,
+            max_nan_fraction=chips_cfg.max_nan_fraction,
+            site=site,
+        )
+        if summary["kept"] == 0:
+            warnings.warn(
+                f"site '{site}' has no usable chip and is left out: {_no_chip(summary, config)}",
+                UserWarning,
+                stacklevel=3,
+            )
+            return None, summary, None
+        if config.folds.buffer_m != "auto":
+            return gdf, summary, None
+        return gdf, summary, estimate_range_m(ds, random_state=config.folds.seed)
+
+
+def _no_chip(summary: dict[str, Any], config: Any) -> str:
+    return no_chip_reason(
+        summary,
+        min_valid_fraction=config.chips.min_valid_fraction,
+        max_nan_fraction=config.chips.max_nan_fraction,
+    )
 
 
 LAYOUTS = 8  # layouts tried per site before a buffer is judged too wide for it
@@ -691,29 +748,38 @@ def _sidecar(path: Path, suffix: str) -> Path:
 def write_folds(folds: gpd.GeoDataFrame, path: str | Path, *, maps: bool = True) -> list[Path]:
     """Write the folds GeoParquet, its leakage audit (JSON) and a PNG map per site, atomically.
 
-    Returns the paths written.
+    Every path is checked before anything is written: a folder, or a file agbcube did not
+    write, at any of them raises :class:`~agbcube.errors.OutputExistsError` and nothing is
+    written. Returns the paths written.
     """
-    from agbcube._io import atomic_path, write_json_atomic
+    from agbcube._io import (
+        atomic_path,
+        check_replaceable,
+        output_lock,
+        write_json_atomic,
+        written_by,
+    )
 
     path = Path(path)
     meta = folds.attrs.get("agbcube", {})
-    with atomic_path(path) as tmp:
-        table = folds.copy()
-        table.attrs = {}
-        table.to_parquet(tmp, index=False, schema_version="1.0.0", write_covering_bbox=False)
-        _add_parquet_metadata(tmp, {"agbcube": json.dumps(meta, default=str)})
-    written = [path]
     audit_path = _sidecar(path, "audit.json")
-    write_json_atomic(audit_path, meta)
-    written.append(audit_path)
-    if maps:
+    pngs = [_sidecar(path, f"map_{site}.png") for site in pd.unique(folds["site"])] if maps else []
+    for target, what in [(path, "folds.output"), (audit_path, "folds audit")] + [
+        (png, "folds map") for png in pngs
+    ]:
+        check_replaceable(target, what=what)
+    with output_lock(path, what="folds"):
+        with atomic_path(path, what="folds.output") as tmp:
+            table = folds.copy()
+            table.attrs = {}
+            table.to_parquet(tmp, index=False, schema_version="1.0.0", write_covering_bbox=False)
+            _add_parquet_metadata(tmp, {"agbcube": json.dumps(meta, default=str)})
+        write_json_atomic(audit_path, {"written_by": written_by(), **meta}, what="folds audit")
         n_folds = int(meta.get("n_folds", _n_folds(folds)))
-        for site in pd.unique(folds["site"]):
-            png = _sidecar(path, f"map_{site}.png")
-            with atomic_path(png) as tmp:
+        for site, png in zip(pd.unique(folds["site"]), pngs, strict=False):
+            with atomic_path(png, what="folds map") as tmp:
                 plot_fold_map(folds, site, n_folds, tmp, buffer_m=meta.get("buffer_m", {}))
-            written.append(png)
-    return written
+    return [path, audit_path, *pngs]
 
 
 def _add_parquet_metadata(path: Path, extra: dict[str, str]) -> None:
@@ -826,18 +892,133 @@ def label_mask(
     return pos, mask[pos], nearest
 
 
-def read_folds(path: str | Path) -> gpd.GeoDataFrame:
-    """Read a folds GeoParquet written by :func:`write_folds` (metadata in ``attrs``)."""
+def read_folds(path: str | Path, *, cube: str | Path | None = None) -> gpd.GeoDataFrame:
+    """Read a folds GeoParquet written by :func:`write_folds` (metadata in ``attrs``).
+
+    The file is validated as strictly as a fresh config: geometry with a CRS, the chip
+    columns, ``fold`` and ``role_0`` … ``role_{K-1}`` with roles among :data:`ROLES`, every
+    chip once, each fold testing its own chips and training on some. The folds are then
+    checked against the cube they were cut from (:func:`check_folds_cube`).
+
+    Parameters
+    ----------
+    path : str or Path
+        The folds file.
+    cube : str or Path, optional
+        The cube the folds will be used with; default the cube they record, when it exists.
+
+    Raises
+    ------
+    FoldError
+        Missing or unreadable file, a malformed table, or folds cut from an earlier build of
+        the cube.
+    """
     import pyarrow.parquet as pq
 
     path = Path(path)
+    again = "run `agbcube folds CONFIG` to make them again"
     if not path.exists():
         raise FoldError(f"folds file {path} does not exist; run `agbcube folds <config>` first")
-    gdf = gpd.read_parquet(path)
-    meta = pq.read_schema(path).metadata or {}
+    if path.is_dir():
+        raise FoldError(f"folds file {path} is a folder; folds.output must name a GeoParquet file")
+    try:
+        meta = pq.read_schema(path).metadata or {}
+        gdf = gpd.read_parquet(path)
+    except (OSError, ValueError, TypeError, KeyError) as err:  # ArrowInvalid is a ValueError
+        raise FoldError(
+            f"folds file {path} is not a GeoParquet table of chips ({type(err).__name__}: "
+            f"{err}); {again}"
+        ) from err
     if b"agbcube" in meta:
-        gdf.attrs["agbcube"] = json.loads(meta[b"agbcube"])
+        try:
+            gdf.attrs["agbcube"] = json.loads(meta[b"agbcube"])
+        except ValueError as err:
+            raise FoldError(
+                f"folds file {path}: its 'agbcube' metadata is not JSON; {again}"
+            ) from err
+    _validate_folds(gdf, f"folds file {path}", again)
+    record = gdf.attrs.get("agbcube", {}).get("cube") or {}
+    store = cube if cube is not None else record.get("store")
+    if store is not None and (cube is not None or Path(store).exists()):
+        check_folds_cube(gdf, store, source=f"folds {path}")
     return gdf
+
+
+def _validate_folds(gdf: gpd.GeoDataFrame, where: str, again: str) -> None:
+    """Raise FoldError for anything :func:`make_folds` would never have written."""
+    if not isinstance(gdf, gpd.GeoDataFrame) or gdf.geometry.name not in gdf or gdf.crs is None:
+        raise FoldError(f"{where} has no chip footprints (a geometry column with a CRS); {again}")
+    roles = {str(c) for c in gdf.columns if str(c).startswith("role_")}
+    n_folds = len(roles)
+    missing = [c for c in ("chip_id", "site", "row", "col", "fold") if c not in gdf]
+    if missing or n_folds < 2 or roles != {f"role_{k}" for k in range(n_folds)}:
+        raise FoldError(
+            f"{where} lacks columns: needs chip_id, site, row, col, fold and role_0 … "
+            f"role_{{K-1}} (K >= 2), has {list(gdf.columns)}; {again}"
+        )
+    for col in roles:
+        bad = sorted(set(gdf[col].astype(str)) - set(ROLES))
+        if bad:
+            raise FoldError(f"{where}: column {col} holds {bad}, not one of {list(ROLES)}; {again}")
+    _validate_chips(gdf, n_folds, where, again)
+
+
+def _validate_chips(gdf: gpd.GeoDataFrame, n_folds: int, where: str, again: str) -> None:
+    fold = pd.to_numeric(gdf["fold"], errors="coerce").to_numpy()
+    pos = pd.to_numeric(pd.concat([gdf["row"], gdf["col"]]), errors="coerce").to_numpy()
+    if not (np.isin(fold, np.arange(n_folds)).all() and (pos >= 0).all()):
+        raise FoldError(
+            f"{where}: 'fold' must hold 0…{n_folds - 1} and row/col non-negative pixel offsets "
+            f"(found fold {sorted(set(map(str, gdf['fold'])))[:8]}); {again}"
+        )
+    ids = gdf["chip_id"].astype(str)
+    cells = gdf["site"].astype(str) + ":" + gdf["row"].astype(str) + ":" + gdf["col"].astype(str)
+    dupes = sorted(set(ids[ids.duplicated()]) | set(cells[cells.duplicated()]))
+    if dupes:
+        raise FoldError(f"{where} lists chips more than once: {dupes[:5]}; {again}")
+    roles = np.stack([gdf[f"role_{k}"].astype(str).to_numpy() for k in range(n_folds)], axis=1)
+    tested = roles == "test"
+    if not (tested.sum(1) == 1).all() or not tested[np.arange(len(gdf)), fold.astype(int)].all():
+        raise FoldError(
+            f"{where}: a chip must be 'test' in exactly its own fold (column 'fold'); {again}"
+        )
+    empty = [k for k in range(n_folds) if not (roles[:, k] == "train").any()]
+    if empty:
+        raise FoldError(f"{where}: fold(s) {empty} have no training chip; {again}")
+
+
+def check_folds_cube(
+    folds: gpd.GeoDataFrame, store: str | Path, *, source: str = "the folds"
+) -> None:
+    """Refuse folds cut from another build of the cube than the one at ``store``.
+
+    :func:`make_folds` records each site's build key (a digest of its inputs and settings);
+    a site rebuilt since from other rasters or settings, or gone, has another. Folds from an
+    older agbcube record nothing and are not checked.
+
+    Raises
+    ------
+    FoldError
+        Naming the sites that changed and what to run.
+    CubeError
+        ``store`` is not a complete cube.
+    """
+    from agbcube._store import cube_site_keys
+
+    record = folds.attrs.get("agbcube", {}).get("cube")
+    if not record:
+        return
+    keys = cube_site_keys(store)
+    used = set(pd.unique(folds["site"].astype(str)))
+    changed = sorted(
+        s for s, k in record.get("sites", {}).items() if s in used and keys.get(s) != k
+    )
+    if changed:
+        raise FoldError(
+            f"{source} were cut from an earlier build of cube {store}: site(s) {changed} have "
+            "been rebuilt from other rasters or settings (or removed) since, so the chips' "
+            "windows no longer match the cube; run `agbcube folds CONFIG` again"
+        )
 
 
 _ROLE_COLOURS = {"train": "#4c72b0", "val": "#dd8452", "test": "#c44e52", "buffer": "#cccccc"}
@@ -881,4 +1062,7 @@ def plot_fold_map(
     fig.suptitle(title)
     fig.legend(handles=handles, loc="lower center", ncol=4, frameon=False)
     fig.tight_layout(rect=(0, 0.12, 1, 0.95))
-    fig.savefig(path, dpi=90, format="png")  # the caller writes through a temporary path
+    from agbcube._io import written_by
+
+    # the caller writes through a temporary path; the metadata marks the PNG as agbcube's
+    fig.savefig(path, dpi=90, format="png", metadata={"agbcube": written_by()})

@@ -32,6 +32,7 @@ equally weighted (the CNN gives no importance).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -46,13 +47,14 @@ from agbcube._io import (
     atomic_path,
     digest,
     output_lock,
+    prepare_output_dir,
     remove_path,
     replace_path,
     temporary_sibling,
     write_json_atomic,
 )
 from agbcube._plot import label_projected, new_figure, raster_extent, save_figure
-from agbcube.errors import BandError
+from agbcube.errors import BandError, ConfigError, FoldError
 
 __all__ = [
     "AOAReference",
@@ -62,10 +64,13 @@ __all__ = [
     "predict_run",
     "predict_site",
     "quicklook",
+    "run_cube",
     "write_maps",
 ]
 
 LAYERS = ("agb_mean", "agb_std", "di", "aoa")
+
+log = logging.getLogger(__name__)
 
 # What each map layer is, for the COGs' band metadata, the quick looks and the STAC Item.
 LAYER_INFO: dict[str, dict[str, Any]] = {
@@ -227,16 +232,19 @@ class _Window:
     grew with the site. Here a task holds only its own window, and memory stays flat.
     """
 
-    __slots__ = ("data",)
+    __slots__ = ("data", "site")
 
-    def __init__(self, data: xr.DataArray) -> None:
+    def __init__(self, data: xr.DataArray, site: str = "") -> None:
         self.data = data
+        self.site = site
 
     def read(self) -> np.ndarray:
         import dask
 
+        from agbcube._store import site_read_errors
+
         # a Dask-backed input is computed here, in this task, never on a cluster from inside it
-        with dask.config.set(scheduler="synchronous"):
+        with dask.config.set(scheduler="synchronous"), site_read_errors(None, self.site):
             return np.asarray(self.data.values, dtype=np.float32)
 
 
@@ -429,9 +437,10 @@ def predict_site(
     import dask
     import dask.array as dsa
 
+    site = str(ds.attrs.get("site", "site"))
     have = [str(b) for b in ds["band"].values]
     if bands is not None:
-        check_bands(have, list(bands), site=str(ds.attrs.get("site", "site")))
+        check_bands(have, list(bands), site=site)
         feats = ds["features"].isel(band=_band_index(have, list(bands)))
     else:
         feats = ds["features"]
@@ -468,7 +477,7 @@ def predict_site(
             left = max(0, int(xs[0]) - margin_px)
             right = min(shape[1], int(xs[-1]) + window_px + margin_px)
             region = feats.isel(y=slice(top, bottom), x=slice(left, right))
-            source = region.values if loaded else _Window(_without_cache(region))
+            source = region.values if loaded else _Window(_without_cache(region), site)
             tile = dask.delayed(_predict_tile, pure=False)(
                 source,
                 members_d,
@@ -600,15 +609,16 @@ def _labelled_pixels(
     random_state: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A sample of labelled pixels' features from every chip, with the chip's test fold."""
-    from agbcube.cube import open_cube
+    from agbcube._store import open_cube, site_read_errors
 
     rng = np.random.default_rng(random_state)
     feats, fold_of = [], []
     for site, sub in folds.groupby("site"):
         ds = open_cube(store, str(site))
         f = ds["features"] if site_bands is None else ds["features"].sel(band=list(site_bands))
-        f = f.values
-        agb = ds["agb"].values
+        with site_read_errors(store, str(site)):
+            f = f.values
+            agb = ds["agb"].values
         for r, c, k in zip(sub["row"], sub["col"], sub["fold"], strict=True):
             win = f[:, r : r + size, c : c + size].reshape(f.shape[0], -1)
             ok = np.flatnonzero(np.isfinite(agb[r : r + size, c : c + size].ravel()))
@@ -654,23 +664,30 @@ def predict_run(
         As :func:`predict_site`, with ``attrs["key"]``: a digest of the ensemble, the site's
         cube and the settings, with which :func:`write_maps` resumes an interrupted write.
     """
-    from agbcube.config import load_run_config
     from agbcube.folds import read_folds
     from agbcube.train import load_ensemble
 
     run_dir = Path(run_dir)
+    store = run_cube(run_dir)
     models, spec = load_ensemble(run_dir, device=device)
     tcfg = spec["train"]
-    cfg = load_run_config(run_dir)
     size = int(spec["size_px"]) - 2 * int(tcfg.get("context_px", 0))  # the chips, not windows
     dense = tcfg["head"] == "dense"
-    window = window_px or (4 * size if dense else size)
+    default = 4 * size if dense else size
+    window = window_px or default
+    stride = stride_px or max(1, window // (4 if dense else 2))
+    _check_window(window, stride, (ds.sizes["y"], ds.sizes["x"]), default)
     reference = None
     if aoa:
-        folds = read_folds(run_dir / "folds.parquet")
-        pixels, fold_of = _labelled_pixels(cfg.cube.output, folds, spec["bands"], size)
+        try:
+            folds = read_folds(run_dir / "folds.parquet", cube=store)
+        except FoldError as err:
+            raise FoldError(
+                f"run {run_dir}: {err}. The run's area of applicability needs the cube it was "
+                "trained on: train the run again, or map without it (--no-aoa)"
+            ) from err
+        pixels, fold_of = _labelled_pixels(store, folds, spec["bands"], size)
         reference = aoa_reference(pixels, fold_of)
-    stride = stride_px or max(1, window // (4 if dense else 2))
     maps = predict_site(
         ds,
         models,
@@ -704,6 +721,35 @@ def predict_run(
     return maps
 
 
+def run_cube(run_dir: str | Path) -> Path:
+    """The cube a training run was trained on, from its config.yaml (read back through the
+    same validation as a fresh config).
+
+    Raises
+    ------
+    ConfigError
+        ``run_dir`` holds no readable, valid config.yaml.
+    """
+    from agbcube.config import load_run_config
+
+    return load_run_config(run_dir).cube.output
+
+
+def _check_window(window: int, stride: int, shape: tuple[int, int], default: int) -> None:
+    """Refuse window settings that cannot work or would read far more than the site.
+
+    A window may exceed the site up to the run's default (a chip model's window is its chip).
+    """
+    if window < 2 or stride < 1:
+        raise ConfigError(f"window ({window} px) must be >= 2 and stride ({stride} px) >= 1")
+    largest = max(*shape, default)
+    if window > largest:
+        raise ConfigError(
+            f"window {window} px is larger than the site ({shape[0]}×{shape[1]} px) and the "
+            f"run's default window ({default} px); give --window {largest} or less"
+        )
+
+
 def write_maps(
     maps: xr.Dataset,
     output: str | Path,
@@ -725,22 +771,29 @@ def write_maps(
     floats, 255 for the AOA mask), written window by window, and ``output/<layer>.png`` (a
     quick look). Last comes ``output/item.json``, a STAC Item of the COGs
     (:func:`agbcube.catalog.map_item`). Memory stays bounded by the tile size throughout.
+    Progress goes to the ``agbcube.predict`` logger (``echo`` is deprecated).
 
     Returns
     -------
     list of Path
         ``maps.zarr``, every COG and PNG, and ``item.json``.
+
+    Raises
+    ------
+    OutputExistsError
+        ``output`` is a file, or a folder holding files agbcube did not write.
     """
+    from agbcube._log import reporter
     from agbcube.catalog import map_item, write_map_item
 
     output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    say = echo or (lambda _m: None)
+    say = reporter(log, echo)
     zpath = output / "maps.zarr"
     # GDAL's block cache (5 % of RAM by default) would grow with the map while the COG driver
     # builds overviews; as in build_cube, a small one costs nothing. The user's setting wins.
     os.environ.setdefault("GDAL_CACHEMAX", "256")
     site, run = str(maps.attrs.get("site") or output.name), maps.attrs.get("run")
+    prepare_output_dir(output, kind="maps", what="maps output")
     with output_lock(zpath, what="maps"):
         _write_tiles(maps, zpath, client=client, progress=progress, say=say)
         written = [zpath]

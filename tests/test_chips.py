@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import shapely
 import xarray as xr
 from hypothesis import given, settings
@@ -53,6 +54,10 @@ def test_chip_statistics_match_a_direct_computation():
         "kept": 9,
         "dropped_low_valid_agb": 0,
         "dropped_nan_features": 0,
+        "shape": [50, 60],
+        "size_px": 16,
+        "valid_agb_px": 50 * 60 - 144,
+        "nan_feature_fraction": pytest.approx(100 / (50 * 60)),
     }
     for row in chips.itertuples():
         win = agb[row.row : row.row + 16, row.col : row.col + 16]

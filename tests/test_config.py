@@ -95,6 +95,88 @@ def test_missing_and_non_yaml_file(tmp_path):
     assert issubclass(ConfigError, ValueError)
 
 
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (b"sites: [{name: caf\xe9}]\n", r"is not UTF-8 text \(byte 0xe9 on line 1\)"),
+        (b"\n\nsites:\n  - name: \xff\xfe\n", r"is not UTF-8 text \(byte 0xff on line 4\)"),
+        (b"", r"is empty"),
+        (b"   \n# only a comment\n", r"is empty"),
+        (b"sites: []\ndate: 2024-13-45\n", r"is not valid YAML"),
+        (b"a: 1\na: [\n", r"is not valid YAML"),
+    ],
+)
+def test_unreadable_config_files_are_one_line_errors(tmp_path, content, match):
+    path = tmp_path / "cfg.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=f"config file {path} {match}") as err:
+        load_config(path)
+    assert "\n" not in str(err.value)
+
+
+def test_a_config_folder_or_bom_file(tmp_path):
+    with pytest.raises(ConfigError, match="is a folder; give the path of a YAML file"):
+        load_config(tmp_path)
+    path = tmp_path / "bom.yaml"
+    path.write_bytes("\ufeff".encode() + yaml.safe_dump(BASE).encode())
+    assert load_config(path).sites[0].name == "a"  # a byte-order mark is fine
+
+
+@pytest.mark.parametrize(
+    ("cfg", "key"),
+    [
+        ({**BASE, "sites": [{**BASE["sites"][0], "crs": "EPSG:999999"}]}, "sites.0.crs"),
+        ({**BASE, "sites": [{**BASE["sites"][0], "crs": "not a crs"}]}, "sites.0.crs"),
+        ({**BASE, "cube": {"grid": {"crs": "EPSG:0", "resolution": 30}}}, "cube.grid.crs"),
+        ({**BASE, "cube": {"grid": {"crs": "+proj=nowhere", "resolution": 30}}}, "cube.grid.crs"),
+    ],
+)
+def test_an_invalid_crs_names_the_key(cfg, key):
+    with pytest.raises(ConfigError, match=rf"config: {key}: .* is not a CRS pyproj knows") as err:
+        parse_config(cfg)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("pairs", "match"),
+    [
+        (["sat.tif"], r"raster_pairs\[0\] must be a mapping .* got 'sat.tif'"),
+        ([None], r"raster_pairs\[0\] must be a mapping"),
+        ([7], r"raster_pairs\[0\] must be a mapping .* got 7"),
+        ([{"satellite_path": "a.tif"}], r"raster_pairs\[0\] lacks \['biomass_path'\]"),
+        ([{"satellite_path": ["a"], "biomass_path": "b"}], r"\[0\]\.satellite_path must be a file"),
+        ([{"satellite_path": "a", "biomass_path": 3}], r"\[0\]\.biomass_path must be a file"),
+        ([{"satellite_path": "a", "biomass_path": " "}], r"\[0\]\.biomass_path must be a file"),
+        (
+            [{"satellite_path": "a", "biomass_path": "b", "site_name": {"x": 1}}],
+            r"\[0\]\.site_name must be a name",
+        ),
+        ({"satellite_path": "a"}, r"raster_pairs must be a non-empty list"),
+        ("a.tif", r"raster_pairs must be a non-empty list"),
+        ([], r"raster_pairs must be a non-empty list"),
+    ],
+)
+def test_original_pipeline_config_with_bad_entries(pairs, match):
+    with pytest.raises(ConfigError, match=match) as err:
+        parse_config({"preprocessing": {"raster_pairs": pairs}})
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        ({"training": [1, 2]}, r"'training' must be a mapping"),
+        ({"training": {"tta_samples": "three"}}, r"training\.tta_samples must be a whole number"),
+        ({"training": {"tta_samples": -1}}, r"training\.tta_samples must be a whole number"),
+        ({"training": {"num_epochs": 0}}, r"train\.epochs: .*training\.num_epochs is train"),
+    ],
+)
+def test_original_pipeline_config_with_bad_settings(extra, match):
+    pairs = [{"satellite_path": "a.tif", "biomass_path": "b.tif"}]
+    with pytest.raises(ConfigError, match=match):
+        parse_config({"preprocessing": {"raster_pairs": pairs}, **extra})
+
+
 def test_original_pipeline_layout_is_translated(tmp_path):
     legacy = {
         "preprocessing": {

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -305,8 +306,10 @@ def test_interrupted_build_never_looks_complete(simple_site, tmp_path, monkeypat
     assert cube_sites(cube.output) == ["simple", "other"]
     tree = open_cube_tree(cube.output)
     assert set(tree.children) == {"simple", "other"}
-    # a site dropped from the config is dropped from the cube
+    # a site dropped from the config is kept, unless pruned
     build_cube([site_b], cube, progress=False)
+    assert cube_sites(cube.output) == ["other", "simple"]
+    build_cube([site_b], cube, prune=True, progress=False)
     assert cube_sites(cube.output) == ["other"] and not (cube.output / "simple").exists()
 
 
@@ -325,14 +328,25 @@ def test_refuses_foreign_output_and_second_writer(simple_site, tmp_path):
     (out / "precious.txt").write_text("x")
     with pytest.raises(CubeError, match="not an agbcube cube"):
         build_cube([_site(simple_site)], CubeConfig(output=out), progress=False)
-    assert (out / "precious.txt").exists()
+    assert [p.name for p in out.iterdir()] == ["precious.txt"]
+    assert (out / "precious.txt").read_text() == "x"
+    # a file at cube.output is refused too, and left alone
+    (tmp_path / "file.zarr").write_text("mine")
+    with pytest.raises(CubeError, match="not an agbcube cube"):
+        build_cube([_site(simple_site)], CubeConfig(output=tmp_path / "file.zarr"), progress=False)
+    assert (tmp_path / "file.zarr").read_text() == "mine"
     cube = _cube(tmp_path)
-    lock = cube.output.with_name(f".{cube.output.name}.lock")
-    lock.write_text('{"host": "elsewhere", "pid": 1, "started": 0}')
-    with pytest.raises(OutputLockedError, match="being written by process 1 on elsewhere"):
+    from agbcube._io import output_lock
+
+    with (
+        output_lock(cube.output, what="cube"),
+        pytest.raises(OutputLockedError, match=f"being written by process {os.getpid()}"),
+    ):
         build_cube([_site(simple_site)], cube, progress=False)
-    lock.write_text(f'{{"host": "{os.uname().nodename}", "pid": 999999999, "started": 0}}')
-    build_cube([_site(simple_site)], cube, progress=False)  # stale lock taken over
+    # whatever a lock file holds, only a live OS lock counts: no stale-lock guessing
+    lock = cube.output.with_name(f".{cube.output.name}.lock")
+    lock.write_text('{"host": "elsewhere", "pid": 1, "started": 0')
+    build_cube([_site(simple_site)], cube, progress=False)
     assert not lock.exists()
 
 
@@ -458,15 +472,37 @@ def test_cube_round_trips_raster_values(
     np.testing.assert_array_equal(ds.agb.values, np.where(valid, agb, np.nan))
 
 
-def test_overwrite_also_drops_sites_removed_from_the_config(simple_site, tmp_path):
+def test_sites_missing_from_the_config_are_kept_unless_pruned(simple_site, tmp_path):
     cube = _cube(tmp_path)
     site_a = _site(simple_site)
     site_b = _site({**simple_site, "name": "other"})
     build_cube([site_a, site_b], cube, progress=False)
-    build_cube([site_b], cube, overwrite=True, progress=False)
+    before = open_cube(cube.output, "simple").load()
+    for overwrite in (False, True):
+        build_cube([site_b], cube, overwrite=overwrite, progress=False)
+        assert cube_sites(cube.output) == ["other", "simple"]
+        xr.testing.assert_identical(open_cube(cube.output, "simple").load(), before)
+    build_cube([site_b], cube, prune=True, progress=False)
     assert cube_sites(cube.output) == ["other"]
     assert not (cube.output / "simple").exists()
     assert set(open_cube_tree(cube.output).children) == {"other"}
+
+
+def test_a_new_area_never_replaces_a_site_of_the_cube(simple_site, tmp_path, rng):
+    """predict --config builds with replace_changed=False: the training sites are safe."""
+    cube = _cube(tmp_path)
+    train = _site(simple_site)
+    build_cube([train], cube, progress=False)
+    before = open_cube(cube.output, "simple").load()
+    new_agb = write_raster(tmp_path / "new_agb.tif", rng.uniform(10, 300, (40, 48)).astype("f4"))
+    new_area = _site({**simple_site, "name": "new", "biomass": new_agb})
+    build_cube([new_area], cube, replace_changed=False, progress=False)
+    assert cube_sites(cube.output) == ["new", "simple"]
+    same_name = _site({**simple_site, "biomass": new_agb})  # 'simple' from other rasters
+    with pytest.raises(CubeError, match="site 'simple' is already in cube .* never replaced"):
+        build_cube([same_name], cube, replace_changed=False, progress=False)
+    xr.testing.assert_identical(open_cube(cube.output, "simple").load(), before)
+    assert cube_sites(cube.output) == ["new", "simple"]
 
 
 @pytest.mark.slow
@@ -517,3 +553,93 @@ def test_unknown_scheduler_is_a_config_error(simple_site, tmp_path):
     with pytest.raises(ConfigError, match="unknown scheduler 'gpu'"):
         build_cube([_site(simple_site)], _cube(tmp_path), scheduler="gpu", progress=False)
     assert not _cube(tmp_path).output.exists()  # refused before anything was written
+
+
+# --- reliability: hangs, damaged stores and inputs, empty sites --------------------------------
+
+
+@pytest.mark.parametrize(
+    ("crs", "resolution", "match"),
+    [
+        ("EPSG:32644", 0.0004, r"times more pixels .* give a resolution in metre"),  # degrees
+        ("EPSG:32644", 1e-9, r"times more pixels"),
+        ("EPSG:4326", 30.0, r"coarser than the site itself .* give a resolution in degree"),
+    ],
+)
+def test_a_grid_size_from_the_wrong_units_fails_before_planning(
+    simple_site, tmp_path, crs, resolution, match
+):
+    from agbcube.config import GridSpec
+
+    cube = _cube(tmp_path, grid=GridSpec(crs=crs, resolution=resolution))
+    with _RaiseIfComputes(), pytest.raises(GridError, match=f"site 'simple': cube.grid .*{match}"):
+        build_cube([_site(simple_site)], cube, progress=False)
+    assert not cube.output.exists()
+
+
+def test_a_damaged_chunk_names_the_site_and_is_rebuilt(simple_site, tmp_path, caplog):
+    from agbcube._store import site_read_errors
+
+    cube = _cube(tmp_path)
+    site = _site(simple_site)
+    build_cube([site], cube, progress=False)
+    before = open_cube(cube.output, "simple").load()
+    chunk = next((cube.output / "simple" / "features").glob("0.*"))
+    chunk.write_bytes(b"garbage" * 50)
+    with (
+        pytest.raises(CubeError, match=r"cube .*, site 'simple': its data cannot be read"),
+        site_read_errors(cube.output, "simple"),  # what every reader of agbcube wraps reads in
+    ):
+        open_cube(cube.output, "simple").load()
+    with caplog.at_level(logging.WARNING, logger="agbcube"):
+        result = build_cube([site], cube, progress=False)
+    assert "site 'simple': its files" in caplog.text and "rebuilding it" in caplog.text
+    assert result["simple"]["status"] == "built"  # never "up to date"
+    xr.testing.assert_identical(open_cube(cube.output, "simple").load(), before)
+    assert build_cube([site], cube, progress=False)["simple"]["status"] == "up to date"
+
+
+def test_a_lost_zmetadata_is_named_and_restored(simple_site, tmp_path):
+    cube = _cube(tmp_path)
+    site = _site(simple_site)
+    build_cube([site], cube, progress=False)
+    before = open_cube(cube.output, "simple").load()
+    (cube.output / ".zmetadata").unlink()
+    with pytest.raises(CubeError, match=r"lost its consolidated metadata .*\.zmetadata"):
+        open_cube(cube.output, "simple")
+    assert build_cube([site], cube, progress=False)["simple"]["status"] == "up to date"
+    xr.testing.assert_identical(open_cube(cube.output, "simple").load(), before)
+
+
+def test_a_raster_damaged_past_its_header_names_the_site(tmp_path, rng):
+    path = tmp_path / "sat.tif"
+    with rasterio.open(
+        path, "w", driver="GTiff", height=200, width=200, count=2, dtype="float32",
+        crs="EPSG:4326", transform=from_origin(80, 22, 0.0004, 0.0004), tiled=True,
+        blockxsize=64, blockysize=64, compress="deflate",
+    ) as dst:  # fmt: skip
+        dst.write(rng.uniform(100, 3000, (2, 200, 200)).astype("float32"))
+    data = bytearray(path.read_bytes())
+    data[len(data) // 4 : len(data) // 2] = bytes(len(data) // 2 - len(data) // 4)
+    path.write_bytes(bytes(data))  # the tiles are garbage, the header is intact
+    agb = write_raster(tmp_path / "agb.tif", rng.uniform(10, 300, (200, 200)).astype("f4"))
+    site = SiteConfig(name="broken", satellite=path, biomass=agb, bands=["B4", "B8"])
+    with pytest.raises(InputFileError, match=r"site .broken.: reading its rasters failed .*sat"):
+        build_cube([site], _cube(tmp_path, indices="none"), progress=False)
+    with pytest.raises(CubeError, match="incomplete"):  # nothing looks built
+        cube_sites(_cube(tmp_path).output)
+    assert not (_cube(tmp_path).output / "broken").exists()
+
+
+def test_empty_agb_or_mostly_empty_bands_warn(simple_site, tmp_path):
+    cube = _cube(tmp_path, agb_range=(1000.0, 2000.0))  # no AGB value in range
+    with pytest.warns(UserWarning, match=r"site 'simple': no valid AGB pixel .*agb_range"):
+        result = build_cube([_site(simple_site)], cube, progress=False)
+    assert result["simple"]["n_valid_agb"] == 0
+    stack = np.full((4, 40, 48), -9999, "float32")
+    stack[0] = 500.0  # one band of four holds data
+    sat = write_raster(tmp_path / "empty.tif", stack, descriptions=["B4", "B8", "VV", "VH"])
+    site = _site({**simple_site, "name": "blank", "satellite": sat}, satellite_nodata=-9999)
+    with pytest.warns(UserWarning, match=r"site 'blank': 3 of 4 feature bands are empty"):
+        result = build_cube([site], _cube(tmp_path, indices="none"), progress=False)
+    assert result["blank"]["empty_bands"] == ["B8", "VV", "VH"]

@@ -351,3 +351,260 @@ def test_folds_cli(demo_config, tmp_path):
     assert "every chip tested exactly once: True" in result.output
     assert (tmp_path / "cli" / "folds.parquet").exists()
     assert not (tmp_path / "cli" / "folds_map_alpha.png").exists()
+
+
+# --- reliability: causes of "no chip", validated folds files, folds tied to their cube ---------
+
+
+def _small_config(tmp_path, rng, *, sites=("a", "b"), agb_range=(0.0, 600.0), nodata=None):
+    from agbcube.config import parse_config
+    from tests.conftest import write_raster
+
+    entries = []
+    for name in sites:
+        stack = rng.uniform(100, 3000, (2, 48, 48)).astype("float32")
+        if nodata is not None and name == sites[-1]:
+            stack[:] = nodata  # every feature value is nodata
+        sat = write_raster(tmp_path / f"{name}_sat.tif", stack, descriptions=["B4", "B8"])
+        agb = write_raster(
+            tmp_path / f"{name}_agb.tif", rng.uniform(10, 300, (48, 48)).astype("f4")
+        )
+        entries.append({"name": name, "satellite": str(sat), "biomass": str(agb)})
+        if nodata is not None:
+            entries[-1]["satellite_nodata"] = nodata
+    return parse_config(
+        {
+            "sites": entries,
+            "cube": {"output": str(tmp_path / "cube.zarr"), "chunks": 16, "indices": "none",
+                     "agb_range": list(agb_range)},
+            "chips": {"size": 8, "overlap": 0.0},
+            "folds": {"n_folds": 3, "buffer_m": 0, "output": str(tmp_path / "f" / "folds.parquet")},
+        }
+    )  # fmt: skip
+
+
+def _built(cfg):
+    import warnings
+
+    from agbcube.cube import build_cube
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the empty-site warnings are build-cube's own tests
+        build_cube(cfg.sites, cfg.cube, progress=False)
+    return cfg
+
+
+@pytest.mark.parametrize(
+    ("change", "cause"),
+    [
+        ({"chips": {"size": 60}}, r"the chip \(60×60 px, chips.size\) is larger than the site "
+         r"\(48×48 px\); lower chips.size"),
+        ({"cube": {"agb_range": [1000.0, 2000.0]}}, r"its AGB is NaN everywhere .*agb_range"),
+        ({"nodata": -1.0}, r"its feature bands are all NaN .*satellite_nodata"),
+        ({"chips": {"size": 8, "min_valid_fraction": 1.0, "max_nan_fraction": 0.0}}, None),
+    ],
+)  # fmt: skip
+def test_no_usable_chip_names_the_real_cause(tmp_path, rng, change, cause):
+    from agbcube.folds import make_folds
+
+    cfg = _small_config(
+        tmp_path, rng, sites=("only",), nodata=change.get("nodata"),
+        agb_range=tuple(change.get("cube", {}).get("agb_range", (0.0, 600.0))),
+    )  # fmt: skip
+    cfg = cfg.model_copy(update={"chips": cfg.chips.model_copy(update=change.get("chips", {}))})
+    _built(cfg)
+    if cause is None:  # every chip passes: nothing to explain
+        assert len(make_folds(cfg)) == 36
+        return
+    with (
+        pytest.raises(FoldError, match=f"no site has a usable chip. site 'only': {cause}"),
+        pytest.warns(UserWarning, match=f"site 'only' has no usable chip and is left out: {cause}"),
+    ):
+        make_folds(cfg)
+
+
+def test_a_site_without_chips_is_left_out_with_its_cause(tmp_path, rng):
+    from agbcube.folds import make_folds
+
+    cfg = _built(_small_config(tmp_path, rng, sites=("good", "blank"), nodata=-1.0))
+    with pytest.warns(UserWarning, match="site 'blank' has no usable chip .*all NaN"):
+        folds = make_folds(cfg)
+    assert set(folds["site"]) == {"good"}
+    summary = folds.attrs["agbcube"]["chip_summary"]
+    assert summary["blank"]["kept"] == 0 and summary["blank"]["dropped_nan_features"] == 36
+
+
+def test_folds_use_the_config_sites_not_every_site_of_the_cube(tmp_path, rng):
+    from agbcube.errors import CubeError
+    from agbcube.folds import make_folds
+
+    cfg = _built(_small_config(tmp_path, rng, sites=("a", "b")))
+    only_a = cfg.model_copy(update={"sites": cfg.sites[:1]})
+    assert set(make_folds(only_a)["site"]) == {"a"}
+    renamed = cfg.model_copy(update={"sites": [cfg.sites[0].model_copy(update={"name": "z"})]})
+    with pytest.raises(CubeError, match=r"has no site \['z'\] of the config .*build-cube"):
+        make_folds(renamed)
+
+
+@pytest.fixture(scope="module")
+def _folds_once(tmp_path_factory):
+    from agbcube.folds import make_folds, write_folds
+
+    cfg = _built(_small_config(tmp_path_factory.mktemp("folds"), np.random.default_rng(0)))
+    write_folds(make_folds(cfg), cfg.folds.output, maps=False)
+    return cfg
+
+
+@pytest.fixture
+def folds_file(_folds_once, tmp_path):
+    """A two-site cube and its folds, a private copy per test (mtimes kept: copytree)."""
+    import json
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    cfg = _folds_once
+    cube, folds = tmp_path / "cube.zarr", tmp_path / "f" / "folds.parquet"
+    shutil.copytree(cfg.cube.output, cube)
+    folds.parent.mkdir()
+    table = pq.read_table(cfg.folds.output)  # the copy records the copied cube
+    meta = json.loads(table.schema.metadata[b"agbcube"])
+    meta["cube"]["store"] = str(cube)
+    extra = {b"agbcube": json.dumps(meta).encode()}
+    pq.write_table(table.replace_schema_metadata({**table.schema.metadata, **extra}), folds)
+    cube_cfg = cfg.cube.model_copy(update={"output": cube})
+    folds_cfg = cfg.folds.model_copy(update={"output": folds})
+    return cfg.model_copy(update={"cube": cube_cfg, "folds": folds_cfg})
+
+
+def _rewrite(path, fn):
+    """The folds table changed by ``fn`` and written back as GeoParquet (metadata kept)."""
+    import pyarrow.parquet as pq
+
+    from agbcube.folds import read_folds
+
+    meta = pq.read_schema(path).metadata
+    gdf = fn(read_folds(path))
+    gdf.attrs = {}
+    gdf.to_parquet(path)
+    table = pq.read_table(path)
+    pq.write_table(
+        table.replace_schema_metadata({**table.schema.metadata, b"agbcube": meta[b"agbcube"]}), path
+    )
+
+
+@pytest.mark.parametrize(
+    ("mutate", "match"),
+    [
+        (lambda g: g.drop(columns="role_1"), r"lacks columns: needs chip_id, site, row, col, fold"),
+        (lambda g: g.drop(columns=["role_0", "role_1", "role_2"]), "lacks columns"),
+        (lambda g: g.drop(columns="fold"), "lacks columns"),
+        (lambda g: pd.concat([g, g.iloc[:3]]), r"lists chips more than once: \['a:0:0'"),
+        (lambda g: g.assign(chip_id="same"), r"lists chips more than once: \['same'\]"),
+        (lambda g: g.assign(role_0=g["role_0"].replace("train", "training")),
+         r"column role_0 holds \['training'\], not one of \['train', 'val', 'test', 'buffer'\]"),
+        (lambda g: g.assign(role_2=g["role_2"].replace("val", "validation")),
+         r"column role_2 holds \['validation'\]"),
+        (lambda g: g.assign(fold=7), r"'fold' must hold 0…2"),
+        (lambda g: g.assign(row=-g["row"] - 1), r"row/col non-negative"),
+        (lambda g: g.assign(fold=(g["fold"] + 1) % 3), r"'test' in exactly its own fold"),
+        (lambda g: g.assign(role_1=g["role_1"].replace("train", "buffer")),
+         r"fold\(s\) \[1\] have no training chip"),
+    ],
+)  # fmt: skip
+def test_a_malformed_folds_file_is_refused(folds_file, mutate, match):
+    from agbcube.folds import read_folds
+
+    path = folds_file.folds.output
+    _rewrite(path, mutate)
+    before = path.read_bytes()
+    with pytest.raises(FoldError, match=f"folds file {path}.*{match}"):
+        read_folds(path)
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("kind", ["no geometry", "not parquet", "folder", "bad metadata"])
+def test_a_folds_file_that_is_not_a_folds_table_is_refused(folds_file, tmp_path, kind):
+    import pyarrow.parquet as pq
+
+    from agbcube.folds import read_folds
+
+    path = tmp_path / "other.parquet"
+    if kind == "no geometry":
+        pd.DataFrame(read_folds(folds_file.folds.output).drop(columns="geometry")).to_parquet(path)
+        match = "is not a GeoParquet table of chips"
+    elif kind == "not parquet":
+        path.write_text("chip_id,site\n")
+        match = "is not a GeoParquet table of chips"
+    elif kind == "folder":
+        path.mkdir()
+        match = "is a folder"
+    else:
+        table = pq.read_table(folds_file.folds.output)
+        pq.write_table(
+            table.replace_schema_metadata({**table.schema.metadata, b"agbcube": b"{"}), path
+        )
+        match = "its 'agbcube' metadata is not JSON"
+    with pytest.raises(FoldError, match=f"folds file {path}.*{match}"):
+        read_folds(path)
+
+
+def test_folds_cut_from_an_earlier_build_of_the_cube_are_refused(folds_file):
+    from agbcube.cube import build_cube
+    from agbcube.folds import check_folds_cube, make_folds, read_folds, write_folds
+
+    cfg = folds_file
+    folds = read_folds(cfg.folds.output)  # the cube is as it was: fine
+    rebuilt = cfg.cube.model_copy(update={"agb_range": (50.0, 600.0)})
+    build_cube(cfg.sites, rebuilt, progress=False)  # same store, other settings
+    stale = r"were cut from an earlier build of cube .*site\(s\) \['a', 'b'\] .*agbcube folds"
+    with pytest.raises(FoldError, match=f"folds {cfg.folds.output} {stale}"):
+        read_folds(cfg.folds.output)
+    with pytest.raises(FoldError, match=stale):
+        check_folds_cube(folds, cfg.cube.output)
+    with pytest.raises(FoldError, match=stale):
+        read_folds(cfg.folds.output, cube=cfg.cube.output)
+    fresh = cfg.model_copy(update={"cube": rebuilt})
+    write_folds(make_folds(fresh), cfg.folds.output, maps=False)
+    assert len(read_folds(cfg.folds.output)) > 0
+
+
+def test_a_damaged_cube_chunk_names_the_site_when_cutting_chips(folds_file):
+    from agbcube.errors import CubeError
+    from agbcube.folds import make_folds
+
+    chunk = next((folds_file.cube.output / "b" / "agb").glob("0.*"))
+    chunk.write_bytes(b"\x00garbage" * 20)
+    with pytest.raises(CubeError, match=r"site 'b': its data cannot be read .*build-cube"):
+        make_folds(folds_file)
+
+
+@pytest.mark.parametrize("where", ["folder", "foreign file", "foreign audit", "foreign map"])
+def test_write_folds_never_replaces_what_agbcube_did_not_write(folds_file, tmp_path, where):
+    from agbcube.errors import OutputExistsError
+    from agbcube.folds import read_folds, write_folds
+
+    folds = read_folds(folds_file.folds.output)
+    out = tmp_path / "out" / "folds.parquet"
+    out.parent.mkdir()
+    victim = {
+        "folder": out,
+        "foreign file": out,
+        "foreign audit": out.with_name("folds_audit.json"),
+        "foreign map": out.with_name("folds_map_b.png"),
+    }[where]
+    if where == "folder":
+        victim.mkdir()
+        (victim / "precious.csv").write_text("1,2,3")
+    else:
+        victim.write_text("the user's own")
+    before = sorted(p.name for p in out.parent.rglob("*"))
+    with pytest.raises(OutputExistsError, match=f"{victim}"):
+        write_folds(folds, out, maps=where == "foreign map")
+    assert sorted(p.name for p in out.parent.rglob("*")) == before  # nothing written at all
+    if where == "folder":
+        assert (victim / "precious.csv").read_text() == "1,2,3"
+        for _ in range(2):  # agbcube's own outputs are replaced freely
+            write_folds(folds, tmp_path / "ok" / "folds.parquet", maps=False)
+    else:
+        assert victim.read_text() == "the user's own"

@@ -294,3 +294,81 @@ def test_a_second_writer_of_the_same_maps_is_refused(tmp_path):
         pytest.raises(OutputLockedError, match="being written by process"),
     ):
         write_maps(maps, tmp_path / "maps", progress=False)
+
+
+# --- reliability: outputs that are not agbcube's, damaged cubes, run configs, windows ----------
+
+
+@pytest.mark.parametrize("kind", ["file", "foreign folder", "under a file"])
+def test_maps_are_never_written_over_a_file_or_into_a_foreign_folder(tmp_path, kind):
+    from agbcube.errors import OutputExistsError
+
+    maps = predict_site(_site(40, 40), [(Dense(3, 1), _identity(3))], window_px=16)
+    target = tmp_path / "out"
+    if kind == "foreign folder":
+        target.mkdir()
+        (target / "field_notes.txt").write_text("plot 7: 212 Mg/ha")
+        match = "holds files agbcube did not write"
+    else:
+        target.write_text("a file of the user's")
+        match = "is a file; give a folder"
+        if kind == "under a file":
+            target = target / "betul"
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(OutputExistsError, match=f"maps output {target}.*{match}"):
+        write_maps(maps, target, progress=False)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_a_damaged_cube_chunk_names_the_site_while_mapping(tmp_path, simple_site):
+    from agbcube.config import CubeConfig, SiteConfig
+    from agbcube.cube import build_cube, open_cube
+    from agbcube.errors import CubeError
+
+    cube = CubeConfig(output=tmp_path / "cube.zarr", chunks=16, indices="none")
+    site = SiteConfig(
+        name="mapped", satellite=simple_site["satellite"], biomass=simple_site["biomass"]
+    )
+    build_cube([site], cube, progress=False)
+    next((cube.output / "mapped" / "features").glob("0.1.*")).write_bytes(b"junk" * 30)
+    ds = open_cube(cube.output, "mapped", chunks=None)
+    maps = predict_site(ds, [(Dense(4, 1), _identity(4))], window_px=8, block_px=16)
+    with (
+        dask.config.set(scheduler="synchronous"),
+        pytest.raises(CubeError, match=r"site 'mapped': its data cannot be read .*build-cube"),
+    ):
+        write_maps(maps, tmp_path / "maps", progress=False)
+    assert not (tmp_path / "maps" / "maps.zarr").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (None, r"config.yaml not found: is .* a run directory"),
+        ("cube: [unclosed\n", r"run config .*config.yaml is not valid YAML"),
+        ("train: {epochs: 3}\n", r"run config .*config.yaml has no 'cube' section"),
+        ("cube: {output: cube.zarr, chunks: lots}\n", r"run config .*section cube: chunks"),
+    ],
+)
+def test_a_broken_run_config_is_a_config_error(tmp_path, content, match):
+    from agbcube.errors import ConfigError
+    from agbcube.predict import run_cube
+
+    if content is not None:
+        (tmp_path / "config.yaml").write_text(content)
+    with pytest.raises(ConfigError, match=match):
+        run_cube(tmp_path)
+    (tmp_path / "config.yaml").write_text("cube: {output: c.zarr}\ntrain: {new_key: 1}\n")
+    assert run_cube(tmp_path) == tmp_path / "c.zarr"  # relative to the run; other sections free
+
+
+def test_window_settings_that_cannot_work_are_refused():
+    from agbcube.errors import ConfigError
+    from agbcube.predict import _check_window
+
+    _check_window(96, 12, (20, 30), 96)  # the run's default window may exceed a small site
+    _check_window(30, 12, (20, 30), 24)
+    with pytest.raises(ConfigError, match=r"window 100000 px is larger than the site \(20×30"):
+        _check_window(100_000, 12, (20, 30), 24)
+    with pytest.raises(ConfigError, match="must be >= 2"):
+        _check_window(1, 1, (20, 30), 24)

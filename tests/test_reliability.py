@@ -192,11 +192,17 @@ def test_constant_or_empty_agb_site(tmp_path, rng, value):
             "folds": {"n_folds": 3, "output": str(tmp_path / "f.parquet")},
         }
     )
-    build_cube(cfg.sites, cfg.cube, progress=False)
+    if value == 0.0:
+        with pytest.warns(UserWarning, match="site 'flat': no valid AGB pixel"):
+            build_cube(cfg.sites, cfg.cube, progress=False)
+    else:
+        build_cube(cfg.sites, cfg.cube, progress=False)
     if value == 0.0:
         with (
-            pytest.raises(FoldError, match="no site has a valid chip"),
-            pytest.warns(UserWarning, match="no valid chips"),
+            pytest.raises(
+                FoldError, match="no site has a usable chip. site 'flat': its AGB is NaN"
+            ),
+            pytest.warns(UserWarning, match="site 'flat' has no usable chip"),
         ):
             make_folds(cfg)
     else:

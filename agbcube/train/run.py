@@ -2,7 +2,7 @@
 
 Run directory::
 
-    run.json               what made the run: agbcube's marker, digests of the cube, the folds
+    run.json               what made the run: digests of the cube, the folds
                            and the training settings (``--resume`` refuses when one changed)
     config.yaml            the configuration, as the run used it
     folds.parquet          the folds used (a copy)
@@ -41,7 +41,6 @@ __all__ = ["load_ensemble", "run_cv"]
 
 log = logging.getLogger(__name__)
 
-_RUN_MARKER = "agbcube-run"
 # Settings that do not change a run's results: a run may be resumed with other values.
 _NEUTRAL = ("output", "device", "num_workers")
 
@@ -205,32 +204,28 @@ def _data_path(config: Any, folds_path: Path, dev: Any) -> str:
 # the run directory: ours, and tied to what made it
 
 
-def _is_run(out: Path) -> bool:
-    import json
-
-    try:
-        return json.loads((out / "run.json").read_text()).get("agbcube") == _RUN_MARKER
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 def _prepare_output(out: Path, *, resume: bool, overwrite: bool) -> None:
-    occupied = out.exists() and any(p for p in out.iterdir() if not p.name.startswith("."))
-    if occupied and not _is_run(out):
-        raise TrainingError(
-            f"{out} is not empty and holds no agbcube run (no run.json): agbcube neither "
-            "continues nor replaces it. Choose another train.output or --output"
+    """Make ``out`` a run directory; only an agbcube run (its marker) is continued or replaced."""
+    from agbcube._io import MARKER, output_kind, prepare_output_dir
+    from agbcube.errors import OutputExistsError
+
+    is_run = output_kind(out) == "run"
+    if out.is_dir() and not is_run and any(not c.name.startswith(".") for c in out.iterdir()):
+        raise OutputExistsError(
+            f"run directory {out} holds files but no agbcube run (no {MARKER} marker); agbcube "
+            "never deletes or mixes with files it did not write, with or without --overwrite: "
+            "give a new or empty folder (--output or train.output)"
         )
-    if occupied and not (resume or overwrite):
+    if is_run and not (resume or overwrite):
         raise TrainingError(
             f"run directory {out} already holds a run; pass --resume to continue it, "
             "--overwrite to replace it, or --output for a new one"
         )
-    if overwrite and occupied:
+    if overwrite and is_run:
         for child in out.iterdir():
             if not child.name.startswith(".") or ".tmp-" in child.name:
                 remove_path(child)
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_output_dir(out, kind="run", what="run directory")
     for stale in out.glob("fold_*/.*.tmp-*"):  # a killed fit's half-written checkpoint
         remove_path(stale)
 
@@ -274,7 +269,6 @@ def _record_run(
 
     sites = sorted(set(read_folds(folds_path)["site"].astype(str)))
     record = {
-        "agbcube": _RUN_MARKER,
         "version": agbcube.__version__,
         "digests": {
             "cube": _cube_digest(config, sites),
