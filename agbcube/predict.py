@@ -310,7 +310,7 @@ def _predict_tile(
     r0, c0 = offset
     ny, nx = core
     n_y, n_x = spec.shape
-    window, m = spec.window, spec.margin
+    window, margin = spec.window, spec.margin
     ys = _windows_touching(n_y, window, spec.stride, r0, ny)
     xs = _windows_touching(n_x, window, spec.stride, c0, nx)
     if spec.crs is not None and xy is not None:
@@ -318,8 +318,8 @@ def _predict_tile(
 
         feats = np.concatenate([feats, lonlat_of(*xy, spec.crs)])
     # every window with its margin, NaN beyond the site (also a site smaller than one window)
-    oy, ox = int(ys[0]) - m, int(xs[0]) - m
-    need = (int(ys[-1]) + window + m - oy, int(xs[-1]) + window + m - ox)
+    oy, ox = int(ys[0]) - margin, int(xs[0]) - margin
+    need = (int(ys[-1]) + window + margin - oy, int(xs[-1]) + window + margin - ox)
     if (oy, ox) != (top, left) or need != feats.shape[1:]:
         canvas = np.full((feats.shape[0], *need), np.nan, np.float32)
         ya, xa = top - oy, left - ox
@@ -336,9 +336,12 @@ def _predict_tile(
         target = rest[0] if rest else None
         for start in range(0, len(windows), batch_size):
             batch = windows[start : start + batch_size]
-            side = window + 2 * m
+            side = window + 2 * margin  # each window's input: the window and its margin
             stack = np.stack(
-                [feats[:, y - oy : y - oy + side, x - ox : x - ox + side] for y, x in batch]
+                [
+                    feats[:, y - ys[0] : y - ys[0] + side, x - xs[0] : x - xs[0] + side]
+                    for y, x in batch
+                ]
             )
             x_t = torch.from_numpy(std.apply(stack)).to(spec.device)
             out = predict(model, x_t, tta=spec.tta).cpu().numpy().astype(np.float64)

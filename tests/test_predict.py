@@ -76,6 +76,32 @@ def test_pixelwise_model_tiles_exactly():
     assert np.all(maps.agb_std.values == 0)
 
 
+def test_a_model_with_a_margin_reads_real_context_and_tiles_exactly():
+    """Unpadded convolutions take ``margin`` pixels of context around every window: fed the
+    site's own pixels there (NaN, i.e. the imputed 0, beyond its edge), every window gives a
+    pixel the value one pass over the whole site gives it, so the blend is exact, across
+    windows, tiles and blocks."""
+    from agbcube.train.model import CNNCoordinateModel
+
+    torch.manual_seed(0)
+    model = CNNCoordinateModel(3, 10, head="dense", conv_channels=(4, 5), norm="none").eval()
+    ds = _site()
+    padded = np.pad(ds.features.values, ((0, 0), (2, 2), (2, 2)))  # 0 beyond the edge
+    with torch.no_grad():
+        truth = model(torch.from_numpy(padded[None]))[0].numpy()
+    for block in (40, 64):
+        maps = predict_site(
+            ds,
+            [(model, _identity(3))],
+            window_px=24,
+            stride_px=8,
+            log_target=False,
+            block_px=block,
+            margin_px=model.margin,
+        )
+        np.testing.assert_allclose(maps.agb_mean.values, truth, rtol=1e-5, atol=1e-5)
+
+
 def test_no_seams_at_tile_and_block_borders():
     ds = _site()
     model = Dense(3, 3)

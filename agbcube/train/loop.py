@@ -384,9 +384,15 @@ def _log_epoch(fit_: _Fit, record: dict[str, float], label: str) -> None:
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
+    from agbcube._io import write_errors
+
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with write_errors(path, what="training checkpoint"):
+            torch.save(obj, tmp)
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def chip_centres_km(chips: Any) -> np.ndarray:

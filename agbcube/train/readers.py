@@ -263,9 +263,12 @@ class MemoryReader(_TableReader):
         self.x = np.empty((n, len(self.bands), w, w), np.float32)
         self.agb = np.empty((n, w, w), np.float32)
         self.lonlat = np.empty((n, 2, w, w), np.float32) if lonlat else None
+        from agbcube._store import site_read_errors
+
         for site in pd.unique(table.sites):
             at = np.flatnonzero(table.sites == site)
-            self._read_site(store, site, at, table, load_limit_bytes)
+            with site_read_errors(store, site):
+                self._read_site(store, site, at, table, load_limit_bytes)
         _label_core(self.agb, margin)
 
     def _read_site(
@@ -357,7 +360,10 @@ class XbatcherReader(_TableReader):
                 f"chip at pixel offset {(r, c)} is not on the chip grid; were the folds made "
                 "with other chips settings than this config's?"
             )
-        with dask.config.set(scheduler="synchronous"):  # no threads inside loader workers
+        from agbcube._store import site_read_errors
+
+        site = self.table.sites[i]
+        with dask.config.set(scheduler="synchronous"), site_read_errors(self.store, site):
             patch = gen[(r // self.stride_px) * per_row + c // self.stride_px]
         w = self.size_px + 2 * self.margin
         ll = grid[:, r : r + w, c : c + w] if grid is not None else None
@@ -425,7 +431,7 @@ class ChunkReader(_TableReader):
             yield from self._site_blocks(site, positions[sites == site])
 
     def _site_blocks(self, site: str, positions: np.ndarray) -> Iterator[RawBlock]:
-        from agbcube._store import cube_crs
+        from agbcube._store import cube_crs, site_read_errors
 
         ds, band_index = self._open(site)
         plan = _SitePlan.make(ds, self, positions)
@@ -437,9 +443,10 @@ class ChunkReader(_TableReader):
             y_sl = slice(ti * plan.th, (ti + 1) * plan.th)
             x_sl = slice(tj * plan.tw, (tj + 1) * plan.tw)
             tile = ds.isel(y=y_sl, x=x_sl)
-            fx = np.asarray(tile["features"].values, np.float32)
-            parts = [fx if band_index is None else fx[band_index]]
-            parts.append(np.asarray(tile["agb"].values, np.float32))
+            with site_read_errors(self.store, site):
+                fx = np.asarray(tile["features"].values, np.float32)
+                fa = np.asarray(tile["agb"].values, np.float32)
+            parts = [fx if band_index is None else fx[band_index], fa]
             if crs is not None:
                 parts.append(lonlat_of(xs[x_sl], ys[y_sl], crs))
             tiles[int(key)] = tuple(parts)

@@ -164,7 +164,8 @@ def _ensure_folds(config: Any) -> Path:
     if not path.exists():
         log.info("no folds at %s: making them first", path)
         write_folds(make_folds(config), path)
-    made_with = read_folds(path).attrs.get("agbcube", {}).get("chips")
+    # folds cut from an earlier build of the cube (a site rebuilt since) are refused here
+    made_with = read_folds(path, cube=config.cube.output).attrs.get("agbcube", {}).get("chips")
     if made_with is not None:
         want = config.chips.model_dump(mode="json")
         if any(made_with.get(k) != want[k] for k in ("size", "overlap")):

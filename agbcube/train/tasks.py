@@ -324,7 +324,7 @@ def run_task(task: Task, run: RunData, *, resume: bool = False) -> dict[str, Any
 
 
 def _write_result(path: Path, arrays: dict[str, np.ndarray], summary: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+    with atomic_path(path, what="task result") as tmp, open(tmp, "wb") as fh:
         np.savez(fh, **arrays, summary=np.array(json.dumps(summary, default=float)))
 
 
