@@ -410,8 +410,10 @@ def folds_cmd(
     from agbcube.folds import make_folds, write_folds
 
     cfg = load_config(config)
-    with dask_scheduler(scheduler):  # the chip statistics run on it (dashboard under "local")
-        folds = make_folds(cfg)
+    # on a cluster each site is a task (dashboard under "local"); else its chip statistics run
+    # on the scheduler
+    with dask_scheduler(scheduler) as client:
+        folds = make_folds(cfg, client=client)
     paths = write_folds(folds, cfg.folds.output, maps=maps)
     results.print(_chips_table(folds))
     results.print(_folds_table(folds))
@@ -444,6 +446,24 @@ def train_cmd(
     output: Annotated[
         Path | None, typer.Option(help="Run directory (overrides train.output).")
     ] = None,
+    scheduler: Annotated[
+        str | None,
+        typer.Option(
+            "--scheduler",
+            help="Where the fits run: in this process one after another (default; also "
+            "threads, synchronous), a LocalCluster (local or processes: one worker per core, "
+            "or per GPU; prints the dashboard link) or a cluster address tcp://host:port. "
+            "The workers need the cube and the run directory at the same paths.",
+        ),
+    ] = None,
+    threads_per_task: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="On a cluster: torch threads of each fit (default: each worker process's "
+            "share of its machine's cores).",
+        ),
+    ] = None,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No per-epoch lines; the summary only.")
     ] = False,
@@ -454,7 +474,14 @@ def train_cmd(
 
     cfg = load_config(config)
     metrics = _train(
-        cfg, device=device, epochs=epochs, resume=resume, overwrite=overwrite, output=output
+        cfg,
+        device=device,
+        epochs=epochs,
+        resume=resume,
+        overwrite=overwrite,
+        output=output,
+        scheduler=scheduler,
+        threads_per_task=threads_per_task,
     )
     results.print(_metrics_table(metrics))
     log.info("run written to %s", output or cfg.train.output)
@@ -556,7 +583,9 @@ def predict_cmd(
     from agbcube.predict import run_cube
     from agbcube.train.loop import resolve_device
 
-    dev = str(resolve_device(device))
+    # on a cluster each worker resolves the device itself (a CPU client may drive GPU workers)
+    on_cluster = scheduler == "local" or "://" in scheduler
+    dev = device if on_cluster else str(resolve_device(device))
     if config is not None:
         cfg = load_config(config)
         build_cube(

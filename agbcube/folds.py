@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import warnings
 import zlib
 from collections.abc import Iterator, Mapping
@@ -527,7 +528,7 @@ def leakage_audit(folds: gpd.GeoDataFrame, n_folds: int) -> dict[str, Any]:
 # the stage: cube -> chips -> folds
 
 
-def make_folds(config: Any, *, echo: Any = None) -> gpd.GeoDataFrame:
+def make_folds(config: Any, *, echo: Any = None, client: Any = None) -> gpd.GeoDataFrame:
     """Chips of the config's sites in a built cube, with their folds and roles.
 
     Parameters
@@ -536,6 +537,9 @@ def make_folds(config: Any, *, echo: Any = None) -> gpd.GeoDataFrame:
         Uses ``sites`` (their names), ``cube.output``, ``chips`` and ``folds``.
     echo : callable, optional
         Deprecated: receives the progress lines instead of the ``agbcube.folds`` logger.
+    client : distributed.Client, optional
+        Each site's chips, variogram and buffer search run as a task on its workers (which
+        read the cube at the same path); the folds are the same as without it.
 
     Returns
     -------
@@ -560,23 +564,13 @@ def make_folds(config: Any, *, echo: Any = None) -> gpd.GeoDataFrame:
     keys = _config_site_keys(config)
     parts, summaries, buffers, variograms = [], {}, {}, {}
     layouts: dict[str, int] = {}
-    for site in keys:
-        gdf, summaries[site], variogram = _cut_site(config, site)
+    for site, (gdf, summary, variogram, buffer, layout) in _sites(config, list(keys), client, say):
+        summaries[site] = summary
         if gdf is None:
             continue
         if variogram is not None:
             variograms[site] = variogram
-            buffers[site], layouts[site] = _auto_buffer(gdf, variogram["range_m"], folds_cfg)
-        else:
-            buffers[site] = max(float(folds_cfg.buffer_m), folds_cfg.min_buffer_m)
-            # none enough: layout 0, and the splitter's error if a fold keeps nothing at all
-            layouts[site] = _first_layout(gdf, buffers[site], folds_cfg) or 0
-        summary = summaries[site]
-        say(
-            f"site '{site}': {summary['kept']} chips of {summary['candidates']} "
-            f"(dropped {summary['dropped_low_valid_agb']} for AGB, "
-            f"{summary['dropped_nan_features']} for NaN features); buffer {buffers[site]:.0f} m"
-        )
+        buffers[site], layouts[site] = buffer, layout
         parts.append(gdf)
     if not parts:
         causes = "; ".join(f"site '{s}': {_no_chip(m, config)}" for s, m in summaries.items())
@@ -620,6 +614,87 @@ def _config_site_keys(config: Any) -> dict[str, str]:
     return {site.name: keys[site.name] for site in config.sites}
 
 
+_SiteFolds = tuple[gpd.GeoDataFrame | None, dict, dict | None, float, int]
+
+
+def _sites(
+    config: Any, sites: list[str], client: Any, say: Any
+) -> Iterator[tuple[str, _SiteFolds]]:
+    """Every site's :func:`_site_folds`, in the config's order: here one after another, or
+    as tasks on ``client`` (their warnings raised here, the first site's error raised)."""
+    if client is None:
+        for site in sites:
+            part = _site_folds(config, site)
+            _say_site(say, site, part)
+            yield site, part
+        return
+    from uuid import uuid4
+
+    from distributed import as_completed
+
+    token = uuid4().hex[:8]
+    futures = {
+        client.submit(_site_folds_task, config, site, key=f"folds/{site}-{token}"): site
+        for site in sites
+    }
+    done: dict[str, _SiteFolds] = {}
+    failed: dict[str, BaseException] = {}
+    for future in as_completed(list(futures)):
+        site = futures[future]
+        if future.status != "finished":
+            failed[site] = future.exception()
+            continue
+        done[site], caught = future.result()
+        for category, message in caught:
+            warnings.warn(message, category, stacklevel=3)
+        _say_site(say, site, done[site])
+    if failed:
+        raise failed[next(s for s in sites if s in failed)]
+    for site in sites:
+        yield site, done[site]
+
+
+def _say_site(say: Any, site: str, part: _SiteFolds) -> None:
+    gdf, summary, _, buffer, _ = part
+    if gdf is not None:
+        say(
+            f"site '{site}': {summary['kept']} chips of {summary['candidates']} "
+            f"(dropped {summary['dropped_low_valid_agb']} for AGB, "
+            f"{summary['dropped_nan_features']} for NaN features); buffer {buffer:.0f} m"
+        )
+
+
+def _site_folds(config: Any, site: str) -> _SiteFolds:
+    """A site's chips, their summary, its variogram (``buffer_m: auto``), buffer and layout;
+    no chips: ``(None, summary, None, nan, 0)``."""
+    folds_cfg = config.folds
+    gdf, summary, variogram = _cut_site(config, site)
+    if gdf is None:
+        return None, summary, None, float("nan"), 0
+    if variogram is not None:
+        buffer, layout = _auto_buffer(gdf, variogram["range_m"], folds_cfg)
+    else:
+        buffer = max(float(folds_cfg.buffer_m), folds_cfg.min_buffer_m)
+        # none enough: layout 0, and the splitter's error if a fold keeps nothing at all
+        layout = _first_layout(gdf, buffer, folds_cfg) or 0
+    return gdf, summary, variogram, buffer, layout
+
+
+_ONE_SITE = threading.Lock()  # catching warnings is per process: one site task at a time
+
+
+def _site_folds_task(config: Any, site: str) -> tuple[_SiteFolds, list[tuple[type, str]]]:
+    """:func:`_site_folds` on a worker, with its warnings returned to be raised by the client."""
+    import dask
+
+    with _ONE_SITE, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # the chip statistics run here, not on the cluster from inside one of its tasks
+        with dask.config.set(scheduler="synchronous"):
+            part = _site_folds(config, site)
+    return part, [(w.category, str(w.message)) for w in caught]
+
+
 def _cut_site(config: Any, site: str) -> tuple[gpd.GeoDataFrame | None, dict, dict | None]:
     """A site's chips (None, with a warning naming the cause, when it has none), their summary
     and, with ``buffer_m: auto``, its variogram; a damaged store is named with the site."""
@@ -640,7 +715,7 @@ def _cut_site(config: Any, site: str) -> tuple[gpd.GeoDataFrame | None, dict, di
             warnings.warn(
                 f"site '{site}' has no usable chip and is left out: {_no_chip(summary, config)}",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=5,
             )
             return None, summary, None
         if config.folds.buffer_m != "auto":
@@ -736,7 +811,7 @@ def _auto_buffer(chips: gpd.GeoDataFrame, range_m: float, folds_cfg: Any) -> tup
         f"buffer is {lo:.0f} m instead. Test chips closer than the range to training chips may "
         "give optimistic estimates at this site.",
         UserWarning,
-        stacklevel=3,
+        stacklevel=5,
     )
     return lo, layout
 

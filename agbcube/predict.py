@@ -9,7 +9,8 @@ site would, so tile borders never show, and the taper hides window borders.
 Each tile's task reads its own input window (the tile plus the windows reaching into it) from
 the cube, so memory is bounded by the tile size and flat in the site's size; tiles are written
 into the output store as they finish, so an interrupted write resumes where it stopped
-(:func:`write_maps`).
+(:func:`write_maps`). A run's ensemble travels as the path of its file: each process (a Dask
+worker on a cluster) loads it once, on its own device, and keeps it for the tiles it computes.
 
 * Dense head: each window's per-pixel map is blended directly.
 * Chip head: each window's single value is spread over its pixels with the same taper, which
@@ -34,6 +35,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +57,7 @@ from agbcube._io import (
     write_json_atomic,
 )
 from agbcube._plot import label_projected, new_figure, raster_extent, save_figure
-from agbcube.errors import BandError, ConfigError, FoldError
+from agbcube.errors import BandError, ConfigError, FoldError, InputFileError, TrainingError
 
 __all__ = [
     "AOAReference",
@@ -274,6 +277,62 @@ class _TileSpec:
     margin: int = 0  # context pixels a model reads around each window (unpadded convolutions)
 
 
+@dataclass(frozen=True)
+class _EnsembleFile:
+    """A run's ensemble by its file, as the tile tasks carry it: each process loads it once per
+    device (:meth:`load`) instead of receiving the models through the task graph."""
+
+    path: str
+    mtime_ns: int
+    size: int
+
+    @classmethod
+    def of(cls, path: str | Path) -> _EnsembleFile:
+        path = Path(path).resolve()
+        st = path.stat()
+        return cls(str(path), st.st_mtime_ns, st.st_size)
+
+    def load(self, device: str) -> tuple[list[tuple[Any, ...]], dict[str, Any], Any]:
+        """The members on ``device`` (``auto`` resolved here), their spec and the device."""
+        from agbcube.train.loop import resolve_device
+
+        dev = resolve_device(device)
+        key = (self, str(dev))
+        with _MODELS_LOCK:  # one load per process, whatever the threads asking
+            if key in _MODELS:
+                _MODELS.move_to_end(key)
+                return (*_MODELS[key], dev)
+            self._check()
+            from agbcube.train import load_ensemble
+
+            _MODELS[key] = load_ensemble(Path(self.path).parent, device=str(dev))
+            _LOADS[key] += 1
+            while len(_MODELS) > _KEEP_MODELS:
+                _MODELS.popitem(last=False)
+            return (*_MODELS[key], dev)
+
+    def _check(self) -> None:
+        try:
+            st = Path(self.path).stat()
+        except OSError as err:
+            raise InputFileError(
+                f"ensemble {self.path} cannot be read here ({err.strerror or err}); on a "
+                "cluster the workers need the run directory and the cube at the same paths as "
+                "the client (a shared file system)"
+            ) from err
+        if (st.st_mtime_ns, st.st_size) != (self.mtime_ns, self.size):
+            raise TrainingError(
+                f"ensemble {self.path} changed while its maps were being made (the run was "
+                "trained again?); run predict again"
+            )
+
+
+_MODELS: OrderedDict[tuple[_EnsembleFile, str], tuple[list, dict]] = OrderedDict()
+_MODELS_LOCK = threading.Lock()
+_LOADS: Counter = Counter()  # loads per (ensemble, device) in this process
+_KEEP_MODELS = 2  # ensembles a process keeps (a long-lived worker maps for several runs)
+
+
 def _windows_touching(n: int, window: int, stride: int, start: int, size: int) -> np.ndarray:
     """Global window offsets along an axis whose windows overlap ``[start, start + size)``."""
     s = window_starts(n, window, stride)
@@ -286,7 +345,7 @@ def _window_batch(n_channels: int, window: int, budget_bytes: float = 64e6) -> i
 
 def _predict_tile(
     source: _Window | np.ndarray,
-    members: Sequence[tuple[Any, ...]],
+    members: Sequence[tuple[Any, ...]] | _EnsembleFile,
     aoa: AOAReference | None,
     *,
     top: int,
@@ -300,12 +359,16 @@ def _predict_tile(
 
     ``source`` holds the features of global rows ``top:`` and columns ``left:``, covering
     every window of the global grid that touches the core (and the core itself); ``xy`` the
-    x and y coordinates of those columns and rows, when the models take lon/lat channels.
+    x and y coordinates of those columns and rows, when the models take lon/lat channels;
+    ``members`` the models, or their file, loaded here once per process on ``spec.device``.
     """
     import torch
 
     from agbcube.train.loop import predict
 
+    device: Any = spec.device
+    if isinstance(members, _EnsembleFile):
+        members, _, device = members.load(spec.device)
     feats = source.read() if isinstance(source, _Window) else np.asarray(source, np.float32)
     r0, c0 = offset
     ny, nx = core
@@ -343,7 +406,7 @@ def _predict_tile(
                     for y, x in batch
                 ]
             )
-            x_t = torch.from_numpy(std.apply(stack)).to(spec.device)
+            x_t = torch.from_numpy(std.apply(stack)).to(device)
             out = predict(model, x_t, tta=spec.tta).cpu().numpy().astype(np.float64)
             if target is not None:
                 out = target.decode(out)
@@ -381,7 +444,7 @@ class _Decode:
 
 def predict_site(
     ds: xr.Dataset,
-    models: Sequence[tuple[Any, ...]],
+    models: Sequence[tuple[Any, ...]] | str | Path,
     *,
     window_px: int,
     stride_px: int | None = None,
@@ -402,9 +465,11 @@ def predict_site(
         The site's cube (``features (band, y, x)``, CRS). Best opened without Dask
         (``open_cube(store, site, chunks=None)``): each tile task then reads just its own window
         from the store. A Dask-backed or in-memory cube works too.
-    models : list of (torch.nn.Module, Standardiser[, TargetTransform])
+    models : list of (torch.nn.Module, Standardiser[, TargetTransform]), or str or Path
         The ensemble members; the target transform turns outputs into Mg/ha (without one,
-        ``log_target`` decides).
+        ``log_target`` decides). Or a run's ``ensemble.pt``: each process computing tiles (a
+        Dask worker) then loads it once, on ``device`` as it resolves there, rather than
+        receiving the models through the task graph.
     window_px : int
         Window side (the chip size for the chip head; any size for the dense head).
     stride_px : int, optional
@@ -416,7 +481,7 @@ def predict_site(
     tta : int
         Dihedral transforms averaged per window.
     device : str
-        Torch device for the models.
+        Torch device for the models (``auto``: each process's own, with an ensemble file).
     aoa : AOAReference, optional
         When given, the ``di`` and ``aoa`` layers are computed.
     bands : list of str, optional
@@ -461,9 +526,13 @@ def predict_site(
         margin=margin_px,
     )
     x, y = ds["x"].values, ds["y"].values
-    members = [(m[0], m[1], m[2] if len(m) > 2 else _Decode(log_target)) for m in models]
-    # one graph key each, so a cluster ships the models and the AOA reference once per worker
-    members_d = dask.delayed(members, traverse=False)
+    if isinstance(models, str | Path):
+        members_d: Any = _EnsembleFile.of(models)  # a few bytes in every tile's task
+    else:
+        members = [(m[0], m[1], m[2] if len(m) > 2 else _Decode(log_target)) for m in models]
+        # one graph key, so a cluster ships the models once per worker
+        members_d = dask.delayed(members, traverse=False)
+    # one graph key, so a cluster ships the AOA reference once per worker
     aoa_d = dask.delayed(aoa, traverse=False) if aoa is not None else None
     # a cube already in memory is sliced here; a lazy one is read by each tile's task
     loaded = feats.chunks is None and getattr(feats.variable, "_in_memory", False)
@@ -650,7 +719,8 @@ def predict_run(
     ds : xr.Dataset
         A site's cube, from the training cube or built the same way for a new area.
     device : str
-        Torch device.
+        Torch device; ``auto`` is resolved by each process that computes tiles (on a cluster,
+        each worker loads the ensemble once, on its own device).
     window_px : int, optional
         Window side; default the chip size (chip head) or 4 chips (dense head).
     stride_px : int, optional
@@ -668,11 +738,13 @@ def predict_run(
         cube and the settings, with which :func:`write_maps` resumes an interrupted write.
     """
     from agbcube.folds import read_folds
-    from agbcube.train import load_ensemble
 
     run_dir = Path(run_dir)
     store = run_cube(run_dir)
-    models, spec = load_ensemble(run_dir, device=device)
+    ensemble_file = run_dir / "ensemble.pt"
+    # the settings and the margin, from the models as this process loads them (the tiles of a
+    # threaded run share them; a cluster's workers load their own)
+    models, spec, _ = _EnsembleFile.of(ensemble_file).load(_here(device))
     tcfg = spec["train"]
     size = int(spec["size_px"]) - 2 * int(tcfg.get("context_px", 0))  # the chips, not windows
     dense = tcfg["head"] == "dense"
@@ -693,7 +765,7 @@ def predict_run(
         reference = aoa_reference(pixels, fold_of)
     maps = predict_site(
         ds,
-        models,
+        ensemble_file,
         window_px=window,
         stride_px=stride,
         coordinates=tcfg["coordinates"] == "geographic",
@@ -722,6 +794,17 @@ def predict_run(
     )
     maps.attrs["run"] = run_dir.resolve().name
     return maps
+
+
+def _here(device: str) -> str:
+    """``device`` when this process has it, else the CPU (a client without the GPUs its
+    cluster's workers have)."""
+    from agbcube.train.loop import resolve_device
+
+    try:
+        return str(resolve_device(device))
+    except TrainingError:
+        return "cpu"
 
 
 def run_cube(run_dir: str | Path) -> Path:

@@ -124,3 +124,43 @@ def small_chunk_cube(demo_config, tmp_path_factory):
     )
     build_cube(demo_config.sites, cube, progress=False)
     return cube.output
+
+
+@pytest.fixture(scope="session")
+def local_cluster():
+    """A LocalCluster like ``--scheduler local`` on two cores (2 worker processes × 1 thread),
+    whose workers also offer one ``GPU`` resource each (as GPU workers would)."""
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=":0",
+        resources={"GPU": 1},
+    ) as cluster:
+        yield cluster
+
+
+def small_train(config, **train):
+    """``config`` with a small, short dense model: the cluster tests' training settings."""
+    settings = {"epochs": 2, "conv_channels": [8], "ensemble": 2, "baseline": "none", **train}
+    return config.model_copy(update={"train": config.train.model_copy(update=settings)})
+
+
+@pytest.fixture(scope="session")
+def cluster_reference(demo_config, demo_folds, tmp_path_factory):
+    """The sequential run the cluster runs must equal: :func:`small_train` settings, with one
+    torch thread, as each cluster task has."""
+    import torch
+
+    from agbcube.train import run_cv
+
+    cfg = small_train(demo_config)
+    out = tmp_path_factory.mktemp("cluster-reference") / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_cv(cfg, output=out, device="cpu", plots=False)
+    finally:
+        torch.set_num_threads(threads)
+    return cfg, out

@@ -54,6 +54,8 @@ def run_cv(
     overwrite: bool = False,
     output: str | Path | None = None,
     plots: bool = True,
+    scheduler: str | None = None,
+    threads_per_task: int | None = None,
 ) -> dict[str, Any]:
     """Train and evaluate every fold; write the run directory.
 
@@ -74,13 +76,24 @@ def run_cv(
         Overrides ``train.output``.
     plots : bool
         Write the plots.
+    scheduler : str, optional
+        Where the tasks run: in this process one after another (default, ``"threads"``,
+        ``"synchronous"``), on a LocalCluster started for the run (``"local"``,
+        ``"processes"``) or on the cluster at an address (``"tcp://host:8786"``); see
+        :mod:`agbcube.train.cluster`.
+    threads_per_task : int, optional
+        On a cluster: torch threads of each task (default: each worker process's share of its
+        machine's cores).
 
     Returns
     -------
     dict
         The content of ``metrics.json``.
     """
+    import torch
+
     from agbcube.config import with_overrides
+    from agbcube.train.cluster import cluster_tasks
     from agbcube.train.loop import resolve_device
     from agbcube.train.tasks import RunData, plan_tasks
 
@@ -88,19 +101,28 @@ def run_cv(
     tcfg = with_overrides(config.train, "train", device=device, epochs=epochs)
     config = config.model_copy(update={"train": tcfg})
     out = Path(output or tcfg.output)
-    dev = resolve_device(tcfg.device)
-    with output_lock(out, what="run directory"):
+    with (
+        output_lock(out, what="run directory"),
+        cluster_tasks(scheduler, tcfg.device, threads_per_task=threads_per_task) as cluster,
+    ):
+        dev = cluster.device if cluster else resolve_device(tcfg.device)
         _prepare_output(out, resume=resume, overwrite=overwrite)
         folds_path = _ensure_folds(config)
-        path = _data_path(config, folds_path, dev)
+        path = (
+            cluster.data_path(config, folds_path)
+            if cluster
+            else _data_path(config, folds_path, dev)
+        )
         _record_run(config, folds_path, out, data_path=path, device=dev, resume=resume)
-        run = RunData(config, out, dev, path)
+        # on a cluster this process only assembles the workers' results: on its CPU
+        run = RunData(config, out, torch.device("cpu") if cluster else dev, path)
         tasks = plan_tasks(tcfg, run.n_folds)
         log.info("%d tasks over %d folds; training on %s (%s)", len(tasks), run.n_folds, dev, path)
         with _deterministic(dev):
-            _run_tasks(tasks, run, resume=resume)
+            _run_tasks(tasks, run, resume=resume, cluster=cluster)
         metrics = _finish(run, tasks, plots=plots)
     metrics["run"] = {
+        "scheduler": scheduler or "in-process",
         "device": str(dev),
         "wall_s": time.perf_counter() - t_start,
         "n_chips": len(run.folds),
@@ -110,10 +132,13 @@ def run_cv(
     return metrics
 
 
-def _run_tasks(tasks: list[Any], run: Any, *, resume: bool) -> None:
-    """One after another, in plan order (each after the tasks it needs)."""
+def _run_tasks(tasks: list[Any], run: Any, *, resume: bool, cluster: Any = None) -> None:
+    """One after another, in plan order (each after the tasks it needs), or on ``cluster``."""
     from agbcube.train.tasks import run_task
 
+    if cluster is not None:
+        cluster.run(tasks, run, resume=resume)
+        return
     for i, task in enumerate(tasks, 1):
         if task.result_path(run.run_dir).exists():
             log.info("[%d/%d] %s: done, kept", i, len(tasks), task.name)
@@ -176,8 +201,9 @@ def _ensure_folds(config: Any) -> Path:
     return path
 
 
-def _data_path(config: Any, folds_path: Path, dev: Any) -> str:
-    """``data_path: auto``: device-resident when every chip fits in half the free memory."""
+def _data_path(config: Any, folds_path: Path, dev: Any, *, copies: int = 1) -> str:
+    """``data_path: auto``: device-resident when every chip fits in half the free memory
+    (``copies``: processes of this machine that each hold them, e.g. its Dask workers)."""
     import os
 
     import pyarrow.parquet as pq
@@ -191,7 +217,7 @@ def _data_path(config: Any, folds_path: Path, dev: Any) -> str:
     sites = pq.read_table(folds_path, columns=["site"]).column("site").to_pylist()
     n_bands = len(resolve_bands(config.cube.output, sites, tcfg.bands))
     window = config.chips.size + 2 * tcfg.context_px
-    need = n_chips * (n_bands + 3) * window**2 * 4 * 2  # host + device copies
+    need = n_chips * (n_bands + 3) * window**2 * 4 * 2 * copies  # host + device copies
     if dev.type == "cuda":
         import torch
 

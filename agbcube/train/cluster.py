@@ -1,0 +1,513 @@
+"""A run's tasks on a Dask cluster: one Dask task per fit, on the workers' own devices.
+
+``agbcube train CONFIG --scheduler local|processes|tcp://…`` submits the tasks that
+:func:`~agbcube.train.tasks.plan_tasks` plans (select, members, baseline, random) to the
+cluster, with keys that say fold and member (``fold_2/member_1-<token>``: the dashboard groups
+the task stream by them). Each task runs :func:`~agbcube.train.tasks.run_task` on a worker:
+it reads its chips from the cube there, trains on the worker's device (``--device auto`` is
+resolved by the worker), writes its model and predictions atomically into the run directory,
+its result file last, and returns a small summary. A refit member depends on its fold's
+``select`` task. The client then assembles the run as the sequential path does.
+
+What the workers need: the cube, the folds file and the run directory at the same paths as the
+client (a shared file system such as NFS, Lustre or GPFS; an object store mounted at the same
+path on every machine works for the cube), and an environment with ``agbcube[train]``.
+
+Faults:
+
+* a worker killed mid-task: Dask runs the task again elsewhere; every file is written
+  atomically and the result file last, so nothing half-written counts as done, and the rerun
+  continues from the fit's last checkpoint (bit for bit on the CPU);
+* the client killed: ``--resume`` submits only the tasks without a result file;
+* a task that fails (a non-finite loss, a damaged chunk): every other task still runs, then one
+  error names each failed task's fold and member and its cause; the finished results are kept.
+
+A worker process trains one model at a time: torch's random generator and its thread pool are
+per process, so two fits in one process would disturb each other's random numbers. Each task
+sets torch's thread count explicitly (``threads_per_task``), the same on every worker, so that
+a run's results do not depend on where its tasks ran: on the CPU a run on a cluster equals the
+sequential run with as many torch threads, bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from agbcube.errors import AgbcubeError, ConfigError, TrainingError
+
+__all__ = ["ClusterTasks", "cluster_tasks", "gpu_worker_specs", "placement"]
+
+log = logging.getLogger(__name__)
+
+IN_PROCESS = ("threads", "synchronous")  # torch fits share one process: one after another
+LOCAL = ("local", "processes")  # a LocalCluster of worker processes
+WORKER_WAIT_S = 300.0  # how long a run waits for the first worker to join
+
+
+@contextlib.contextmanager
+def cluster_tasks(
+    scheduler: str | None, device: str, *, threads_per_task: int | None = None
+) -> Iterator[ClusterTasks | None]:
+    """The cluster a run's tasks go to, or ``None`` to run them in this process.
+
+    Parameters
+    ----------
+    scheduler : str or None
+        ``None``, ``"threads"`` or ``"synchronous"``: in this process, one task after another.
+        ``"local"`` or ``"processes"``: a LocalCluster started for the run (one worker process
+        per core with one thread each, or one per GPU when this machine has CUDA and the device
+        is not ``cpu``), whose dashboard link is logged. ``"tcp://host:port"``: an existing
+        cluster.
+    device : str
+        ``train.device`` as configured (``auto``, ``cpu``, ``cuda``, ``cuda:N``).
+    threads_per_task : int, optional
+        Torch threads of each task (default: the smallest share of a machine's cores per worker
+        process, over the cluster's machines).
+    """
+    from agbcube._dask import check_scheduler
+
+    if scheduler is None or scheduler in IN_PROCESS:
+        yield None
+        return
+    check_scheduler(scheduler)
+    with _client(scheduler, device) as client:
+        yield ClusterTasks(client, device, threads_per_task=threads_per_task)
+
+
+@contextlib.contextmanager
+def _client(scheduler: str, device: str) -> Iterator[Any]:
+    from agbcube._dask import dask_scheduler
+
+    n_gpus = _local_gpus() if scheduler in LOCAL and device != "cpu" else 0
+    if not n_gpus:
+        with dask_scheduler("local" if scheduler in LOCAL else scheduler) as client:
+            yield client
+        return
+    from distributed import Client
+
+    with _local_gpu_cluster(n_gpus) as cluster, Client(cluster) as client:
+        log.info("Dask dashboard: %s (one worker per GPU, %d)", client.dashboard_link, n_gpus)
+        yield client
+
+
+def _local_gpus() -> int:
+    try:
+        import torch
+    except ImportError:
+        return 0
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def gpu_worker_specs(n_gpus: int) -> dict[str, dict[str, Any]]:
+    """SpecCluster worker specs: one single-threaded worker process per GPU, seeing only its
+    own (``CUDA_VISIBLE_DEVICES``) and offering one ``GPU`` resource."""
+    from distributed import Nanny
+
+    return {
+        f"gpu-{i}": {
+            "cls": Nanny,
+            "options": {
+                "nthreads": 1,
+                "env": {"CUDA_VISIBLE_DEVICES": str(i)},
+                "resources": {"GPU": 1},
+                "name": f"gpu-{i}",
+            },
+        }
+        for i in range(n_gpus)
+    }
+
+
+@contextlib.contextmanager
+def _local_gpu_cluster(n_gpus: int) -> Iterator[Any]:
+    """dask-cuda's LocalCUDACluster when installed (it also pins each worker to its GPU's CPU
+    cores), else the same layout from :func:`gpu_worker_specs`."""
+    try:
+        from dask_cuda import LocalCUDACluster
+    except ImportError:
+        from distributed import Scheduler, SpecCluster
+
+        scheduler = {"cls": Scheduler, "options": {"dashboard_address": ":0"}}
+        cluster = SpecCluster(workers=gpu_worker_specs(n_gpus), scheduler=scheduler)
+    else:
+        cluster = LocalCUDACluster(dashboard_address=":0")
+    with cluster:
+        yield cluster
+
+
+# --------------------------------------------------------------------------------------------
+# where the tasks run
+
+
+def _probe() -> dict[str, Any]:
+    """What a worker offers a fit: CUDA devices and usable cores (runs on the worker)."""
+    import torch
+
+    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return {"cuda": cuda, "cpus": len(os.sched_getaffinity(0)), "torch": torch.__version__}
+
+
+def _workers(client: Any) -> dict[str, dict[str, Any]]:
+    """Every worker's host, threads, resources and :func:`_probe`, once one has joined."""
+    if not client.scheduler_info()["workers"]:
+        log.info("waiting for a worker to join the cluster (up to %.0f s)", WORKER_WAIT_S)
+        try:
+            client.wait_for_workers(1, timeout=WORKER_WAIT_S)
+        except TimeoutError as err:
+            raise ConfigError(
+                f"no worker joined the Dask cluster at {client.scheduler.address} within "
+                f"{WORKER_WAIT_S:.0f} s; start workers (dask-jobqueue: cluster.scale(...)) or "
+                "check the address"
+            ) from err
+    try:
+        probes = client.run(_probe)
+    except ImportError as err:
+        from agbcube.errors import MissingDependencyError
+
+        raise MissingDependencyError(
+            f"a Dask worker cannot import torch ({err}); install agbcube[train] (and a PyTorch "
+            "build for its device) on every worker"
+        ) from err
+    info = client.scheduler_info()["workers"]
+    return {
+        addr: {
+            **probe,
+            "host": info[addr]["host"],
+            "nthreads": info[addr]["nthreads"],
+            "resources": info[addr].get("resources") or {},
+        }
+        for addr, probe in probes.items()
+        if addr in info
+    }
+
+
+def placement(workers: dict[str, dict[str, Any]], device: str) -> tuple[Any, dict | None]:
+    """The run's device and the resources each task asks for, from what the workers offer.
+
+    ``cpu`` runs anywhere. ``auto`` trains on CUDA when a worker has it, else on the CPU;
+    ``cuda``/``cuda:N`` need a worker with CUDA. On CUDA each task asks for ``{"GPU": 1}``
+    when workers offer that resource, so fits go only to them and one at a time per GPU;
+    without it every worker must have CUDA.
+
+    Parameters
+    ----------
+    workers : dict
+        Per worker address: ``cuda`` (devices torch sees), ``resources``.
+    device : str
+        ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+
+    Returns
+    -------
+    device : torch.device
+        The run's device (its type is what the run records).
+    resources : dict or None
+    """
+    import torch
+
+    gpu = sorted(a for a, w in workers.items() if w["cuda"])
+    if device == "cpu" or (device == "auto" and not gpu):
+        return torch.device("cpu"), None
+    want = torch.device("cuda" if device == "auto" else device)
+    if want.type != "cuda":
+        raise ConfigError(f"device {device!r}: use auto, cpu, cuda or cuda:N")
+    if not gpu:
+        raise TrainingError(
+            f"device {device!r} was requested but none of the cluster's {len(workers)} workers "
+            "has CUDA; start GPU workers (docs: Clusters and GPUs) or use --device cpu"
+        )
+    offered = [a for a, w in workers.items() if w["resources"].get("GPU", 0) >= 1]
+    for addr in sorted(set(offered) - set(gpu)):
+        log.warning("worker %s offers a GPU resource but torch sees no CUDA device there", addr)
+    if offered:
+        return want, {"GPU": 1}
+    cpu_only = sorted(set(workers) - set(gpu))
+    if cpu_only:
+        raise ConfigError(
+            f"workers {cpu_only} have no GPU and no worker offers a GPU resource, so fits could "
+            "land on them: start the GPU workers with `--resources GPU=1` (dask-jobqueue: "
+            "worker_extra_args=['--resources', 'GPU=1']; LocalCluster(resources={'GPU': 1}))"
+        )
+    return want, None
+
+
+def default_threads(workers: dict[str, dict[str, Any]]) -> int:
+    """Torch threads per task: the smallest share of a machine's cores per worker process."""
+    per_host: dict[str, int] = {}
+    for w in workers.values():
+        per_host[w["host"]] = per_host.get(w["host"], 0) + 1
+    return max(1, min(w["cpus"] // per_host[w["host"]] for w in workers.values()))
+
+
+# --------------------------------------------------------------------------------------------
+# the client's side
+
+
+class ClusterTasks:
+    """Runs a run's tasks on the workers of a Dask client.
+
+    Parameters
+    ----------
+    client : distributed.Client
+    device : str
+        ``train.device``; the workers resolve ``auto`` themselves.
+    threads_per_task : int, optional
+        Torch threads of each task (default :func:`default_threads`).
+    """
+
+    def __init__(self, client: Any, device: str, *, threads_per_task: int | None = None) -> None:
+        self.client, self.spec = client, device
+        workers = _workers(client)
+        self.device, self.resources = placement(workers, device)
+        self.threads = threads_per_task or default_threads(workers)
+        # how many copies of the chips one machine's memory holds (one per worker process)
+        per_host: dict[str, int] = {}
+        for w in workers.values():
+            per_host[w["host"]] = per_host.get(w["host"], 0) + 1
+        self.copies = 1 if self.device.type == "cuda" else max(per_host.values())
+        self.token = uuid.uuid4().hex[:8]
+        busy = sorted(a for a, w in workers.items() if w["nthreads"] > 1)
+        if busy and self.resources is None:
+            log.warning(
+                "workers %s run several threads, but a worker process trains one model at a "
+                "time, so tasks would wait behind each other there: start training workers "
+                "with one thread each (`dask worker --nthreads 1`)",
+                busy,
+            )
+        log.info(
+            "cluster: %d workers on %d machines; training on %s, %d torch threads per task%s",
+            len(workers),
+            len(per_host),
+            self.device.type,
+            self.threads,
+            ", one GPU per task" if self.resources else "",
+        )
+
+    def data_path(self, config: Any, folds_path: Path) -> str:
+        """``train.data_path``, with ``auto`` decided on a worker, for its device and memory."""
+        if config.train.data_path != "auto":
+            return config.train.data_path
+        future = self.client.submit(
+            _data_path_on_worker,
+            config,
+            str(folds_path),
+            self.spec,
+            self.copies,
+            key=f"train/data_path-{self.token}",
+            resources=self.resources,
+        )
+        return future.result()
+
+    def run(self, tasks: list[Any], run: Any, *, resume: bool) -> None:
+        """Run every task without a result file on the cluster; raise once all have ended
+        when some failed (:class:`TrainingError` naming each one's fold and member)."""
+        from agbcube.train.tasks import is_refit, selection
+
+        out = run.run_dir
+        pending = [t for t in tasks if not t.result_path(out).exists()]
+        log.info(
+            "%d of %d tasks done and kept; submitting %d to the cluster",
+            len(tasks) - len(pending),
+            len(tasks),
+            len(pending),
+        )
+        level = logging.getLogger("agbcube.train").getEffectiveLevel()
+        futures: dict[Any, Any] = {}
+        with _forwarded_logs(self.client, level):
+            for task in pending:
+                sel = selection(run.tcfg, task.fold)
+                after = [futures[sel]] if is_refit(run.tcfg, task) and sel in futures else []
+                futures[task] = self.client.submit(
+                    _run_on_worker,
+                    task,
+                    str(out),
+                    self.spec,
+                    run.data_path,
+                    self.threads,
+                    level,
+                    *after,
+                    key=f"{task.name}-{self.token}",
+                    resources=self.resources,
+                    priority=1 if task == sel else 0,  # selections first: refits wait on them
+                )
+            failures = _gather(futures, n_done=len(tasks) - len(pending), n_tasks=len(tasks))
+        _remove_temporaries(out)
+        if failures:
+            raise _failure(failures, run.tcfg, out, len(tasks))
+
+
+@contextlib.contextmanager
+def _forwarded_logs(client: Any, level: int) -> Iterator[None]:
+    """The workers' ``agbcube.train`` records (each epoch's line) in this process's log."""
+    if level > logging.INFO:
+        yield
+        return
+    client.forward_logging("agbcube.train", level=level)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):  # the cluster may be gone already
+            client.unforward_logging("agbcube.train")
+
+
+def _gather(futures: dict[Any, Any], *, n_done: int, n_tasks: int) -> dict[Any, BaseException]:
+    """Wait for every task, logging each as it ends; the failed ones' exceptions."""
+    from distributed import as_completed
+
+    task_of = {f.key: t for t, f in futures.items()}
+    failures: dict[Any, BaseException] = {}
+    for future in as_completed(list(futures.values())):
+        task = task_of[future.key]
+        if future.status == "finished":
+            n_done += 1
+            s = future.result()
+            log.info(
+                "[%d/%d] %s: done in %.1f s on %s (%s)",
+                n_done,
+                n_tasks,
+                task.name,
+                s["seconds"],
+                s["worker"],
+                s["device"],
+            )
+            continue
+        try:
+            failures[task] = future.exception()
+        except Exception as err:  # cancelled: the scheduler forgot it
+            failures[task] = err
+        log.warning("%s: failed (%s)", describe(task), _cause(failures[task]))
+    return failures
+
+
+def describe(task: Any) -> str:
+    """A task in words: ``fold 2 member 1``, ``fold 2 select``, ``random-CV fold 2``."""
+    if task.kind == "random":
+        return f"random-CV fold {task.fold}"
+    if task.kind == "member":
+        return f"fold {task.fold} member {task.member}"
+    return f"fold {task.fold} {task.kind}"
+
+
+def _cause(err: BaseException) -> str:
+    from distributed import KilledWorker
+
+    if isinstance(err, KilledWorker):
+        return (
+            "its worker died each time it ran it (out of memory? see the worker's log; a "
+            "smaller train.batch_size or train.data_path: chunks needs less)"
+        )
+    if isinstance(err, AgbcubeError):
+        return str(err)
+    return f"{type(err).__name__}: {err}" if str(err) else repr(err)
+
+
+def _failure(failures: dict[Any, BaseException], tcfg: Any, out: Path, n_tasks: int) -> Exception:
+    """One error naming every failed task and its cause; a bug's stays a bug (exit 1)."""
+    from distributed import KilledWorker
+
+    from agbcube.train.tasks import is_refit, selection
+
+    parts = []
+    for task in sorted(failures):
+        sel = selection(tcfg, task.fold)
+        if is_refit(tcfg, task) and sel in failures:
+            parts.append(f"{describe(task)}: not run, {describe(sel)} failed")
+        else:
+            parts.append(f"{describe(task)}: {_cause(failures[task])}")
+    message = (
+        f"{len(failures)} of {n_tasks} tasks failed; the other tasks' results are kept in "
+        f"{out} (fix the cause, then run again with --resume). " + "; ".join(parts)
+    )
+    first = failures[min(failures)]
+    known = (AgbcubeError, OSError, MemoryError, KilledWorker)
+    if all(isinstance(e, known) for e in failures.values()):
+        error: Exception = TrainingError(message)
+    else:
+        error = RuntimeError(message)
+    error.__cause__ = first
+    return error
+
+
+def _remove_temporaries(out: Path) -> None:
+    """What killed workers left half-written (temporary siblings); no task of ours runs now."""
+    from agbcube._io import remove_path
+
+    for stale in [*out.glob("fold_*/.*.tmp-*"), *out.glob("random_cv/.*.tmp-*")]:
+        remove_path(stale)
+
+
+# --------------------------------------------------------------------------------------------
+# the workers' side
+
+_ONE_FIT = threading.Lock()  # a process trains one model at a time (see the module docstring)
+_RUNS: OrderedDict[tuple[str, str], tuple[Any, Any]] = OrderedDict()
+_KEEP_RUNS = 2  # run directories whose chips a worker keeps (a long-lived worker serves many)
+
+
+def _run_on_worker(
+    task: Any, run_dir: str, device: str, data_path: str, threads: int, level: int, *after: Any
+) -> dict[str, Any]:
+    """Run one task on this worker (``after``: the results of the tasks it waits for)."""
+    import dask
+    import torch
+    from distributed import get_worker
+
+    from agbcube.train.loop import resolve_device
+    from agbcube.train.run import _deterministic
+    from agbcube.train.tasks import run_task
+
+    logging.getLogger("agbcube.train").setLevel(level)
+    with _ONE_FIT:
+        torch.set_num_threads(threads)
+        dev = resolve_device(device)
+        run = worker_run(Path(run_dir), dev, data_path)
+        # a resumed fit is the fit: a rerun after a lost worker continues from its checkpoint
+        with _deterministic(dev), dask.config.set(scheduler="synchronous"):
+            summary = run_task(task, run, resume=True)
+    keep = ("task", "seconds", "best_epoch", "epochs_run", "stopped", "n_chips")
+    return {
+        **{k: summary[k] for k in keep if k in summary},
+        "worker": get_worker().address,
+        "device": str(dev),
+    }
+
+
+def worker_run(run_dir: Path, device: Any, data_path: str) -> Any:
+    """This process's :class:`~agbcube.train.tasks.RunData` of a run directory on ``device``:
+    built once (from the run's ``config.yaml`` and ``folds.parquet``), and again only when the
+    run directory holds another run (its ``run.json`` or ``config.yaml`` changed)."""
+    from agbcube.config import load_run_config
+    from agbcube.train.tasks import RunData
+
+    try:
+        stamp = ((run_dir / "run.json").read_bytes(), (run_dir / "config.yaml").read_bytes())
+    except OSError as err:
+        raise TrainingError(
+            f"this worker cannot read the run directory {run_dir} ({err.strerror or err}); the "
+            "workers need the run directory, the cube and the folds at the same paths as the "
+            "client (a shared file system)"
+        ) from err
+    key = (str(run_dir.resolve()), str(device))
+    hit = _RUNS.get(key)
+    if hit is not None and hit[0] == (stamp, data_path):
+        _RUNS.move_to_end(key)
+        return hit[1]
+    _RUNS.pop(key, None)  # release the old run's chips first
+    run = RunData(load_run_config(run_dir), run_dir, device, data_path)
+    _RUNS[key] = ((stamp, data_path), run)
+    while len(_RUNS) > _KEEP_RUNS:
+        _RUNS.popitem(last=False)
+    return run
+
+
+def _data_path_on_worker(config: Any, folds_path: str, device: str, copies: int) -> str:
+    from agbcube.train.loop import resolve_device
+    from agbcube.train.run import _data_path
+
+    return _data_path(config, Path(folds_path), resolve_device(device), copies=copies)
