@@ -434,6 +434,31 @@ def test_a_site_without_chips_is_left_out_with_its_cause(tmp_path, rng):
     assert summary["blank"]["kept"] == 0 and summary["blank"]["dropped_nan_features"] == 36
 
 
+@pytest.mark.slow
+def test_folds_made_on_a_cluster_equal_those_made_in_process(
+    demo_config, local_cluster, started_tasks, tmp_path, rng
+):
+    """Each site is a task on the workers; the chips, roles, metadata and warnings are the
+    in-process ones."""
+    from distributed import Client
+
+    from agbcube.folds import make_folds
+
+    here = make_folds(demo_config)
+    empty = _built(_small_config(tmp_path, rng, sites=("good", "blank"), nodata=-1.0))
+    with Client(local_cluster) as client:
+        there = make_folds(demo_config, client=client)
+        with pytest.warns(UserWarning, match="site 'blank' has no usable chip .*all NaN"):
+            partial = make_folds(empty, client=client)
+    assert there.crs == here.crs
+    pd.testing.assert_frame_equal(pd.DataFrame(there), pd.DataFrame(here))
+    assert there.attrs == here.attrs
+    sites = sorted(k.rsplit("-", 1)[0] for k, _ in started_tasks)
+    assert sites == [f"folds/{s}" for s in ("alpha", "beta", "blank", "gamma", "good")]
+    assert set(partial["site"]) == {"good"}
+    assert partial.attrs["agbcube"]["chip_summary"]["blank"]["kept"] == 0
+
+
 def test_folds_use_the_config_sites_not_every_site_of_the_cube(tmp_path, rng):
     from agbcube.errors import CubeError
     from agbcube.folds import make_folds

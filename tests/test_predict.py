@@ -398,3 +398,61 @@ def test_window_settings_that_cannot_work_are_refused():
         _check_window(100_000, 12, (20, 30), 24)
     with pytest.raises(ConfigError, match="must be >= 2"):
         _check_window(1, 1, (20, 30), 24)
+
+
+def _models_in(graph) -> list:
+    """The torch modules a task graph would carry to the workers."""
+    import io
+
+    import cloudpickle
+
+    found = []
+
+    class Spy(cloudpickle.Pickler):
+        def persistent_id(self, obj):
+            if isinstance(obj, torch.nn.Module):
+                found.append(obj)
+            return None
+
+    Spy(io.BytesIO()).dump(dict(graph))
+    return found
+
+
+@pytest.mark.slow
+def test_a_run_maps_the_same_on_a_cluster_whose_workers_load_the_models(
+    cluster_reference, local_cluster, tmp_path
+):
+    """The tile tasks carry the ensemble's path, not the models: each worker loads them once,
+    on the device it resolves (``auto``), and the maps equal the threaded ones."""
+    from distributed import Client
+
+    from agbcube import predict as predict_mod
+    from agbcube.cube import open_cube
+    from agbcube.predict import predict_run
+    from agbcube.train import load_ensemble
+
+    cfg, run = cluster_reference
+    ds = open_cube(cfg.cube.output, "beta", chunks=None)
+    threaded = predict_run(run, ds, device="cpu")
+    write_maps(threaded, tmp_path / "threads", progress=False)
+    on_cluster = predict_run(run, ds, device="auto")
+    assert not _models_in(on_cluster["agb_mean"].data.__dask_graph__())
+    members, _ = load_ensemble(run)  # the detector finds models where a graph has them
+    listed = predict_site(ds, members, window_px=16)
+    found = {id(m) for m in _models_in(listed["agb_mean"].data.__dask_graph__())}
+    assert {id(m[0]) for m in members} <= found
+    with Client(local_cluster) as client:
+        write_maps(on_cluster, tmp_path / "cluster", client=client, progress=False)
+        loads = client.run(lambda: {str(k[0].path): n for k, n in predict_mod._LOADS.items()})
+    ensemble = str((run / "ensemble.pt").resolve())
+    assert sum(w.get(ensemble, 0) for w in loads.values()) >= 1
+    assert all(w.get(ensemble, 0) <= 1 for w in loads.values()), loads  # once per worker
+    a = xr.open_zarr(tmp_path / "threads" / "maps.zarr")
+    b = xr.open_zarr(tmp_path / "cluster" / "maps.zarr")
+    xr.testing.assert_identical(a.load(), b.load())
+    for layer in ("agb_mean", "agb_std", "di"):
+        with (
+            rasterio.open(tmp_path / "threads" / f"{layer}.tif") as x,
+            rasterio.open(tmp_path / "cluster" / f"{layer}.tif") as y,
+        ):
+            np.testing.assert_array_equal(x.read(1), y.read(1))

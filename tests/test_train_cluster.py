@@ -170,19 +170,6 @@ def _same_predictions(a: Path, b: Path) -> None:
     )
 
 
-class _Restrictions:
-    """A scheduler plugin: the resources each task asked for when it started."""
-
-    name = "agbcube-test-restrictions"
-
-    def __init__(self, scheduler):
-        self.scheduler, self.seen = scheduler, {}
-
-    def transition(self, key, start, finish, *args, **kwargs):
-        if finish == "processing":
-            self.seen[key] = dict(self.scheduler.tasks[key].resource_restrictions or {})
-
-
 def _kill_a_worker_mid_fit(client, out: Path, run: threading.Thread) -> tuple[int, str]:
     """SIGKILL the worker of a task that has a checkpoint (it is fitting) and no result."""
     t0 = time.time()
@@ -204,7 +191,7 @@ def _kill_a_worker_mid_fit(client, out: Path, run: threading.Thread) -> tuple[in
 
 @pytest.mark.slow
 def test_gpu_tasks_on_a_cluster_survive_a_killed_worker_and_equal_the_sequential_run(
-    cluster_reference, local_cluster, tmp_path, monkeypatch
+    cluster_reference, local_cluster, started_tasks, tmp_path, monkeypatch
 ):
     """Workers offering a GPU resource, as GPU workers: every task asks for one; `auto` is
     resolved on each worker (its CPU here). A worker SIGKILLed mid-fit: the task runs again
@@ -216,8 +203,6 @@ def test_gpu_tasks_on_a_cluster_survive_a_killed_worker_and_equal_the_sequential
     monkeypatch.setattr(
         cluster_mod, "_workers", lambda c: {a: {**w, "cuda": 1} for a, w in real(c).items()}
     )
-    seen = _Restrictions(local_cluster.scheduler)
-    local_cluster.scheduler.add_plugin(seen, name=seen.name)
     failures: list[BaseException] = []
     out = tmp_path / "run"
 
@@ -228,20 +213,17 @@ def test_gpu_tasks_on_a_cluster_survive_a_killed_worker_and_equal_the_sequential
             failures.append(err)
 
     address = local_cluster.scheduler_address
-    try:
-        with distributed.Client(local_cluster) as client:
-            run = threading.Thread(target=train)
-            run.start()
-            victim, task = _kill_a_worker_mid_fit(client, out, run)
-            run.join(timeout=600)
-            assert victim not in client.run(os.getpid).values()  # the nanny started another
-    finally:
-        local_cluster.scheduler.remove_plugin(seen.name)
+    with distributed.Client(local_cluster) as client:
+        run = threading.Thread(target=train)
+        run.start()
+        victim, task = _kill_a_worker_mid_fit(client, out, run)
+        run.join(timeout=600)
+        assert victim not in client.run(os.getpid).values()  # the nanny started another
     assert not run.is_alive() and not failures, failures
     _same_predictions(tmp_path / "ref", out)
-    trained = {k: r for k, r in seen.seen.items() if str(k).startswith(("fold_", "train/"))}
-    assert any(str(k).startswith(task) for k in trained)
-    assert trained and all(r == {"GPU": 1} for r in trained.values()), trained
+    trained = [(k, r) for k, r in started_tasks if k.startswith(("fold_", "train/"))]
+    assert sum(k.startswith(f"{task}-") for k, _ in trained) == 2  # killed, then again
+    assert trained and all(r == {"GPU": 1} for _, r in trained), trained
     assert not list(out.glob("fold_*/.*.tmp-*"))  # nothing half-written is left
 
 
