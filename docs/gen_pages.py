@@ -23,6 +23,7 @@ API_MODULES = {
     "agbcube.chips": "Cutting cubes into chips.",
     "agbcube.folds": "Honest spatial folds and the leakage audit.",
     "agbcube.train": "Cross-validated training.",
+    "agbcube.train.cluster": "Training on a Dask cluster: fits as tasks, GPU workers, faults.",
     "agbcube.predict": "Maps, uncertainty and the area of applicability.",
     "agbcube.stac": "Seasonal multi-sensor composites from a STAC catalogue.",
     "agbcube.catalog": "STAC Items and Collections of cubes and maps.",

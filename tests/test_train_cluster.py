@@ -36,8 +36,9 @@ def _with(cfg, **train):
     return cfg.model_copy(update={"train": cfg.train.model_copy(update=train)})
 
 
-def _worker(cuda=0, host="a", cpus=2, gpu=None):
+def _worker(cuda=0, host="a", cpus=2, gpu=None, torch="2.13.0"):
     return {
+        "torch": torch,
         "cuda": cuda,
         "host": host,
         "cpus": cpus,
@@ -70,6 +71,16 @@ def test_gpu_tasks_ask_for_a_gpu_where_workers_offer_one():
         placement(untagged, "auto")
     with pytest.raises(TrainingError, match="none of the cluster's 2 workers has CUDA"):
         placement({"a": _worker(), "b": _worker()}, "cuda")
+
+
+def test_workers_without_torch_are_refused_only_where_fits_could_land():
+    from agbcube.errors import MissingDependencyError
+
+    cube_only = _worker(torch=None)
+    with pytest.raises(MissingDependencyError, match=r"\['cube'\] cannot import torch"):
+        cluster_mod._check_torch({"cube": cube_only, "w": _worker()}, None)
+    # GPU tasks go to the workers offering a GPU: a CPU-only worker for cubes may stay
+    cluster_mod._check_torch({"cube": cube_only, "gpu": _worker(cuda=1, gpu=1)}, {"GPU": 1})
 
 
 def test_torch_threads_are_a_machines_share_per_worker_process():

@@ -147,11 +147,14 @@ def _local_gpu_cluster(n_gpus: int) -> Iterator[Any]:
 
 
 def _probe() -> dict[str, Any]:
-    """What a worker offers a fit: CUDA devices and usable cores (runs on the worker)."""
-    import torch
-
+    """What a worker offers a fit: torch, CUDA devices and usable cores (runs on the worker)."""
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        import torch
+    except ImportError:  # a worker for build-cube and folds only
+        return {"cuda": 0, "cpus": cpus, "torch": None}
     cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return {"cuda": cuda, "cpus": len(os.sched_getaffinity(0)), "torch": torch.__version__}
+    return {"cuda": cuda, "cpus": cpus, "torch": torch.__version__}
 
 
 def _workers(client: Any) -> dict[str, dict[str, Any]]:
@@ -166,15 +169,7 @@ def _workers(client: Any) -> dict[str, dict[str, Any]]:
                 f"{WORKER_WAIT_S:.0f} s; start workers (dask-jobqueue: cluster.scale(...)) or "
                 "check the address"
             ) from err
-    try:
-        probes = client.run(_probe)
-    except ImportError as err:
-        from agbcube.errors import MissingDependencyError
-
-        raise MissingDependencyError(
-            f"a Dask worker cannot import torch ({err}); install agbcube[train] (and a PyTorch "
-            "build for its device) on every worker"
-        ) from err
+    probes = client.run(_probe)
     info = client.scheduler_info()["workers"]
     return {
         addr: {
@@ -237,6 +232,21 @@ def placement(workers: dict[str, dict[str, Any]], device: str) -> tuple[Any, dic
     return want, None
 
 
+def _check_torch(workers: dict[str, dict[str, Any]], resources: dict | None) -> None:
+    """Every worker a fit may land on can import torch (GPU tasks go to GPU workers only)."""
+    from agbcube.errors import MissingDependencyError
+
+    eligible = {
+        a: w for a, w in workers.items() if resources is None or w["resources"].get("GPU", 0) >= 1
+    }
+    missing = sorted(a for a, w in eligible.items() if w["torch"] is None)
+    if missing:
+        raise MissingDependencyError(
+            f"Dask workers {missing} cannot import torch, and fits could land on them: install "
+            "agbcube[train] (and a PyTorch build for their device) on every training worker"
+        )
+
+
 def default_threads(workers: dict[str, dict[str, Any]]) -> int:
     """Torch threads per task: the smallest share of a machine's cores per worker process."""
     per_host: dict[str, int] = {}
@@ -265,6 +275,7 @@ class ClusterTasks:
         self.client, self.spec = client, device
         workers = _workers(client)
         self.device, self.resources = placement(workers, device)
+        _check_torch(workers, self.resources)
         self.threads = threads_per_task or default_threads(workers)
         # how many copies of the chips one machine's memory holds (one per worker process)
         per_host: dict[str, int] = {}
