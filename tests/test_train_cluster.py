@@ -153,9 +153,12 @@ def test_a_worker_rebuilds_its_run_data_only_for_another_run(cluster_reference, 
     assert worker_run(run_dir, cpu, "device") is first
     assert worker_run(run_dir, cpu, "chunks") is not first
     (run_dir / "run.json").write_text((run_dir / "run.json").read_text() + "\n")  # a new run
-    assert worker_run(run_dir, cpu, "chunks").folds is not first.folds
+    again = worker_run(run_dir, cpu, "chunks")
+    assert again.folds is not first.folds and worker_run(run_dir, cpu, "chunks") is again
     with pytest.raises(TrainingError, match="cannot read the run directory .*shared file system"):
         worker_run(tmp_path / "elsewhere", cpu, "device")
+    assert cluster_mod.release_run(str(run_dir)) == 1  # the run's end frees its chips
+    assert worker_run(run_dir, cpu, "chunks") is not again
 
 
 # --------------------------------------------------------------------------------------------

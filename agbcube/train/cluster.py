@@ -348,6 +348,8 @@ class ClusterTasks:
                     priority=1 if task == sel else 0,  # selections first: refits wait on them
                 )
             failures = _gather(futures, n_done=len(tasks) - len(pending), n_tasks=len(tasks))
+        with contextlib.suppress(Exception):  # a worker that is gone holds nothing
+            self.client.run(release_run, str(out))
         _remove_temporaries(out)
         if failures:
             raise _failure(failures, run.tcfg, out, len(tasks))
@@ -355,10 +357,8 @@ class ClusterTasks:
 
 @contextlib.contextmanager
 def _forwarded_logs(client: Any, level: int) -> Iterator[None]:
-    """The workers' ``agbcube.train`` records (each epoch's line) in this process's log."""
-    if level > logging.INFO:
-        yield
-        return
+    """The workers' ``agbcube.train`` records at ``level`` and above (INFO: each epoch's line)
+    in this process's log."""
     client.forward_logging("agbcube.train", level=level)
     try:
         yield
@@ -515,6 +515,21 @@ def worker_run(run_dir: Path, device: Any, data_path: str) -> Any:
     while len(_RUNS) > _KEEP_RUNS:
         _RUNS.popitem(last=False)
     return run
+
+
+def release_run(run_dir: str) -> int:
+    """Drop this process's chips and fold preparations of a run (its device memory too), as
+    the run's client does on every worker when the run has ended; the entries dropped."""
+    key = str(Path(run_dir).resolve())
+    with _ONE_FIT:
+        drop = [k for k in _RUNS if k[0] == key]
+        for k in drop:
+            del _RUNS[k]
+    if drop and any(k[1].startswith("cuda") for k in drop):
+        import torch
+
+        torch.cuda.empty_cache()
+    return len(drop)
 
 
 def _data_path_on_worker(config: Any, folds_path: str, device: str, copies: int) -> str:
