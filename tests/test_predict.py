@@ -456,3 +456,19 @@ def test_a_run_maps_the_same_on_a_cluster_whose_workers_load_the_models(
             rasterio.open(tmp_path / "cluster" / f"{layer}.tif") as y,
         ):
             np.testing.assert_array_equal(x.read(1), y.read(1))
+
+
+def test_an_ensemble_file_that_changed_or_cannot_be_read_is_named(tmp_path):
+    from agbcube.errors import InputFileError, TrainingError
+    from agbcube.predict import _EnsembleFile
+
+    path = tmp_path / "ensemble.pt"
+    path.write_bytes(b"models")
+    ref = _EnsembleFile.of(path)
+    assert ref.path == str(path.resolve()) and ref.size == 6
+    path.write_bytes(b"retrained models")  # the run was trained again meanwhile
+    with pytest.raises(TrainingError, match=r"ensemble .*ensemble.pt changed while its maps"):
+        ref.load("cpu")
+    path.unlink()  # a worker without the shared file system
+    with pytest.raises(InputFileError, match="cannot be read here .*same paths as the client"):
+        ref.load("cpu")
