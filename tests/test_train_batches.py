@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -117,7 +119,8 @@ def test_device_batches_augment_inside_the_gather(rng):
     for budget in (1e9, 0):
         source.gather_bytes = budget
         g = torch.Generator().manual_seed(7)
-        passes.append(list(source.iterate(order, 3, lambda n: draw_augmentation(n, g, **kw))))
+        draw = functools.partial(draw_augmentation, generator=g, **kw)
+        passes.append(list(source.iterate(order, 3, draw)))
     for (xa, ya, ia), (xb, yb, ib) in zip(*passes, strict=True):
         assert torch.equal(xa, xb) and torch.equal(ya, yb) and torch.equal(ia, ib)
 
