@@ -623,7 +623,8 @@ def load_run_config(run_dir: str | Path) -> Config:
         raise ConfigError(
             f"{path} not found: is {run_dir} a run directory written by `agbcube train`?"
         )
-    return load_config(path)
+    raw = read_yaml(path, what="run config")
+    return parse_config(raw, base_dir=path.resolve().parent, source=f"run config {path}")
 
 
 def read_yaml(path: str | Path, *, what: str = "YAML file") -> Any:
