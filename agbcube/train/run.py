@@ -42,7 +42,7 @@ __all__ = ["load_ensemble", "run_cv"]
 log = logging.getLogger(__name__)
 
 # Settings that do not change a run's results: a run may be resumed with other values.
-_NEUTRAL = ("output", "device", "num_workers")
+_NEUTRAL = ("output", "device")
 
 
 def run_cv(
