@@ -98,9 +98,6 @@ def estimate_range_m(
         ``range_m`` (practical range of the fitted exponential part), ``nugget``, ``psill``,
         ``drift_per_m``, ``model``, and the empirical ``bins_m`` / ``gamma`` / ``n_pairs``.
     """
-    from scipy.optimize import curve_fit
-    from scipy.spatial.distance import pdist
-
     from agbcube.chips import local_metric_crs
 
     agb = ds["agb"].values
@@ -122,6 +119,24 @@ def estimate_range_m(
             "valid pixel), so it has no autocorrelation range and nothing to learn; check the "
             "AGB map and cube.agb_range, or set folds.buffer_m to a number of metres"
         )
+    centres, gamma, n_pairs, max_d = _empirical_variogram(xy, values, n_bins)
+    fit = _fit_variogram(centres, gamma, n_pairs, max_d, float(values.var()))
+    return {
+        **fit,
+        "n_samples": int(rows.size),
+        "bins_m": centres.round(1).tolist(),
+        "gamma": gamma.round(3).tolist(),
+        "n_pairs": n_pairs.tolist(),
+    }
+
+
+def _empirical_variogram(
+    xy: np.ndarray, values: np.ndarray, n_bins: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Semivariance per distance bin up to half the sample's extent: bin centres, gamma, pair
+    counts and that half extent."""
+    from scipy.spatial.distance import pdist
+
     dist = pdist(xy)
     half_sq = 0.5 * pdist(values[:, None], "sqeuclidean")
     max_d = 0.5 * dist.max()
@@ -130,10 +145,19 @@ def estimate_range_m(
     ok = (which >= 0) & (which < n_bins)
     n_pairs = np.bincount(which[ok], minlength=n_bins)
     gamma = np.bincount(which[ok], weights=half_sq[ok], minlength=n_bins) / np.maximum(n_pairs, 1)
-    centres = 0.5 * (edges[1:] + edges[:-1])
+    return 0.5 * (edges[1:] + edges[:-1]), gamma, n_pairs, float(max_d)
+
+
+def _fit_variogram(
+    centres: np.ndarray, gamma: np.ndarray, n_pairs: np.ndarray, max_d: float, var: float
+) -> dict[str, Any]:
+    """An exponential variogram with a linear drift fitted to the bins with ≥ 30 pairs (so a
+    site-wide trend is not read as range); without convergence, the first bin reaching 95 %
+    of the plateau."""
+    from scipy.optimize import curve_fit
+
     use = n_pairs >= 30
     h, g = centres[use], gamma[use]
-    var = float(values.var())
     try:
         (nugget, psill, range_m, drift), _ = curve_fit(
             _exponential_drift,
@@ -145,7 +169,7 @@ def estimate_range_m(
             maxfev=20000,
         )
         model = "exponential+drift"
-    except (RuntimeError, ValueError):  # no convergence: first bin reaching 95 % of the plateau
+    except (RuntimeError, ValueError):
         plateau = np.median(g[-max(3, g.size // 3) :]) if g.size else var
         reach = np.nonzero(g >= 0.95 * plateau)[0]
         range_m = float(h[reach[0]]) if reach.size else float(max_d)
@@ -157,10 +181,6 @@ def estimate_range_m(
         "psill": float(psill),
         "drift_per_m": float(drift),
         "model": model,
-        "n_samples": int(rows.size),
-        "bins_m": centres.round(1).tolist(),
-        "gamma": gamma.round(3).tolist(),
-        "n_pairs": n_pairs.tolist(),
     }
 
 
