@@ -18,6 +18,6 @@ except ImportError as err:  # a cube-building machine (the `cube` extra) has no 
         "build of torch first for a GPU (docs: Getting started, 'PyTorch builds')"
     ) from err
 
-from agbcube.train.run import load_ensemble, run_cv
+from agbcube.train.run import load_ensemble, run_cv, training_history
 
-__all__ = ["load_ensemble", "run_cv"]
+__all__ = ["load_ensemble", "run_cv", "training_history"]

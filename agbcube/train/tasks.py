@@ -387,6 +387,7 @@ def _cnn(run: RunData, task: Task, *, resume: bool) -> tuple[dict, dict]:
         "fold": k,
         "kind": task.kind,
         "member": task.member,
+        "refit": refit,
         "seed": seed,
         "n_chips": int(positions.size),
         "best_epoch": result.best_epoch,
