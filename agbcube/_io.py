@@ -166,11 +166,23 @@ def _file_kind(path: Path) -> str | None:
     if suffix == ".parquet":
         return "folds" if _parquet_marked(path) else None
     if suffix == ".png":
-        return "png" if "agbcube" in png_metadata(path) else None
+        return "png" if "agbcube" in png_metadata(path) or _folds_sidecar(path) else None
     if suffix == ".json":
         mark = (_read_json(path) or {}).get("written_by")
-        return "json" if isinstance(mark, str) and mark.startswith("agbcube") else None
+        agbcube = isinstance(mark, str) and mark.startswith("agbcube")
+        return "json" if agbcube or _folds_sidecar(path) else None
     return None
+
+
+_SIDECAR = re.compile(r"^(?P<stem>.+)_(audit|map_.+)$")
+
+
+def _folds_sidecar(path: Path) -> bool:
+    """A folds file's audit or map as versions before markers wrote them: named after the
+    marked folds file beside it (``folds.parquet`` → ``folds_audit.json``,
+    ``folds_map_<site>.png``)."""
+    match = _SIDECAR.match(path.stem)
+    return match is not None and _parquet_marked(path.with_name(f"{match['stem']}.parquet"))
 
 
 def _parquet_marked(path: Path) -> bool:

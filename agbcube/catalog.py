@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from agbcube._io import write_json_atomic
+from agbcube._io import mark_output, write_json_atomic, written_by
 
 __all__ = [
     "COG_MEDIA_TYPE",
@@ -264,6 +264,7 @@ def update_map_collection(
         for p in sorted(hrefs)
         if p.exists()
     ]
+    doc["written_by"] = written_by()  # marks the file as agbcube's, so a rerun may refresh it
     write_json_atomic(path, doc)
     for p in hrefs:
         if p.exists():
@@ -444,7 +445,7 @@ def write_cube_item(ds: Any, store: str | Path) -> Path:
     store = Path(store)
     site = str(ds.attrs["site"])
     path = cube_items_dir(store) / f"{site}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    mark_output(path.parent, "cube-items")  # so a rebuild may replace its own Items
     item = cube_item(ds, group=site, store_href=_relative(store, path.parent))
     write_json_atomic(path, item.to_dict(include_self_link=False, transform_hrefs=False))
     return path

@@ -86,27 +86,12 @@ def make_chips(
         NaN features, and what :func:`no_chip_reason` needs: ``shape``, ``size_px``,
         ``valid_agb_px`` and ``nan_feature_fraction`` of the whole site.
     """
-    import dask
-
     site = site or str(ds.attrs.get("site", "site"))
     n_y, n_x = ds.sizes["y"], ds.sizes["x"]
     rows, cols = chip_origins(n_y, n_x, size_px=size_px, overlap=overlap)
-    # One pass over the cube: per-pixel counts, then window sums for every chip at once.
-    agb = ds["agb"]
-    valid = np.isfinite(agb)
-    nan_count = ds["features"].isnull().sum("band")
-    valid_px, agb_filled, nan_px = dask.compute(valid, agb.where(valid, 0.0), nan_count)
-    n_px = size_px * size_px
-    n_valid = _window_sums(valid_px.values.astype(np.float64), rows, cols, size_px)
-    agb_sum = _window_sums(agb_filled.values.astype(np.float64), rows, cols, size_px)
-    n_nan = _window_sums(nan_px.values.astype(np.float64), rows, cols, size_px)
-    valid_fraction = n_valid / n_px
-    nan_fraction = n_nan / (n_px * ds.sizes["band"])
-    with np.errstate(invalid="ignore", divide="ignore"):
-        agb_mean = np.where(n_valid > 0, agb_sum / np.maximum(n_valid, 1), np.nan)
-
-    too_few = valid_fraction < min_valid_fraction
-    too_nan = ~too_few & (nan_fraction > max_nan_fraction)
+    stats, whole = _chip_statistics(ds, rows, cols, size_px)
+    too_few = stats["valid_fraction"] < min_valid_fraction
+    too_nan = ~too_few & (stats["nan_fraction"] > max_nan_fraction)
     keep = ~(too_few | too_nan)
     summary = {
         "site": site,
@@ -116,8 +101,7 @@ def make_chips(
         "dropped_nan_features": int(too_nan.sum()),
         "shape": [int(n_y), int(n_x)],
         "size_px": int(size_px),
-        "valid_agb_px": int(valid_px.values.sum()),
-        "nan_feature_fraction": float(nan_px.values.sum() / (n_y * n_x * ds.sizes["band"])),
+        **whole,
     }
     rows, cols = rows[keep], cols[keep]
     chips = pd.DataFrame(
@@ -126,14 +110,42 @@ def make_chips(
             "site": site,
             "row": rows.astype(np.int64),
             "col": cols.astype(np.int64),
-            "agb_mean": agb_mean[keep].astype(np.float64),
-            "valid_fraction": valid_fraction[keep],
-            "nan_fraction": nan_fraction[keep],
+            **{name: values[keep] for name, values in stats.items()},
         }
     )
     geometry = _footprints(ds, rows, cols, size_px)
     gdf = gpd.GeoDataFrame(chips, geometry=geometry, crs=ds.rio.crs).to_crs(CHIP_CRS)
     return gdf, summary
+
+
+def _chip_statistics(
+    ds: xr.Dataset, rows: np.ndarray, cols: np.ndarray, size_px: int
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Every chip's ``agb_mean``, ``valid_fraction`` and ``nan_fraction`` (one pass over the
+    cube: per-pixel counts, then window sums for every chip at once), and the whole site's
+    valid AGB pixels and NaN feature share."""
+    import dask
+
+    agb = ds["agb"]
+    valid = np.isfinite(agb)
+    nan_count = ds["features"].isnull().sum("band")
+    valid_px, agb_filled, nan_px = dask.compute(valid, agb.where(valid, 0.0), nan_count)
+    n_px, n_band = size_px * size_px, ds.sizes["band"]
+    n_valid = _window_sums(valid_px.values.astype(np.float64), rows, cols, size_px)
+    agb_sum = _window_sums(agb_filled.values.astype(np.float64), rows, cols, size_px)
+    n_nan = _window_sums(nan_px.values.astype(np.float64), rows, cols, size_px)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        agb_mean = np.where(n_valid > 0, agb_sum / np.maximum(n_valid, 1), np.nan)
+    stats = {
+        "agb_mean": agb_mean.astype(np.float64),
+        "valid_fraction": n_valid / n_px,
+        "nan_fraction": n_nan / (n_px * n_band),
+    }
+    whole = {
+        "valid_agb_px": int(valid_px.values.sum()),
+        "nan_feature_fraction": float(nan_px.values.sum() / (valid_px.size * n_band)),
+    }
+    return stats, whole
 
 
 def no_chip_reason(

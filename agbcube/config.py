@@ -526,9 +526,6 @@ class TrainConfig(_Section):
         description="Shuffle buffer of the streamed paths (chips held, prepared).",
         **_DATA,
     )
-    num_workers: int = Field(
-        default=2, ge=0, description="Unused; kept so older configs load.", **_DATA
-    )
     device: str = Field(default="auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.", **_DATA)
     output: Path = Field(
         default=Path("runs/train"), validate_default=True, description="Run directory.", **_DATA
@@ -538,6 +535,19 @@ class TrainConfig(_Section):
     @classmethod
     def _resolve_output(cls, value: Path, info: ValidationInfo) -> Path:
         return _resolve(value, info)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _retired(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "num_workers" in data:
+            warnings.warn(
+                "train.num_workers is no longer used (the streamed data paths read ahead in "
+                "one thread) and is ignored: remove it from the config",
+                FutureWarning,
+                stacklevel=2,
+            )
+            data = {k: v for k, v in data.items() if k != "num_workers"}
+        return data
 
     @model_validator(mode="before")
     @classmethod
@@ -623,7 +633,8 @@ def load_run_config(run_dir: str | Path) -> Config:
         raise ConfigError(
             f"{path} not found: is {run_dir} a run directory written by `agbcube train`?"
         )
-    return load_config(path)
+    raw = read_yaml(path, what="run config")
+    return parse_config(raw, base_dir=path.resolve().parent, source=f"run config {path}")
 
 
 def read_yaml(path: str | Path, *, what: str = "YAML file") -> Any:

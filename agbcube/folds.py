@@ -25,6 +25,7 @@ References
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -50,6 +51,7 @@ __all__ = [
     "check_folds_cube",
     "estimate_range_m",
     "label_mask",
+    "label_masks",
     "leakage_audit",
     "make_folds",
     "read_folds",
@@ -97,9 +99,6 @@ def estimate_range_m(
         ``range_m`` (practical range of the fitted exponential part), ``nugget``, ``psill``,
         ``drift_per_m``, ``model``, and the empirical ``bins_m`` / ``gamma`` / ``n_pairs``.
     """
-    from scipy.optimize import curve_fit
-    from scipy.spatial.distance import pdist
-
     from agbcube.chips import local_metric_crs
 
     agb = ds["agb"].values
@@ -121,6 +120,24 @@ def estimate_range_m(
             "valid pixel), so it has no autocorrelation range and nothing to learn; check the "
             "AGB map and cube.agb_range, or set folds.buffer_m to a number of metres"
         )
+    centres, gamma, n_pairs, max_d = _empirical_variogram(xy, values, n_bins)
+    fit = _fit_variogram(centres, gamma, n_pairs, max_d, float(values.var()))
+    return {
+        **fit,
+        "n_samples": int(rows.size),
+        "bins_m": centres.round(1).tolist(),
+        "gamma": gamma.round(3).tolist(),
+        "n_pairs": n_pairs.tolist(),
+    }
+
+
+def _empirical_variogram(
+    xy: np.ndarray, values: np.ndarray, n_bins: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Semivariance per distance bin up to half the sample's extent: bin centres, gamma, pair
+    counts and that half extent."""
+    from scipy.spatial.distance import pdist
+
     dist = pdist(xy)
     half_sq = 0.5 * pdist(values[:, None], "sqeuclidean")
     max_d = 0.5 * dist.max()
@@ -129,10 +146,19 @@ def estimate_range_m(
     ok = (which >= 0) & (which < n_bins)
     n_pairs = np.bincount(which[ok], minlength=n_bins)
     gamma = np.bincount(which[ok], weights=half_sq[ok], minlength=n_bins) / np.maximum(n_pairs, 1)
-    centres = 0.5 * (edges[1:] + edges[:-1])
+    return 0.5 * (edges[1:] + edges[:-1]), gamma, n_pairs, float(max_d)
+
+
+def _fit_variogram(
+    centres: np.ndarray, gamma: np.ndarray, n_pairs: np.ndarray, max_d: float, var: float
+) -> dict[str, Any]:
+    """An exponential variogram with a linear drift fitted to the bins with ≥ 30 pairs (so a
+    site-wide trend is not read as range); without convergence, the first bin reaching 95 %
+    of the plateau."""
+    from scipy.optimize import curve_fit
+
     use = n_pairs >= 30
     h, g = centres[use], gamma[use]
-    var = float(values.var())
     try:
         (nugget, psill, range_m, drift), _ = curve_fit(
             _exponential_drift,
@@ -144,7 +170,7 @@ def estimate_range_m(
             maxfev=20000,
         )
         model = "exponential+drift"
-    except (RuntimeError, ValueError):  # no convergence: first bin reaching 95 % of the plateau
+    except (RuntimeError, ValueError):
         plateau = np.median(g[-max(3, g.size // 3) :]) if g.size else var
         reach = np.nonzero(g >= 0.95 * plateau)[0]
         range_m = float(h[reach[0]]) if reach.size else float(max_d)
@@ -156,10 +182,6 @@ def estimate_range_m(
         "psill": float(psill),
         "drift_per_m": float(drift),
         "model": model,
-        "n_samples": int(rows.size),
-        "bins_m": centres.round(1).tolist(),
-        "gamma": gamma.round(3).tolist(),
-        "n_pairs": n_pairs.tolist(),
     }
 
 
@@ -415,7 +437,23 @@ def _metric_crs(X: gpd.GeoDataFrame, idx: np.ndarray) -> Any:
     """The CRS in which a site's distances are measured: its own if projected, else its UTM."""
     if X.crs.is_projected:
         return X.crs
-    return X.geometry.iloc[idx].to_crs(4326).estimate_utm_crs()
+    bounds = tuple(np.round(X.geometry.iloc[idx].to_crs(4326).total_bounds, 6))
+    return _utm_of(bounds)
+
+
+@functools.lru_cache(maxsize=256)
+def _utm_of(bounds: tuple[float, float, float, float]) -> Any:
+    """The UTM CRS of a lon/lat box (pyproj's database lookup is slow: once per box)."""
+    from pyproj import CRS
+    from pyproj.aoi import AreaOfInterest
+    from pyproj.database import query_utm_crs_info
+
+    west, south, east, north = bounds
+    infos = query_utm_crs_info(
+        datum_name="WGS 84",
+        area_of_interest=AreaOfInterest(west, south, east, north),
+    )
+    return CRS.from_epsg(infos[0].code)
 
 
 def _within(
@@ -928,43 +966,79 @@ def label_mask(
         The smallest distance from such a pixel's centre to an excluded footprint (``inf``
         when nothing is excluded).
     """
+    masks = label_masks(folds, k, lonlat, min_fraction=min_fraction)
+    return masks["train" if validation else "pool"]
+
+
+def label_masks(
+    folds: gpd.GeoDataFrame, k: int, lonlat: np.ndarray, *, min_fraction: float = 0.25
+) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
+    """:func:`label_mask` with and without validation (``"train"`` and ``"pool"``) in one pass:
+    every non-test pixel is projected once and its distances to the test and to the
+    validation footprints are measured once."""
+    role = folds[f"role_{k}"].to_numpy().astype(str)
+    test, val = role == "test", role == "val"
+    buffers = folds.attrs.get("agbcube", {}).get("buffer_m")
+    shape = lonlat.shape[2:]
+    if not buffers:  # folds not made by make_folds: the roles' chips, whole
+        out = {}
+        for kind, keep in (("train", role == "train"), ("pool", np.isin(role, ["train", "val"]))):
+            pos = np.flatnonzero(keep)
+            out[kind] = (pos, np.ones((pos.size, *shape), dtype=bool), np.inf)
+        return out
+    sites = folds["site"].to_numpy().astype(str)
+    d_test, d_val = _label_distances(folds, sites, lonlat, test, val)
+    out = {}
+    for kind, excluded, dist in (
+        ("train", test | val, np.minimum(d_test, d_val)),
+        ("pool", test, d_test),
+    ):
+        limit = np.array([float(buffers.get(s, np.inf)) for s in sites])[:, None, None]
+        mask = dist > limit
+        mask[excluded] = False
+        clear = dist[mask]
+        nearest = float(clear.min()) if clear.size and np.isfinite(clear.min()) else np.inf
+        pos = np.flatnonzero(mask.mean(axis=(1, 2)) >= min_fraction)
+        out[kind] = (pos, mask[pos], nearest)
+    return out
+
+
+def _label_distances(
+    folds: gpd.GeoDataFrame,
+    sites: np.ndarray,
+    lonlat: np.ndarray,
+    test: np.ndarray,
+    val: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Distance (m) of every non-test pixel centre to the nearest test footprint, and of every
+    pixel of chips neither test nor validation to the nearest validation footprint, within its
+    site (``inf`` where there is none, or for the chips not measured)."""
     from pyproj import Transformer
 
-    role = folds[f"role_{k}"].to_numpy().astype(str)
-    excluded = role == "test"
-    if validation:
-        excluded |= role == "val"
-    buffers = folds.attrs.get("agbcube", {}).get("buffer_m")
-    if not buffers:  # folds not made by make_folds: the roles' chips, whole
-        keep = role == "train" if validation else np.isin(role, ["train", "val"])
-        pos = np.flatnonzero(keep)
-        return pos, np.ones((pos.size, *lonlat.shape[2:]), dtype=bool), np.inf
-    sites = folds["site"].to_numpy().astype(str)
     metric = _metric_geometries(folds, sites)
     n, _, h, w = lonlat.shape
-    mask = np.ones((n, h, w), dtype=bool)
-    nearest = np.inf
+    d_test = np.full((n, h, w), np.inf)
+    d_val = np.full((n, h, w), np.inf)
     for site in pd.unique(sites):
         in_site = np.flatnonzero(sites == site)
-        cand = in_site[~excluded[in_site]]
-        src = in_site[excluded[in_site]]
-        if cand.size == 0 or src.size == 0:
+        cand = in_site[~test[in_site]]
+        if cand.size == 0:
             continue
         to_m = Transformer.from_crs(4326, _metric_crs(folds, in_site), always_xy=True)
         px, py = to_m.transform(lonlat[cand, 0].ravel(), lonlat[cand, 1].ravel())
-        tree = shapely.STRtree(metric[src])
-        (i, _), d = tree.query_nearest(
-            shapely.points(px, py), all_matches=False, return_distance=True
-        )
-        dist = np.empty(px.size)
-        dist[i] = d
-        clear = (dist > float(buffers[site])).reshape(cand.size, h, w)
-        mask[cand] = clear
-        if clear.any():
-            nearest = min(nearest, float(dist[clear.ravel()].min()))
-    mask[excluded] = False
-    pos = np.flatnonzero(mask.mean(axis=(1, 2)) >= min_fraction)
-    return pos, mask[pos], nearest
+        points = shapely.points(px, py)
+        for src, into, among in (
+            (in_site[test[in_site]], d_test, np.ones(cand.size, bool)),
+            (in_site[val[in_site]], d_val, ~val[cand]),
+        ):
+            if src.size == 0 or not among.any():
+                continue
+            pick = np.repeat(among, h * w)
+            # the distance to the footprints' union is the distance to the nearest of them,
+            # and a few times faster to measure than a nearest-neighbour query
+            dist = shapely.distance(points[pick], shapely.union_all(metric[src]))
+            into[cand[among]] = dist.reshape(-1, h, w)
+    return d_test, d_val
 
 
 def read_folds(path: str | Path, *, cube: str | Path | None = None) -> gpd.GeoDataFrame:

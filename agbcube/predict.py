@@ -38,7 +38,7 @@ import os
 import threading
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -358,70 +358,29 @@ def _predict_tile(
     """Predict one tile (the core): ``(4, core_y, core_x)`` float32.
 
     ``source`` holds the features of global rows ``top:`` and columns ``left:``, covering
-    every window of the global grid that touches the core (and the core itself); ``xy`` the
-    x and y coordinates of those columns and rows, when the models take lon/lat channels;
-    ``members`` the models, or their file, loaded here once per process on ``spec.device``.
+    every window of the global grid that touches the core (and the core itself) with the
+    models' margin; ``xy`` the x and y coordinates of those columns and rows, when the models
+    take lon/lat channels; ``members`` the models, or their file, loaded here once per process
+    on ``spec.device``.
     """
-    import torch
-
-    from agbcube.train.loop import predict
-
-    device: Any = spec.device
     if isinstance(members, _EnsembleFile):
         members, _, device = members.load(spec.device)
+        spec = replace(spec, device=device)
     feats = source.read() if isinstance(source, _Window) else np.asarray(source, np.float32)
     r0, c0 = offset
     ny, nx = core
-    n_y, n_x = spec.shape
-    window, margin = spec.window, spec.margin
-    ys = _windows_touching(n_y, window, spec.stride, r0, ny)
-    xs = _windows_touching(n_x, window, spec.stride, c0, nx)
+    ys = _windows_touching(spec.shape[0], spec.window, spec.stride, r0, ny)
+    xs = _windows_touching(spec.shape[1], spec.window, spec.stride, c0, nx)
     if spec.crs is not None and xy is not None:
         from agbcube.train.readers import lonlat_of
 
         feats = np.concatenate([feats, lonlat_of(*xy, spec.crs)])
-    # every window with its margin, NaN beyond the site (also a site smaller than one window)
-    oy, ox = int(ys[0]) - margin, int(xs[0]) - margin
-    need = (int(ys[-1]) + window + margin - oy, int(xs[-1]) + window + margin - ox)
-    if (oy, ox) != (top, left) or need != feats.shape[1:]:
-        canvas = np.full((feats.shape[0], *need), np.nan, np.float32)
-        ya, xa = top - oy, left - ox
-        canvas[:, ya : ya + feats.shape[1], xa : xa + feats.shape[2]] = feats[
-            :, : need[0] - ya, : need[1] - xa
-        ]
-        feats = canvas
-    taper = cosine_weights(window)
-    acc = np.zeros((len(members), ny, nx), np.float64)
-    wsum = np.zeros((ny, nx), np.float64)
-    windows = [(y, x) for y in ys for x in xs]
-    batch_size = _window_batch(feats.shape[0], window)
-    for m, (model, std, *rest) in enumerate(members):
-        target = rest[0] if rest else None
-        for start in range(0, len(windows), batch_size):
-            batch = windows[start : start + batch_size]
-            side = window + 2 * margin  # each window's input: the window and its margin
-            stack = np.stack(
-                [
-                    feats[:, y - ys[0] : y - ys[0] + side, x - xs[0] : x - xs[0] + side]
-                    for y, x in batch
-                ]
-            )
-            x_t = torch.from_numpy(std.apply(stack)).to(device)
-            out = predict(model, x_t, tta=spec.tta).cpu().numpy().astype(np.float64)
-            if target is not None:
-                out = target.decode(out)
-            for (y, x), value in zip(batch, out, strict=True):
-                ya, yb = max(y, r0), min(y + window, r0 + ny)
-                xa, xb = max(x, c0), min(x + window, c0 + nx)
-                w = taper[ya - y : yb - y, xa - x : xb - x]
-                v = value if np.ndim(value) == 0 else value[ya - y : yb - y, xa - x : xb - x]
-                acc[m, ya - r0 : yb - r0, xa - c0 : xb - c0] += w * v
-                if m == 0:
-                    wsum[ya - r0 : yb - r0, xa - c0 : xb - c0] += w
-    per_model = acc / np.maximum(wsum, 1e-12)
+    feats = _canvas(feats, (top, left), ys, xs, spec)
+    per_model = np.stack([_blend(m, feats, ys, xs, offset, core, spec) for m in members])
     out = np.full((4, ny, nx), np.nan, np.float32)
     out[0] = per_model.mean(axis=0)
     out[1] = per_model.std(axis=0) if len(members) > 1 else 0.0
+    oy, ox = int(ys[0]) - spec.margin, int(xs[0]) - spec.margin
     core_feats = feats[: spec.n_features, r0 - oy : r0 - oy + ny, c0 - ox : c0 - ox + nx]
     if aoa is not None:
         flat = np.moveaxis(core_feats, 0, -1).reshape(-1, spec.n_features)
@@ -430,6 +389,68 @@ def _predict_tile(
         out[3] = (out[2] <= aoa.threshold).astype(np.float32)
     out[:, np.isnan(core_feats).all(axis=0)] = np.nan
     return out
+
+
+def _canvas(
+    feats: np.ndarray, at: tuple[int, int], ys: np.ndarray, xs: np.ndarray, spec: _TileSpec
+) -> np.ndarray:
+    """``feats`` (read from global pixel ``at``) placed on the region every window of ``ys``
+    × ``xs`` reads with its margin, NaN beyond the site (also a site smaller than a window)."""
+    m, window = spec.margin, spec.window
+    oy, ox = int(ys[0]) - m, int(xs[0]) - m
+    need = (int(ys[-1]) + window + m - oy, int(xs[-1]) + window + m - ox)
+    if (oy, ox) == at and need == feats.shape[1:]:
+        return feats
+    canvas = np.full((feats.shape[0], *need), np.nan, np.float32)
+    ya, xa = at[0] - oy, at[1] - ox
+    part = feats[:, : need[0] - ya, : need[1] - xa]
+    canvas[:, ya : ya + part.shape[1], xa : xa + part.shape[2]] = part
+    return canvas
+
+
+def _blend(
+    member: tuple[Any, ...],
+    canvas: np.ndarray,
+    ys: np.ndarray,
+    xs: np.ndarray,
+    offset: tuple[int, int],
+    core: tuple[int, int],
+    spec: _TileSpec,
+) -> np.ndarray:
+    """One member's map of the tile core: the cosine-tapered mean of every window over it."""
+    import torch
+
+    from agbcube.train.loop import predict
+
+    model, std, *rest = member
+    target = rest[0] if rest else None
+    (r0, c0), (ny, nx), window = offset, core, spec.window
+    side = window + 2 * spec.margin  # each window's input: the window and its margin
+    taper = cosine_weights(window)
+    acc = np.zeros((ny, nx), np.float64)
+    wsum = np.zeros((ny, nx), np.float64)
+    windows = [(y, x) for y in ys for x in xs]
+    batch_size = _window_batch(canvas.shape[0], side)
+    for start in range(0, len(windows), batch_size):
+        batch = windows[start : start + batch_size]
+        stack = np.stack(
+            [
+                canvas[:, y - ys[0] : y - ys[0] + side, x - xs[0] : x - xs[0] + side]
+                for y, x in batch
+            ]
+        )
+        x_t = torch.from_numpy(std.apply(stack)).to(spec.device)
+        out = predict(model, x_t, tta=spec.tta).cpu().numpy().astype(np.float64)
+        if target is not None:
+            out = target.decode(out)
+        for (y, x), value in zip(batch, out, strict=True):
+            ya, yb = max(y, r0), min(y + window, r0 + ny)
+            xa, xb = max(x, c0), min(x + window, c0 + nx)
+            w = taper[ya - y : yb - y, xa - x : xb - x]
+            v = value if np.ndim(value) == 0 else value[ya - y : yb - y, xa - x : xb - x]
+            acc[ya - r0 : yb - r0, xa - c0 : xb - c0] += w * v
+            wsum[ya - r0 : yb - r0, xa - c0 : xb - c0] += w
+    return acc / np.maximum(wsum, 1e-12)
 
 
 class _Decode:

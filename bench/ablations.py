@@ -94,7 +94,8 @@ def run_all(jobs: list[tuple[str, int, Path]], args: argparse.Namespace) -> dict
             name, seed, path = pending.pop(0)
             key = f"{name}-s{seed}"
             log = open(logs / f"{key}.log", "w")  # noqa: SIM115 (closed when the run ends)
-            cmd = [sys.executable, "-m", "agbcube.cli", "train", str(path), "-q", "--overwrite"]
+            again = "--resume" if args.resume else "--overwrite"
+            cmd = [sys.executable, "-m", "agbcube.cli", "train", str(path), "-q", again]
             cmd += ["--device", args.device]
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
             running[key] = (proc, time.perf_counter(), log)
@@ -198,6 +199,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads per run")
     parser.add_argument("--deadline", type=float, default=0, help="seconds (0: none)")
+    parser.add_argument("--resume", action="store_true", help="continue runs already started")
     parser.add_argument("--summarise", action="store_true", help="only summarise the output")
     args = parser.parse_args()
     out = Path(args.output)

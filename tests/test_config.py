@@ -248,3 +248,15 @@ def test_import_is_light_and_public_api_resolves():
     assert int(out.stdout) == len(agbcube.__all__)
     for name in agbcube.__all__:
         assert getattr(agbcube, name) is not None
+
+
+def test_train_defaults_are_the_accurate_model_and_retired_keys_warn():
+    from agbcube.config import TrainConfig
+
+    t = TrainConfig()
+    assert (t.head, t.norm, t.coordinates, t.log_target) == ("dense", "batch", "none", False)
+    assert t.refit and t.label_buffer == "pixel" and t.val_window == 5
+    assert t.context_px == len(t.conv_channels)  # 'auto': the conv stack's reach
+    assert TrainConfig(head="chip").context_px == 0
+    with pytest.warns(FutureWarning, match="num_workers is no longer used"):
+        assert not hasattr(TrainConfig(num_workers=4), "num_workers")

@@ -158,11 +158,24 @@ def test_train_role_imports_without_gdal():
     # the train role uses imports without anything outside its extra.
     done = run_without(
         blocked_modules("train"),
-        "import agbcube.train, agbcube.train.run, agbcube.train.data, agbcube.train.plots\n"
+        "import agbcube.train, agbcube.train.run, agbcube.train.readers, agbcube.train.batches\n"
+        "import agbcube.train.tasks, agbcube.train.evaluate, agbcube.train.plots\n"
         "import agbcube.folds, agbcube.chips, agbcube._store, agbcube.cli\n"
         "assert 'rasterio' not in sys.modules and 'pystac' not in sys.modules\n",
     )
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_training_without_torch_names_the_extra():
+    done = run_without(
+        blocked_modules("cube"),
+        "from typer.testing import CliRunner\n"
+        "from agbcube.cli import app\n"
+        "result = CliRunner().invoke(app, ['train', 'configs/benchmark.yaml'])\n"
+        "print(result.exit_code, result.output)\n",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("2 ") and "pip install 'agbcube[train]'" in done.stdout
 
 
 def test_predict_role_imports_its_modules():

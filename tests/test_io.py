@@ -76,6 +76,22 @@ def test_own_outputs_are_recognised_by_their_markers(tmp_path):
     assert output_kind(tmp_path / "a.json") == "json"
 
 
+def test_a_folds_files_audit_and_maps_from_before_markers_are_recognised(tmp_path):
+    """Versions before markers wrote folds_audit.json and folds_map_<site>.png unmarked beside
+    a marked folds file: re-running `agbcube folds` must replace them, not refuse."""
+    folds = _agbcube_parquet(tmp_path / "folds.parquet")
+    (tmp_path / "folds_audit.json").write_text('{"tested_once": true}')
+    _png(tmp_path / "folds_map_betul.png")
+    assert output_kind(tmp_path / "folds_audit.json") == "json"
+    assert output_kind(tmp_path / "folds_map_betul.png") == "png"
+    # not beside a marked folds file, or not named after one: the user's
+    (tmp_path / "other_audit.json").write_text('{"tested_once": true}')
+    folds.rename(tmp_path / "mine.parquet")
+    pd.DataFrame({"a": [1]}).to_parquet(tmp_path / "folds.parquet")
+    for name in ("other_audit.json", "folds_audit.json", "folds_map_betul.png"):
+        assert output_kind(tmp_path / name) is None, name
+
+
 def test_foreign_files_and_folders_are_not_owned(tmp_path):
     pd.DataFrame({"a": [1]}).to_parquet(tmp_path / "theirs.parquet")
     (tmp_path / "notes.json").write_text('{"x": 1}')

@@ -367,16 +367,21 @@ def test_a_damaged_cube_chunk_names_the_site_while_mapping(tmp_path, simple_site
     assert not (tmp_path / "maps" / "maps.zarr").exists()
 
 
+_SITES = "sites: [{name: s, satellite: s.tif, biomass: b.tif}]\n"
+
+
 @pytest.mark.parametrize(
     ("content", "match"),
     [
         (None, r"config.yaml not found: is .* a run directory"),
         ("cube: [unclosed\n", r"run config .*config.yaml is not valid YAML"),
-        ("train: {epochs: 3}\n", r"run config .*config.yaml has no 'cube' section"),
-        ("cube: {output: cube.zarr, chunks: lots}\n", r"run config .*section cube: chunks"),
+        ("cube: {output: c.zarr}\n", r"run config .*config.yaml.*sites: required key"),
+        (_SITES + "cube: {chunks: lots}\n", r"run config .*cube.chunks: Input should be"),
+        (_SITES + "train: {new_key: 1}\n", r"run config .*train.new_key: unknown key"),
     ],
 )
 def test_a_broken_run_config_is_a_config_error(tmp_path, content, match):
+    """A run's config is read back through the same validation as a fresh one."""
     from agbcube.errors import ConfigError
     from agbcube.predict import run_cube
 
@@ -384,8 +389,8 @@ def test_a_broken_run_config_is_a_config_error(tmp_path, content, match):
         (tmp_path / "config.yaml").write_text(content)
     with pytest.raises(ConfigError, match=match):
         run_cube(tmp_path)
-    (tmp_path / "config.yaml").write_text("cube: {output: c.zarr}\ntrain: {new_key: 1}\n")
-    assert run_cube(tmp_path) == tmp_path / "c.zarr"  # relative to the run; other sections free
+    (tmp_path / "config.yaml").write_text(_SITES + "cube: {output: c.zarr}\n")
+    assert run_cube(tmp_path) == tmp_path / "c.zarr"  # relative to the run
 
 
 def test_window_settings_that_cannot_work_are_refused():

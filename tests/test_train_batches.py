@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -76,6 +78,7 @@ def test_preparation_fits_on_training_chips_masks_labels_and_adds_coordinates(rn
         log_target=False,
         size_px=6,
         margin=1,
+        model_margin=1,
     )
     assert prep.n_channels == 6
     inputs = np.concatenate([x, lonlat], axis=1)
@@ -83,8 +86,8 @@ def test_preparation_fits_on_training_chips_masks_labels_and_adds_coordinates(rn
     labels = np.where(context_mask(mask, 1, 6), agb, np.nan)
     assert prep.target.mean == pytest.approx(float(np.nanmean(labels.astype(np.float64))))
     block = next(_blocks(x, agb, lonlat))
-    y = prep.targets(block, mask[:5])
-    np.testing.assert_array_equal(np.isfinite(y), np.isfinite(labels[:5]))
+    y = prep.targets(block, mask[:5])  # the chips' own pixels
+    np.testing.assert_array_equal(np.isfinite(y), np.isfinite(labels[:5, 1:7, 1:7]))
     np.testing.assert_array_equal(prep.inputs(block), prep.standardiser.apply(inputs[:5]))
 
 
@@ -111,6 +114,15 @@ def test_device_batches_augment_inside_the_gather(rng):
         seen.append(idx)
     assert torch.equal(torch.cat(seen), order)
     torch.testing.assert_close(source.x, torch.from_numpy(x))
+    # a pass cut in one gather (the default) or batch by batch: the same batches
+    passes = []
+    for budget in (1e9, 0):
+        source.gather_bytes = budget
+        g = torch.Generator().manual_seed(7)
+        draw = functools.partial(draw_augmentation, generator=g, **kw)
+        passes.append(list(source.iterate(order, 3, draw)))
+    for (xa, ya, ia), (xb, yb, ib) in zip(*passes, strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb) and torch.equal(ia, ib)
 
 
 def test_inputs_carry_the_models_margin_and_targets_the_chip(rng):

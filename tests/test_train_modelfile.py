@@ -30,6 +30,7 @@ def _record(**train):
         per_chip=False,
         size_px=8,
         margin=2,
+        model_margin=model.margin,  # two unpadded 3x3 convolutions: 2 px each side
     )
     bands = ["a", "b", "c", "d", "e"]
     return model, model_record(model, prep, cfg, bands=bands, fold=1, member=2)

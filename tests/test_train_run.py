@@ -10,7 +10,7 @@ import pytest
 import rasterio
 import torch
 
-from agbcube.errors import ConfigError, TrainingError
+from agbcube.errors import ConfigError, OutputExistsError, TrainingError
 from agbcube.train import load_ensemble, run_cv
 
 pytestmark = pytest.mark.slow
@@ -140,9 +140,9 @@ def test_resume_is_refused_when_what_made_the_run_changed(demo_config, demo_fold
         run_cv(other, output=tmp_path / "r", device="cpu", plots=False, resume=True)
     with pytest.raises(TrainingError, match=r"train.epochs: 1 → 3"):
         run_cv(cfg, output=tmp_path / "r", device="cpu", plots=False, resume=True, epochs=3)
-    # other folds (a copy with one chip's roles swapped) are refused too
+    # other folds (a copy in which one training chip of fold 0 became buffer) are refused too
     folds = demo_folds.copy()
-    folds.loc[folds.index[0], "role_0"] = "buffer"
+    folds.loc[(folds["role_0"] == "train").idxmax(), "role_0"] = "buffer"
     moved = tmp_path / "folds.parquet"
     from agbcube.folds import write_folds
 
@@ -160,7 +160,7 @@ def test_overrides_are_validated_and_foreign_folders_left_alone(demo_config, tmp
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("precious")
-    with pytest.raises(TrainingError, match="holds no agbcube run"):
+    with pytest.raises(OutputExistsError, match="holds files but no agbcube run"):
         run_cv(_small(demo_config), output=foreign, device="cpu", overwrite=True)
     assert (foreign / "thesis.tex").read_text() == "precious"
 

@@ -1,10 +1,23 @@
 """Training: chips from the cube into a PyTorch loop, cross-validated over honest folds.
 
-torch is imported only by the modules of this subpackage, never by ``import agbcube``.
+torch is imported only by the modules of this subpackage, never by ``import agbcube``;
+importing this subpackage without torch installed is a :class:`~agbcube.errors.
+MissingDependencyError` that names the extra to install.
 """
 
 from __future__ import annotations
 
-from agbcube.train.run import load_ensemble, run_cv
+try:
+    import torch  # noqa: F401
+except ImportError as err:  # a cube-building machine (the `cube` extra) has no torch
+    from agbcube.errors import MissingDependencyError
 
-__all__ = ["load_ensemble", "run_cv"]
+    raise MissingDependencyError(
+        "training and prediction need PyTorch, which is not installed here: install the train "
+        "extra (pip install 'agbcube[train]', or 'agbcube[predict]' to map sites), with a CUDA "
+        "build of torch first for a GPU (docs: Getting started, 'PyTorch builds')"
+    ) from err
+
+from agbcube.train.run import load_ensemble, run_cv, training_history
+
+__all__ = ["load_ensemble", "run_cv", "training_history"]

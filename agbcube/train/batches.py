@@ -357,6 +357,8 @@ class DeviceBatches:
     device : torch.device or str
     """
 
+    gather_bytes: float = 1e9  # the largest pass cut in one gather
+
     def __init__(self, x: np.ndarray, y: np.ndarray, device: Any) -> None:
         self.device = torch.device(device)
         self._rows = _rows_of(x, self.device)
@@ -391,12 +393,35 @@ class DeviceBatches:
     def iterate(
         self, order: torch.Tensor, batch_size: int, augment: Callable[[int], Any] | None = None
     ) -> Iterator[Batch]:
+        """Batches of ``order``. A pass that fits in ``gather_bytes`` is cut in one gather (the
+        batches' augmentations drawn first, in the same order as one by one: the same numbers),
+        and its batches are views of it: on a GPU one gather per pass runs at the device's copy
+        rate, where one per batch is bound by launching kernels."""
         order = order.to(self.device)
-        for start in range(0, order.numel(), batch_size):
+        starts = range(0, order.numel(), batch_size)
+        sizes = [min(batch_size, order.numel() - s) for s in starts]
+        augs = [augment(n) for n in sizes] if augment is not None else None
+        per_chip = self._rows[0].numel() * self._rows.element_size()
+        if order.numel() * per_chip <= self.gather_bytes and sizes:
+            x, y = gather_batch(self._rows, self.y, order, self._hw, _joined(augs))
+            for start, n in zip(starts, sizes, strict=True):
+                yield x[start : start + n], y[start : start + n], order[start : start + n]
+            return
+        for i, start in enumerate(starts):
             idx = order[start : start + batch_size]
-            aug = augment(idx.numel()) if augment is not None else None
-            x, y = gather_batch(self._rows, self.y, idx, self._hw, aug)
+            x, y = gather_batch(self._rows, self.y, idx, self._hw, augs[i] if augs else None)
             yield x, y, idx
+
+
+def _joined(augs: list[Any] | None) -> Any:
+    """Per-batch augmentations as one, for a whole pass's gather."""
+    if not augs:
+        return None
+    from agbcube.train.model import Augmentation
+
+    gains = [a.gain for a in augs]
+    gain = None if gains[0] is None else torch.cat(gains)
+    return Augmentation(torch.cat([a.transform for a in augs]), gain)
 
 
 class StreamBatches:

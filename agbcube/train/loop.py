@@ -273,13 +273,12 @@ def fit(
     """Train ``model`` on a fold's chips.
 
     AdamW with cosine annealing; early stopping on the mean validation loss of the last
-    ``cfg.val_window`` epochs (the training loss when there is no validation set) with the best
-    epoch's weights restored; hard-negative mining from ``cfg.hnm_start_epoch`` (sampling
-    weights from every chip's loss in one batched pass); batched augmentation inside the batch
-    gather; bfloat16 autocast on GPU. Random numbers come from generators seeded with ``seed``;
-    dropout uses the global generator, which the caller seeds, and which is saved in
-    checkpoints, so a resumed fit continues bit for bit on the CPU. Each epoch is logged at
-    INFO on ``agbcube.train.loop``.
+    ``cfg.val_window`` epochs (the training loss without a validation set), the best epoch's
+    weights restored; hard-negative mining from ``cfg.hnm_start_epoch`` (sampling weights from
+    every chip's loss in one batched pass); bfloat16 autocast on GPU. Random numbers come from
+    generators seeded with ``seed`` and, for dropout, the global generator the caller seeds;
+    all are saved in checkpoints, so a resumed fit continues bit for bit on the CPU. Each
+    epoch is logged at INFO on ``agbcube.train.loop``.
 
     Parameters
     ----------

@@ -37,12 +37,12 @@ import yaml
 from agbcube._io import atomic_path, output_lock, remove_path, write_json_atomic
 from agbcube.errors import TrainingError
 
-__all__ = ["load_ensemble", "run_cv"]
+__all__ = ["load_ensemble", "run_cv", "training_history"]
 
 log = logging.getLogger(__name__)
 
 # Settings that do not change a run's results: a run may be resumed with other values.
-_NEUTRAL = ("output", "device", "num_workers")
+_NEUTRAL = ("output", "device")
 
 
 def run_cv(
@@ -376,3 +376,25 @@ def load_ensemble(run_dir: str | Path, device: str = "cpu") -> tuple[list[Any], 
         "train": first.train.model_dump(mode="json"),
     }
     return [(m.model, m.standardiser, m.target) for m in members], spec
+
+
+def training_history(run_dir: str | Path) -> Any:
+    """Every fit's epochs in a run: a DataFrame with ``fold``, ``task`` (``select``,
+    ``member_m``), ``refit``, ``epoch``, ``train_loss``, ``val_loss``, ``lr`` and
+    ``seconds`` (a refit has no validation chips: its ``val_loss`` is its training loss)."""
+    import pandas as pd
+
+    from agbcube.train.tasks import load_result
+
+    frames = []
+    for path in sorted(Path(run_dir).glob("fold_*/*.npz")):
+        summary = load_result(path)[0]
+        if summary.get("history"):
+            frame = pd.DataFrame(summary["history"])
+            refit = bool(summary.get("refit", False))
+            frames.append(frame.assign(fold=int(summary["fold"]), task=path.stem, refit=refit))
+    if not frames:
+        raise TrainingError(f"{run_dir} holds no finished fit: train with `agbcube train`")
+    history = pd.concat(frames, ignore_index=True)
+    columns = ["fold", "task", "refit", "epoch", "train_loss", "val_loss", "lr", "seconds"]
+    return history[columns].sort_values(["fold", "task", "epoch"], ignore_index=True)

@@ -189,14 +189,14 @@ class RunData:
 
     def roles(self, k: int) -> FoldRoles:
         """Fold ``k``'s roles, with the label masks of ``train.label_buffer: pixel``."""
-        from agbcube.folds import label_mask, training_pool
+        from agbcube.folds import label_masks, training_pool
 
         role = self.folds[f"role_{k}"].to_numpy()
         train, val, test = (np.flatnonzero(role == r) for r in ("train", "val", "test"))
         if self.tcfg.label_buffer != "pixel":
             return FoldRoles(train, None, val, test, training_pool(self.folds, k), None, np.inf)
-        train, train_mask, d_train = label_mask(self.folds, k, self.lonlat, validation=True)
-        pool, pool_mask, d_pool = label_mask(self.folds, k, self.lonlat, validation=False)
+        masks = label_masks(self.folds, k, self.lonlat)
+        (train, train_mask, d_train), (pool, pool_mask, d_pool) = masks["train"], masks["pool"]
         return FoldRoles(train, train_mask, val, test, pool, pool_mask, min(d_train, d_pool))
 
     def fold(self, k: int) -> FoldData:
@@ -387,6 +387,7 @@ def _cnn(run: RunData, task: Task, *, resume: bool) -> tuple[dict, dict]:
         "fold": k,
         "kind": task.kind,
         "member": task.member,
+        "refit": refit,
         "seed": seed,
         "n_chips": int(positions.size),
         "best_epoch": result.best_epoch,

@@ -16,6 +16,7 @@ DEVICE=${DEVICE:-cuda}
 SEEDS=${SEEDS:-0 1 2}
 EPOCHS=${EPOCHS:-}
 PY=${PYTHON:-python3}
+case $PY in */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esac  # the CV runs in .device/
 mkdir -p "$OUT"
 if [ -d .whl ] && [ "$DEVICE" != cpu ]; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
