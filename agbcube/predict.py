@@ -488,9 +488,8 @@ def predict_site(
         from the store. A Dask-backed or in-memory cube works too.
     models : list of (torch.nn.Module, Standardiser[, TargetTransform]), or str or Path
         The ensemble members; the target transform turns outputs into Mg/ha (without one,
-        ``log_target`` decides). Or a run's ``ensemble.pt``: each process computing tiles (a
-        Dask worker) then loads it once, on ``device`` as it resolves there, rather than
-        receiving the models through the task graph.
+        ``log_target`` decides). Or a run's ``ensemble.pt``, which each process computing tiles
+        (a Dask worker) loads once, on ``device`` as it resolves there.
     window_px : int
         Window side (the chip size for the chip head; any size for the dense head).
     stride_px : int, optional
@@ -508,14 +507,10 @@ def predict_site(
     bands : list of str, optional
         The bands the models expect, in order; a mismatch raises :class:`BandError`.
     block_px : int, optional
-        Tile (Dask block and output chunk) side. A tile task holds about
-        ``bands × (block + 2 window)² × 4`` bytes of input, whatever the site's size. Default
-        512, smaller for a small site so that it still splits into 2 × 2 tiles (windows at
-        tile borders are evaluated by each tile they touch, so tiles much larger than the
-        window waste little).
+        Tile (Dask block and output chunk) side; a task holds ``bands × (block + 2 window)² × 4``
+        bytes of input. Default 512, less for a small site, to split it into 2 × 2 tiles.
     margin_px : int
-        Context the models read around each window (a dense model with unpadded
-        convolutions: its ``margin``); NaN beyond the site's edge, as in training.
+        Context the models read around each window (their ``margin``); NaN beyond the site.
 
     Returns
     -------
@@ -524,18 +519,9 @@ def predict_site(
         one Dask chunk per tile.
     """
     import dask
-    import dask.array as dsa
 
-    site = str(ds.attrs.get("site", "site"))
-    have = [str(b) for b in ds["band"].values]
-    if bands is not None:
-        check_bands(have, list(bands), site=site)
-        feats = ds["features"].isel(band=_band_index(have, list(bands)))
-    else:
-        feats = ds["features"]
-    feats = feats.drop_vars([c for c in feats.coords if c not in feats.dims])
+    feats = _site_features(ds, bands)
     shape = (feats.sizes["y"], feats.sizes["x"])
-    block_px = block_px or default_block(shape, window_px)
     spec = _TileSpec(
         shape=shape,
         window=window_px,
@@ -546,7 +532,6 @@ def predict_site(
         crs=ds.rio.crs.to_wkt() if coordinates else None,
         margin=margin_px,
     )
-    x, y = ds["x"].values, ds["y"].values
     if isinstance(models, str | Path):
         members_d: Any = _EnsembleFile.of(models)  # a few bytes in every tile's task
     else:
@@ -555,39 +540,68 @@ def predict_site(
         members_d = dask.delayed(members, traverse=False)
     # one graph key, so a cluster ships the AOA reference once per worker
     aoa_d = dask.delayed(aoa, traverse=False) if aoa is not None else None
+    block_px = block_px or default_block(shape, window_px)
+    tiles = _tiles(feats, spec, (members_d, aoa_d), block_px, str(ds.attrs.get("site", "site")))
+    return _maps_dataset(ds, tiles, aoa)
+
+
+def _site_features(ds: xr.Dataset, bands: Sequence[str] | None) -> xr.DataArray:
+    """The site's features, restricted to and ordered as ``bands`` when given (checked)."""
+    have = [str(b) for b in ds["band"].values]
+    feats = ds["features"]
+    if bands is not None:
+        check_bands(have, list(bands), site=str(ds.attrs.get("site", "site")))
+        feats = feats.isel(band=_band_index(have, list(bands)))
+    return feats.drop_vars([c for c in feats.coords if c not in feats.dims])
+
+
+def _tiles(
+    feats: xr.DataArray, spec: _TileSpec, shared: tuple[Any, Any], block_px: int, site: str
+) -> Any:
+    """The map as a Dask array ``(4, y, x)``: one delayed :func:`_predict_tile` per tile, each
+    given the windows touching its core with their margin (``shared``: the members' and the
+    AOA reference's graph keys; ``site`` names the site in read errors)."""
+    import dask
+    import dask.array as dsa
+
     # a cube already in memory is sliced here; a lazy one is read by each tile's task
     loaded = feats.chunks is None and getattr(feats.variable, "_in_memory", False)
+    x, y = feats["x"].values, feats["y"].values
+    (ny_all, nx_all), window, margin = spec.shape, spec.window, spec.margin
+    ychunks, xchunks = _axis_chunks(ny_all, block_px), _axis_chunks(nx_all, block_px)
     rows = []
-    ychunks, xchunks = _axis_chunks(shape[0], block_px), _axis_chunks(shape[1], block_px)
-    y_off, x_off = _offsets(ychunks), _offsets(xchunks)
-    for r0, ny in zip(y_off, ychunks, strict=True):
-        ys = _windows_touching(shape[0], window_px, spec.stride, int(r0), ny)
-        top = max(0, int(ys[0]) - margin_px)
-        bottom = min(shape[0], int(ys[-1]) + window_px + margin_px)
+    for r0, ny in zip(_offsets(ychunks), ychunks, strict=True):
+        ys = _windows_touching(ny_all, window, spec.stride, int(r0), ny)
+        top, bottom = max(0, int(ys[0]) - margin), min(ny_all, int(ys[-1]) + window + margin)
         row = []
-        for c0, nx in zip(x_off, xchunks, strict=True):
-            xs = _windows_touching(shape[1], window_px, spec.stride, int(c0), nx)
-            left = max(0, int(xs[0]) - margin_px)
-            right = min(shape[1], int(xs[-1]) + window_px + margin_px)
+        for c0, nx in zip(_offsets(xchunks), xchunks, strict=True):
+            xs = _windows_touching(nx_all, window, spec.stride, int(c0), nx)
+            left = max(0, int(xs[0]) - margin)
+            right = min(nx_all, int(xs[-1]) + window + margin)
             region = feats.isel(y=slice(top, bottom), x=slice(left, right))
             source = region.values if loaded else _Window(_without_cache(region), site)
             tile = dask.delayed(_predict_tile, pure=False)(
                 source,
-                members_d,
-                aoa_d,
+                *shared,
                 top=top,
                 left=left,
                 offset=(int(r0), int(c0)),
                 core=(ny, nx),
                 spec=spec,
-                xy=(x[left:right], y[top:bottom]) if coordinates else None,
+                xy=(x[left:right], y[top:bottom]) if spec.crs is not None else None,
             )
             row.append(dsa.from_delayed(tile, shape=(4, ny, nx), dtype=np.float32))
         rows.append(row)
-    out = dsa.block(rows)
+    return dsa.block(rows)
+
+
+def _maps_dataset(ds: xr.Dataset, tiles: Any, aoa: AOAReference | None) -> xr.Dataset:
+    """The layers of ``tiles`` as a Dataset on the site's grid, with units and the CRS."""
+    import rioxarray  # noqa: F401
+
     coords = {k: ds.coords[k] for k in ("y", "x", "spatial_ref") if k in ds.coords}
     result = xr.Dataset(
-        {name: (("y", "x"), out[i]) for i, name in enumerate(LAYERS)}, coords=coords
+        {name: (("y", "x"), tiles[i]) for i, name in enumerate(LAYERS)}, coords=coords
     )
     if aoa is None:
         result = result.drop_vars(["di", "aoa"])
@@ -597,8 +611,6 @@ def predict_site(
         result["di"].attrs.update(long_name="dissimilarity index", threshold=aoa.threshold)
         result["aoa"].attrs.update(long_name="area of applicability (1 inside, 0 outside)")
     result.attrs["site"] = str(ds.attrs.get("site", ""))
-    import rioxarray  # noqa: F401
-
     return result.rio.write_crs(ds.rio.crs)
 
 
@@ -758,8 +770,6 @@ def predict_run(
         As :func:`predict_site`, with ``attrs["key"]``: a digest of the ensemble, the site's
         cube and the settings, with which :func:`write_maps` resumes an interrupted write.
     """
-    from agbcube.folds import read_folds
-
     run_dir = Path(run_dir)
     store = run_cube(run_dir)
     ensemble_file = run_dir / "ensemble.pt"
@@ -773,17 +783,7 @@ def predict_run(
     window = window_px or default
     stride = stride_px or max(1, window // (4 if dense else 2))
     _check_window(window, stride, (ds.sizes["y"], ds.sizes["x"]), default)
-    reference = None
-    if aoa:
-        try:
-            folds = read_folds(run_dir / "folds.parquet", cube=store)
-        except FoldError as err:
-            raise FoldError(
-                f"run {run_dir}: {err}. The run's area of applicability needs the cube it was "
-                "trained on: train the run again, or map without it (--no-aoa)"
-            ) from err
-        pixels, fold_of = _labelled_pixels(store, folds, spec["bands"], size)
-        reference = aoa_reference(pixels, fold_of)
+    reference = _run_aoa(run_dir, store, spec["bands"], size) if aoa else None
     maps = predict_site(
         ds,
         ensemble_file,
@@ -798,9 +798,32 @@ def predict_run(
         block_px=block_px,
         margin_px=int(getattr(models[0][0], "margin", 0)),
     )
-    # What the maps depend on: an interrupted write resumes only into maps made the same way.
+    maps.attrs["key"] = _maps_key(run_dir, ds, maps, window=window, stride=stride, aoa=aoa)
+    maps.attrs["run"] = run_dir.resolve().name
+    return maps
+
+
+def _run_aoa(run_dir: Path, store: Path, bands: list[str], size: int) -> AOAReference:
+    """The AOA reference of a run: its training chips' labelled pixels, by fold."""
+    from agbcube.folds import read_folds
+
+    try:
+        folds = read_folds(run_dir / "folds.parquet", cube=store)
+    except FoldError as err:
+        raise FoldError(
+            f"run {run_dir}: {err}. The run's area of applicability needs the cube it was "
+            "trained on: train the run again, or map without it (--no-aoa)"
+        ) from err
+    pixels, fold_of = _labelled_pixels(store, folds, bands, size)
+    return aoa_reference(pixels, fold_of)
+
+
+def _maps_key(
+    run_dir: Path, ds: xr.Dataset, maps: xr.Dataset, *, window: int, stride: int, aoa: bool
+) -> str:
+    """What the maps depend on: an interrupted write resumes only into maps made the same way."""
     ensemble = (run_dir / "ensemble.pt").stat()
-    maps.attrs["key"] = digest(
+    return digest(
         {
             "ensemble": [str((run_dir / "ensemble.pt").resolve()), ensemble.st_size],
             "ensemble_mtime_ns": ensemble.st_mtime_ns,
@@ -813,8 +836,6 @@ def predict_run(
             "aoa": aoa,
         }
     )
-    maps.attrs["run"] = run_dir.resolve().name
-    return maps
 
 
 def _here(device: str) -> str:

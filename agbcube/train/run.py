@@ -77,10 +77,9 @@ def run_cv(
     plots : bool
         Write the plots.
     scheduler : str, optional
-        Where the tasks run: in this process one after another (default, ``"threads"``,
-        ``"synchronous"``), on a LocalCluster started for the run (``"local"``,
-        ``"processes"``) or on the cluster at an address (``"tcp://host:8786"``); see
-        :mod:`agbcube.train.cluster`.
+        Where the tasks run: here one after another (default, ``"threads"``, ``"synchronous"``),
+        on a LocalCluster started for the run (``"local"``, ``"processes"``) or on the cluster
+        at an address (``"tcp://host:8786"``); see :mod:`agbcube.train.cluster`.
     threads_per_task : int, optional
         On a cluster: torch threads of each task (default: each worker process's share of its
         machine's cores).
@@ -108,19 +107,15 @@ def run_cv(
         dev = cluster.device if cluster else resolve_device(tcfg.device)
         _prepare_output(out, resume=resume, overwrite=overwrite)
         folds_path = _ensure_folds(config)
-        path = (
-            cluster.data_path(config, folds_path)
-            if cluster
-            else _data_path(config, folds_path, dev)
-        )
+        path = _data_path_of(cluster, config, folds_path, dev)
         _record_run(config, folds_path, out, data_path=path, device=dev, resume=resume)
-        # on a cluster this process only assembles the workers' results: on its CPU
-        run = RunData(config, out, torch.device("cpu") if cluster else dev, path)
+        run = RunData(config, out, torch.device("cpu") if cluster else dev, path)  # (*)
         tasks = plan_tasks(tcfg, run.n_folds)
         log.info("%d tasks over %d folds; training on %s (%s)", len(tasks), run.n_folds, dev, path)
         with _deterministic(dev):
             _run_tasks(tasks, run, resume=resume, cluster=cluster)
         metrics = _finish(run, tasks, plots=plots)
+    # (*) on a cluster this process only assembles the workers' results: on its CPU
     metrics["run"] = {
         "scheduler": scheduler or "in-process",
         "device": str(dev),
@@ -130,6 +125,13 @@ def run_cv(
     }
     write_json_atomic(out / "metrics.json", metrics)
     return metrics
+
+
+def _data_path_of(cluster: Any, config: Any, folds_path: Path, dev: Any) -> str:
+    """The data path the fits use: as the cluster's workers resolve it, or for ``dev`` here."""
+    if cluster is not None:
+        return cluster.data_path(config, folds_path)
+    return _data_path(config, folds_path, dev)
 
 
 def _run_tasks(tasks: list[Any], run: Any, *, resume: bool, cluster: Any = None) -> None:
