@@ -36,16 +36,24 @@ ORIGINAL_H100_S = 181.0
 
 
 def model_rate(
-    cfg: TrainConfig, in_channels: int, size: int, batch: int, device, seconds: float = 5.0
+    cfg: TrainConfig,
+    in_channels: int,
+    size: int,
+    batch: int,
+    device,
+    seconds: float = 5.0,
+    bf16: bool = False,
 ) -> float:
-    """Training samples/s of the model ``cfg`` describes, on random data (fwd+bwd+step)."""
+    """Training samples/s of the model ``cfg`` describes, on random data (fwd+bwd+step);
+    ``bf16``: the forward pass under bfloat16 autocast."""
     torch.manual_seed(0)
     model = build_model(cfg, in_channels, size).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x = torch.randn(batch, in_channels, size, size, device=device)
     n, t0 = 0, None
     while t0 is None or time.perf_counter() - t0 < seconds:
-        out = model(x)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = model(x)
         loss = out.float().square().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
