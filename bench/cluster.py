@@ -34,18 +34,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
-from scaling import SHARED, run, write_config  # noqa: E402
+from scaling import run, run_factors, write_config  # noqa: E402
 
 
 def wait_for_quiet(max_load: float, wait_max: float) -> dict[str, Any]:
@@ -145,30 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--keep", action="store_true")
     p.add_argument("--results", type=Path, default=REPO / "bench" / "results" / "cluster.json")
     args = p.parse_args(argv)
-    if not SHARED.exists():
-        sys.exit(f"{SHARED} not found: this benchmark needs ../shared/benchmark")
-    rows = []
-    try:
-        for k in (int(f) for f in args.factors.split(",")):
-            print(f"[{k}x] {3 * k} sites", file=sys.stderr, flush=True)
-            rows.append(bench_factor(k, args))
-            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    finally:
-        if not args.keep:
-            shutil.rmtree(args.workdir, ignore_errors=True)
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(
-        json.dumps(
-            {
-                "date": datetime.now(UTC).isoformat(timespec="seconds"),
-                "machine": f"{platform.node()} {os.cpu_count()} CPUs",
-                "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-                "epochs": args.epochs,
-                "rows": rows,
-            },
-            indent=2,
-        )
-    )
+    rows = run_factors(bench_factor, args)
     print(json.dumps(rows, indent=2))
     print(f"\nresults: {args.results}")
 

@@ -155,22 +155,16 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--factors", default="1,2,4,8,16")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--stages", choices=["all", "build"], default="all")
-    p.add_argument("--workdir", type=Path, default=Path("/tmp/agbcube-bench-scaling"))
-    p.add_argument("--keep", action="store_true")
-    p.add_argument("--results", type=Path, default=REPO / "bench" / "results" / "scaling.json")
-    args = p.parse_args(argv)
+def run_factors(bench: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """``bench(k, args)`` for each of ``args.factors``; the rows, also written to
+    ``args.results`` with the date, machine and command line."""
     if not SHARED.exists():
         sys.exit(f"{SHARED} not found: this benchmark needs ../shared/benchmark")
     rows = []
     try:
         for k in (int(f) for f in args.factors.split(",")):
             print(f"[{k}x] {3 * k} sites", file=sys.stderr, flush=True)
-            rows.append(bench_factor(k, args))
+            rows.append(bench(k, args))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     finally:
         if not args.keep:
@@ -188,6 +182,19 @@ def main(argv: list[str] | None = None) -> None:
             indent=2,
         )
     )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--factors", default="1,2,4,8,16")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--stages", choices=["all", "build"], default="all")
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/agbcube-bench-scaling"))
+    p.add_argument("--keep", action="store_true")
+    p.add_argument("--results", type=Path, default=REPO / "bench" / "results" / "scaling.json")
+    args = p.parse_args(argv)
+    rows = run_factors(bench_factor, args)
     print(table(rows))
     print(f"\nresults: {args.results}")
 
