@@ -225,10 +225,18 @@ def test_original_reference_config_loads():
     assert [s.name for s in cfg.sites][:2] == ["Yellapur", "Betul"]
 
 
-@pytest.mark.parametrize("name", ["benchmark.yaml", "demo.yaml"])
+@pytest.mark.parametrize("name", ["benchmark.yaml", "demo.yaml", "original.yaml", "fast.yaml"])
 def test_shipped_configs_load(name):
     cfg = load_config(ROOT / "configs" / name)
     assert len(cfg.sites) == 3
+
+
+def test_comparison_configs_share_the_benchmark_cube_and_folds():
+    bench = load_config(ROOT / "configs" / "benchmark.yaml")
+    for name in ("original.yaml", "fast.yaml"):
+        cfg = load_config(ROOT / "configs" / name)
+        assert cfg.cube == bench.cube and cfg.folds == bench.folds and cfg.chips == bench.chips
+        assert cfg.train.output != bench.train.output  # never one run directory for two
 
 
 def test_config_reference_lists_every_key():
