@@ -36,7 +36,7 @@ import logging
 import os
 import threading
 import uuid
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -247,11 +247,14 @@ def _check_torch(workers: dict[str, dict[str, Any]], resources: dict | None) -> 
         )
 
 
+def processes_per_host(workers: dict[str, dict[str, Any]]) -> dict[str, int]:
+    """How many worker processes each machine runs."""
+    return dict(Counter(w["host"] for w in workers.values()))
+
+
 def default_threads(workers: dict[str, dict[str, Any]]) -> int:
     """Torch threads per task: the smallest share of a machine's cores per worker process."""
-    per_host: dict[str, int] = {}
-    for w in workers.values():
-        per_host[w["host"]] = per_host.get(w["host"], 0) + 1
+    per_host = processes_per_host(workers)
     return max(1, min(w["cpus"] // per_host[w["host"]] for w in workers.values()))
 
 
@@ -278,9 +281,7 @@ class ClusterTasks:
         _check_torch(workers, self.resources)
         self.threads = threads_per_task or default_threads(workers)
         # how many copies of the chips one machine's memory holds (one per worker process)
-        per_host: dict[str, int] = {}
-        for w in workers.values():
-            per_host[w["host"]] = per_host.get(w["host"], 0) + 1
+        per_host = processes_per_host(workers)
         self.copies = 1 if self.device.type == "cuda" else max(per_host.values())
         self.token = uuid.uuid4().hex[:8]
         busy = sorted(a for a, w in workers.items() if w["nthreads"] > 1)
@@ -318,6 +319,7 @@ class ClusterTasks:
     def run(self, tasks: list[Any], run: Any, *, resume: bool) -> None:
         """Run every task without a result file on the cluster; raise once all have ended
         when some failed (:class:`TrainingError` naming each one's fold and member)."""
+        from agbcube.train.run import remove_temporaries
         from agbcube.train.tasks import is_refit, selection
 
         out = run.run_dir
@@ -350,7 +352,7 @@ class ClusterTasks:
             failures = _gather(futures, n_done=len(tasks) - len(pending), n_tasks=len(tasks))
         with contextlib.suppress(Exception):  # a worker that is gone holds nothing
             self.client.run(release_run, str(out))
-        _remove_temporaries(out)
+        remove_temporaries(out)  # what killed workers left half-written
         if failures:
             raise _failure(failures, run.tcfg, out, len(tasks))
 
@@ -443,14 +445,6 @@ def _failure(failures: dict[Any, BaseException], tcfg: Any, out: Path, n_tasks: 
         error = RuntimeError(message)
     error.__cause__ = first
     return error
-
-
-def _remove_temporaries(out: Path) -> None:
-    """What killed workers left half-written (temporary siblings); no task of ours runs now."""
-    from agbcube._io import remove_path
-
-    for stale in [*out.glob("fold_*/.*.tmp-*"), *out.glob("random_cv/.*.tmp-*")]:
-        remove_path(stale)
 
 
 # --------------------------------------------------------------------------------------------

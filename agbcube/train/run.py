@@ -255,7 +255,13 @@ def _prepare_output(out: Path, *, resume: bool, overwrite: bool) -> None:
             if not child.name.startswith(".") or ".tmp-" in child.name:
                 remove_path(child)
     prepare_output_dir(out, kind="run", what="run directory")
-    for stale in out.glob("fold_*/.*.tmp-*"):  # a killed fit's half-written checkpoint
+    remove_temporaries(out)
+
+
+def remove_temporaries(out: Path) -> None:
+    """What killed fits left half-written in a run directory (their temporary siblings); call
+    only when none of the run's tasks is running."""
+    for stale in [*out.glob("fold_*/.*.tmp-*"), *out.glob("random_cv/.*.tmp-*")]:
         remove_path(stale)
 
 
