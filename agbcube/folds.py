@@ -876,9 +876,10 @@ def write_folds(folds: gpd.GeoDataFrame, path: str | Path, *, maps: bool = True)
     path = Path(path)
     meta = folds.attrs.get("agbcube", {})
     audit_path = _sidecar(path, "audit.json")
-    pngs = [_sidecar(path, f"map_{site}.png") for site in pd.unique(folds["site"])] if maps else []
+    sites = pd.unique(folds["site"]) if maps else []
+    pngs = {site: _sidecar(path, f"map_{site}.png") for site in sites}
     for target, what in [(path, "folds.output"), (audit_path, "folds audit")] + [
-        (png, "folds map") for png in pngs
+        (png, "folds map") for png in pngs.values()
     ]:
         check_replaceable(target, what=what)
     with output_lock(path, what="folds"):
@@ -889,10 +890,10 @@ def write_folds(folds: gpd.GeoDataFrame, path: str | Path, *, maps: bool = True)
             _add_parquet_metadata(tmp, {"agbcube": json.dumps(meta, default=str)})
         write_json_atomic(audit_path, {"written_by": written_by(), **meta}, what="folds audit")
         n_folds = int(meta.get("n_folds", _n_folds(folds)))
-        for site, png in zip(pd.unique(folds["site"]), pngs, strict=False):
+        for site, png in pngs.items():
             with atomic_path(png, what="folds map") as tmp:
                 plot_fold_map(folds, site, n_folds, tmp, buffer_m=meta.get("buffer_m", {}))
-    return [path, audit_path, *pngs]
+    return [path, audit_path, *pngs.values()]
 
 
 def _add_parquet_metadata(path: Path, extra: dict[str, str]) -> None:
@@ -988,12 +989,12 @@ def label_masks(
         return out
     sites = folds["site"].to_numpy().astype(str)
     d_test, d_val = _label_distances(folds, sites, lonlat, test, val)
+    limit = np.array([float(buffers.get(s, np.inf)) for s in sites])[:, None, None]
     out = {}
     for kind, excluded, dist in (
         ("train", test | val, np.minimum(d_test, d_val)),
         ("pool", test, d_test),
     ):
-        limit = np.array([float(buffers.get(s, np.inf)) for s in sites])[:, None, None]
         mask = dist > limit
         mask[excluded] = False
         clear = dist[mask]
