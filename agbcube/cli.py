@@ -229,12 +229,6 @@ def _command(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _run(func, *args, **kwargs):
-    """Call into the library (errors are turned into one line by the command's wrapper)."""
-    with _errors():
-        return func(*args, **kwargs)
-
-
 def _cube_table(built: dict) -> Table:
     table = Table(title="cube")
     cols = ("site", "status", "pixels", "bands", "indices", "empty bands", "valid AGB px")
@@ -632,6 +626,8 @@ def _predict_sites(
     from agbcube.cube import open_cube
     from agbcube.predict import predict_run, write_maps
 
+    one = output is not None and len(sites) == 1  # its maps straight into --output
+    root = output if one else (output or run_dir / "maps")
     items = []
     with dask_scheduler(scheduler) as client:
         for name in sites:
@@ -644,15 +640,10 @@ def _predict_sites(
                 stride_px=stride,
                 aoa=aoa,
             )
-            out = (
-                output
-                if (output is not None and len(sites) == 1)
-                else ((output or run_dir / "maps") / name)
-            )
+            out = root if one else root / name
             write_maps(maps, out, client=client, progress=not quiet)
             log.info("site '%s': maps written to %s", name, out)
             items.append(out / "item.json")
-    root = output if (output is not None and len(sites) == 1) else (output or run_dir / "maps")
     collection = update_map_collection(root / "collection.json", items, run_dir=run_dir)
     log.info("STAC collection of the maps: %s", collection)
 
