@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from agbcube._io import atomic_path, write_errors
+from agbcube._io import atomic_path
 from agbcube.errors import TrainingError
 from agbcube.train.batches import Preparation, Standardiser, TargetTransform
 
@@ -71,7 +71,7 @@ def model_record(
 
 def save_model(path: str | Path, record: dict[str, Any]) -> None:
     """Write a :func:`model_record` atomically."""
-    with atomic_path(path, what="model file") as tmp, write_errors(path, what="model file"):
+    with atomic_path(path, what="model file") as tmp:  # a failed write is named there
         torch.save(record, tmp)
 
 
@@ -145,7 +145,7 @@ def load_model(path: str | Path, device: Any = "cpu") -> LoadedModel:
 
 def save_bundle(path: str | Path, records: list[dict[str, Any]]) -> None:
     """Write a run's members into one file (``ensemble.pt``), atomically."""
-    with atomic_path(path, what="ensemble") as tmp, write_errors(path, what="ensemble"):
+    with atomic_path(path, what="ensemble") as tmp:
         torch.save({"format": FORMAT, "members": records}, tmp)
 
 
