@@ -132,7 +132,11 @@ def summarise(output: Path, status: dict[str, str] | None = None) -> dict:
         if not metrics.exists():
             continue
         m = json.loads(metrics.read_text())
-        row: dict = {"wall_s": m["run"]["wall_s"], "device": m["run"]["device"]}
+        row: dict = {
+            "wall_s": m["run"]["wall_s"],
+            "device": m["run"]["device"],
+            "primary": m.get("primary_model", "cnn-coordinate"),
+        }
         for model, levels in m["models"].items():
             for level in ("chip", "pixel"):
                 for site, v in levels[level]["mg_ha"]["per_site"].items():

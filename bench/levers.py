@@ -16,9 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ablations import summarise
 
 from agbcube.config import load_run_config
 from agbcube.train.tasks import load_result
@@ -40,20 +44,19 @@ def run_work(run: Path) -> dict[str, float]:
 
 
 def variant_rows(outputs: list[Path]) -> dict[str, dict]:
+    """Per variant: its seeds, wall times, work and the primary model's per-site R² lists."""
     rows: dict[str, dict] = {}
     for out in outputs:
-        for run in sorted((out / "runs").glob("*-s*")):
-            if not (run / "metrics.json").exists():
+        for name, run in summarise(out)["runs"].items():
+            if "-s" not in name:
                 continue
-            m = json.loads((run / "metrics.json").read_text())
-            variant, seed = run.name.rsplit("-s", 1)
+            variant, seed = name.rsplit("-s", 1)
             row = rows.setdefault(variant, {"seeds": [], "wall_s": [], "work": [], "r2": {}})
             row["seeds"].append(int(seed))
-            row["wall_s"].append(m["run"]["wall_s"])
-            row["work"].append(run_work(run)["work"])
-            cnn = m["models"][m.get("primary_model", "cnn-coordinate")]
-            for level in ("chip", "pixel"):
-                for site, v in cnn[level]["mg_ha"]["per_site"].items():
+            row["wall_s"].append(run["wall_s"])
+            row["work"].append(run_work(out / "runs" / name)["work"])
+            for level, sites in run[run["primary"]].items():
+                for site, v in sites.items():
                     row["r2"].setdefault(level, {}).setdefault(site, []).append(v["r2"])
     return rows
 
