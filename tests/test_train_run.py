@@ -152,6 +152,15 @@ def test_resume_is_refused_when_what_made_the_run_changed(demo_config, demo_fold
         run_cv(cfg2, output=tmp_path / "r", device="cpu", plots=False, resume=True)
     # nothing was lost: the run resumes with what made it
     run_cv(cfg, output=tmp_path / "r", device="cpu", plots=False, resume=True)
+    # a run made before a setting existed resumes while it is at its default, not otherwise
+    record = json.loads((tmp_path / "r" / "run.json").read_text())
+    del record["settings"]["train"]["bottleneck"]
+    (tmp_path / "r" / "run.json").write_text(json.dumps(record))
+    run_cv(cfg, output=tmp_path / "r", device="cpu", plots=False, resume=True)
+    (tmp_path / "r" / "run.json").write_text(json.dumps(record))
+    with pytest.raises(TrainingError, match=r"train.bottleneck: 0 → 4"):
+        wider = _small(demo_config, epochs=1, baseline="none", ensemble=1, bottleneck=4)
+        run_cv(wider, output=tmp_path / "r", device="cpu", plots=False, resume=True)
 
 
 def test_overrides_are_validated_and_foreign_folders_left_alone(demo_config, tmp_path):

@@ -322,6 +322,15 @@ def _record_run(
             shutil.copyfile(folds_path, tmp)
 
 
+def _section_defaults() -> dict[str, dict[str, Any]]:
+    from agbcube.config import ChipsConfig, TrainConfig
+
+    return {
+        "train": TrainConfig().model_dump(mode="json"),
+        "chips": ChipsConfig().model_dump(mode="json"),
+    }
+
+
 def _check_resumable(before: dict[str, Any], now: dict[str, Any], out: Path) -> None:
     changed = [
         what
@@ -329,8 +338,10 @@ def _check_resumable(before: dict[str, Any], now: dict[str, Any], out: Path) -> 
         if before.get("digests", {}).get(what) != now["digests"][what]
     ]
     old, new = before.get("settings", {}), now["settings"]
-    for section in ("train", "chips"):
-        a, b = old.get(section, {}), new[section]
+    for section, defaults in _section_defaults().items():
+        # a setting newer than the run, at its default, is what the run was made with
+        b = new[section]
+        a = {**{k: v for k, v in defaults.items() if k in b}, **old.get(section, {})}
         changed += [
             f"{section}.{k}: {a.get(k)!r} → {b.get(k)!r}"
             for k in sorted(set(a) | set(b))
