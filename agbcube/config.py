@@ -376,6 +376,14 @@ class TrainConfig(_Section):
         description="Output channels of the conv blocks.",
         **_MODEL,
     )
+    bottleneck: int = Field(
+        default=0,
+        ge=0,
+        description="Channels of a 1×1 convolution that mixes the input bands per pixel before "
+        "the conv blocks (0: none): the first 3×3 block then convolves these instead of every "
+        "band, far fewer multiply-adds with 100+ bands.",
+        **_MODEL,
+    )
     fc_units: list[int] = Field(
         default=[128, 64], description="Fully connected layers (chip head).", **_MODEL
     )

@@ -44,6 +44,29 @@ def test_unpadded_dense_head_maps_the_chip_as_the_padded_one_maps_its_centre():
     torch.testing.assert_close(valid(x), same(x)[:, 3:-3, 3:-3])
 
 
+def test_input_bottleneck_mixes_bands_per_pixel_and_adds_no_reach():
+    """The 1×1 bottleneck feeds the first 3×3 block fewer channels; the margin, the output
+    size and which outputs one input pixel can move stay those of the blocks alone."""
+    torch.manual_seed(0)
+    model = CNNCoordinateModel(
+        9, 14, head="dense", conv_channels=(6, 5), norm="batch", bottleneck=4
+    )
+    first, block = model.features[0], model.features[3]
+    assert first.kernel_size == (1, 1) and first.out_channels == 4
+    assert block.kernel_size == (3, 3) and block.in_channels == 4
+    assert model.margin == 2
+    model.eval()
+    x = torch.randn(2, 9, 14, 14)
+    out = model(x)
+    assert out.shape == (2, 10, 10)
+    x[:, :, 7, 7] += 5.0  # one input pixel: only outputs 3..7 (5×5 around it, less 2) move
+    moved = (model(x) != out).any(0)
+    assert moved[5, 5] and moved.sum() == moved[3:8, 3:8].sum() > 1
+    # the chip head takes it too
+    chip = CNNCoordinateModel(9, 16, head="chip", conv_channels=(6,), bottleneck=4)
+    assert chip(torch.randn(2, 9, 16, 16)).shape == (2,)
+
+
 def test_losses_known_values():
     pred = torch.tensor([1.0, 3.0])
     target = torch.tensor([1.0, 1.0])

@@ -36,8 +36,9 @@ def _record(**train):
     return model, model_record(model, prep, cfg, bands=bands, fold=1, member=2)
 
 
-def test_a_model_file_round_trips(tmp_path):
-    model, record = _record()
+@pytest.mark.parametrize("bottleneck", [0, 3])
+def test_a_model_file_round_trips(tmp_path, bottleneck):
+    model, record = _record(bottleneck=bottleneck)
     save_model(tmp_path / "m.pt", record)
     back = load_model(tmp_path / "m.pt")
     assert back.bands == ["a", "b", "c", "d", "e"] and (back.fold, back.member) == (1, 2)

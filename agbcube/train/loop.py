@@ -56,6 +56,7 @@ def build_model(
         fc_units=cfg.fc_units,
         norm=cfg.norm,
         dropout=cfg.dropout,
+        bottleneck=cfg.bottleneck,
         padding=padding,
     )
 

@@ -33,7 +33,9 @@ def _norm(kind: str, channels: int) -> nn.Module:
 class CNNCoordinateModel(nn.Module):
     """Conv blocks, then fully connected layers (chip head) or a per-pixel map (dense head).
 
-    Each conv block is Conv2d(3×3) → norm → ReLU → MaxPool(2) → Dropout; the chip head
+    An optional input bottleneck, Conv2d(1×1) → norm → ReLU, first mixes the input bands into
+    ``bottleneck`` channels per pixel, so the first 3×3 block convolves those instead of every
+    band. Each conv block is Conv2d(3×3) → norm → ReLU → MaxPool(2) → Dropout; the chip head
     flattens and applies Linear → LayerNorm → ReLU → Dropout layers, then one output. The dense
     head keeps the resolution (no pooling), so it predicts an AGB map per chip and learns from
     every labelled pixel. Coordinate channels, when used, are ordinary input channels holding
@@ -55,6 +57,8 @@ class CNNCoordinateModel(nn.Module):
     conv_channels, fc_units : sequence of int
     norm : {"instance", "batch", "none"}
     dropout : float
+    bottleneck : int
+        Channels of the 1×1 input bottleneck; 0: none.
     padding : {"valid", "same"}
         The dense head's convolutions (the chip head's are always "same").
     """
@@ -69,6 +73,7 @@ class CNNCoordinateModel(nn.Module):
         fc_units: Sequence[int] = (128, 64),
         norm: str = "instance",
         dropout: float = 0.2,
+        bottleneck: int = 0,
         padding: str = "valid",
     ) -> None:
         super().__init__()
@@ -78,6 +83,9 @@ class CNNCoordinateModel(nn.Module):
         self.margin = len(conv_channels) if valid else 0
         layers: list[nn.Module] = []
         c_in, side = in_channels, size_px
+        if bottleneck:
+            layers += [nn.Conv2d(c_in, bottleneck, 1), _norm(norm, bottleneck), nn.ReLU()]
+            c_in = bottleneck
         for c_out in conv_channels:
             layers += [
                 nn.Conv2d(c_in, c_out, 3, padding=0 if valid else 1),
