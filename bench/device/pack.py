@@ -30,7 +30,7 @@ WHEELS = [
     "zarr",
     "numcodecs",
     "donfig",
-    "crc32c",
+    "google-crc32c",
     "dask",
     "partd",
     "locket",
