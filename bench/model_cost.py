@@ -9,7 +9,7 @@ The original pipeline's CNN is measured beside it, the rate that scales its 482 
 
 Usage::
 
-    python bench/model_cost.py [--device cpu] [--repeats 3] [--results PATH.json]
+    python bench/model_cost.py [--device cpu] [--repeats 3] [--no-bf16] [--results PATH.json]
 """
 
 from __future__ import annotations
@@ -28,7 +28,17 @@ from train_cv import model_rate, original_rate
 from agbcube.config import TrainConfig
 from agbcube.train.loop import build_model, resolve_device
 
-CANDIDATES = ([32, 64, 128], [32, 48, 64], [32, 32, 64], [16, 32, 64], [32, 32])
+#: train settings of each candidate: the conv blocks' widths and the 1×1 input bottleneck
+CANDIDATES = (
+    {"conv_channels": [32, 64, 128]},
+    {"conv_channels": [32, 48, 64]},
+    {"conv_channels": [32, 32, 64]},
+    {"conv_channels": [16, 32, 64]},
+    {"conv_channels": [32, 32]},
+    {"conv_channels": [32, 32, 64], "bottleneck": 32},
+    {"conv_channels": [32, 32, 64], "bottleneck": 16},
+    {"conv_channels": [32, 64, 128], "bottleneck": 16},
+)
 BANDS, CHIP = 108, 24
 
 
@@ -58,24 +68,27 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--results", default=None)
+    parser.add_argument("--no-bf16", action="store_true", help="fp32 only")
     args = parser.parse_args()
+    precisions = (("fp32", False),) if args.no_bf16 else (("fp32", False), ("bf16", True))
     device = resolve_device(args.device)
     rows = []
-    for channels in CANDIDATES:
-        cfg = TrainConfig(conv_channels=channels)
-        size = CHIP + 2 * len(channels)  # the default context: what the convolutions reach
+    for settings in CANDIDATES:
+        cfg = TrainConfig(**settings)
+        size = CHIP + 2 * len(cfg.conv_channels)  # the default context: what the blocks reach
         rates = {
             name: max(
                 model_rate(cfg, BANDS, size, 16, device, args.seconds, bf16=bf16)
                 for _ in range(args.repeats)
             )
-            for name, bf16 in (("fp32", False), ("bf16", True))
+            for name, bf16 in precisions
         }
         macs = multiply_adds(build_model(cfg, BANDS, size), size)
-        rows.append({"conv_channels": channels, "window": size, "mmac": macs / 1e6, **rates})
+        rows.append({**settings, "window": size, "mmac": macs / 1e6, **rates})
+        name = f"{cfg.conv_channels}" + (f" bn{cfg.bottleneck}" if cfg.bottleneck else "")
+        bf16 = f"  bf16 {rates['bf16']:6.0f} chips/s" if "bf16" in rates else ""
         print(
-            f"{channels!s:15} {macs / 1e6:6.1f} M MAC  fp32 {rates['fp32']:6.0f} chips/s  "
-            f"bf16 {rates['bf16']:6.0f} chips/s",
+            f"{name:20} {macs / 1e6:6.1f} M MAC  fp32 {rates['fp32']:6.0f} chips/s{bf16}",
             flush=True,
         )
     original = max(original_rate(device) for _ in range(args.repeats))
