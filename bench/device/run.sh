@@ -18,6 +18,7 @@ EPOCHS=${EPOCHS:-}
 PY=${PYTHON:-python3}
 case $PY in */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esac  # the CV runs in .device/
 mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"  # absolute: the CV runs in .device/
 if [ -d .whl ] && [ "$DEVICE" != cpu ]; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl
@@ -33,5 +34,5 @@ cp "bench/results/streaming_${DEVICE%%:*}.json" "$OUT/" || true
 (
     cd .device
     "$PY" ../bench/train_cv.py --device "$DEVICE" --configs benchmark.yaml original.yaml \
-        --seeds $SEEDS ${EPOCHS:+--epochs $EPOCHS} --output runs --results "../$OUT/train_cv.json"
+        --seeds $SEEDS ${EPOCHS:+--epochs $EPOCHS} --output runs --results "$OUT/train_cv.json"
 ) 2>&1 | tee "$OUT/train_cv.log"
