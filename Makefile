@@ -35,10 +35,11 @@ test: lint
 test-fast: lint
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# The two variables silence banners about MkDocs 2 that Material and a plugin print.
+# The two variables silence banners about MkDocs 2 that Material and a plugin print. The
+# notebooks write their demo data under TMPDIR: a folder of the build's, removed after it.
 docs: setup
-	NO_MKDOCS_2_WARNING=1 DISABLE_MKDOCS_2_WARNING=true \
-		$(BIN)/mkdocs build --strict --site-dir site
+	tmp=$$(mktemp -d) && NO_MKDOCS_2_WARNING=1 DISABLE_MKDOCS_2_WARNING=true TMPDIR=$$tmp \
+		$(BIN)/mkdocs build --strict --site-dir site; status=$$?; rm -rf "$$tmp"; exit $$status
 
 bench-cube: setup
 	$(BIN)/python bench/build_cube.py
