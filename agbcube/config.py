@@ -14,6 +14,7 @@ import difflib
 import os
 import re
 import warnings
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -645,6 +646,24 @@ def load_run_config(run_dir: str | Path) -> Config:
     return parse_config(raw, base_dir=path.resolve().parent, source=f"run config {path}")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (YAML
+    keeps the last one silently: a second ``train:`` section would drop the first)."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):
+                continue  # the safe loader's own mapping construction refuses it
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path, *, what: str = "YAML file") -> Any:
     """Parse a YAML file, turning every way it can be unreadable into a :class:`ConfigError`."""
     path = Path(path)
@@ -664,7 +683,7 @@ def read_yaml(path: str | Path, *, what: str = "YAML file") -> Any:
     except OSError as err:
         raise ConfigError(f"cannot read {what} {path}: {err.strerror or err}") from err
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader
     except (yaml.YAMLError, ValueError, RecursionError) as err:  # ValueError: a bad date
         detail = " ".join(str(err).split())
         raise ConfigError(f"{what} {path} is not valid YAML: {detail}") from None

@@ -104,6 +104,14 @@ def test_missing_and_non_yaml_file(tmp_path):
         (b"   \n# only a comment\n", r"is empty"),
         (b"sites: []\ndate: 2024-13-45\n", r"is not valid YAML"),
         (b"a: 1\na: [\n", r"is not valid YAML"),
+        (
+            b"sites: []\ntrain: {}\ntrain: {epochs: 3}\n",
+            r"is not valid YAML: the key 'train' is given twice .* line 3",
+        ),
+        (
+            b"train:\n  epochs: 3\n  epochs: 4\n",
+            r"is not valid YAML: the key 'epochs' is given twice .* line 3",
+        ),
     ],
 )
 def test_unreadable_config_files_are_one_line_errors(tmp_path, content, match):
