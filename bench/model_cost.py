@@ -86,9 +86,9 @@ def main() -> None:
         macs = multiply_adds(build_model(cfg, BANDS, size), size)
         rows.append({**settings, "window": size, "mmac": macs / 1e6, **rates})
         name = f"{cfg.conv_channels}" + (f" bn{cfg.bottleneck}" if cfg.bottleneck else "")
-        bf16 = f"  bf16 {rates['bf16']:6.0f} chips/s" if "bf16" in rates else ""
+        bf16_note = f"  bf16 {rates['bf16']:6.0f} chips/s" if "bf16" in rates else ""
         print(
-            f"{name:20} {macs / 1e6:6.1f} M MAC  fp32 {rates['fp32']:6.0f} chips/s{bf16}",
+            f"{name:20} {macs / 1e6:6.1f} M MAC  fp32 {rates['fp32']:6.0f} chips/s{bf16_note}",
             flush=True,
         )
     original = max(original_rate(device) for _ in range(args.repeats))
