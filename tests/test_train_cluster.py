@@ -117,6 +117,42 @@ def test_the_gpu_worker_specs_start_workers_that_see_their_own_gpu():
     assert all(w["resources"] == {"GPU": 1} and w["nthreads"] == 1 for w in info.values())
 
 
+def _worker_trim(client):
+    return set(client.run(lambda: os.environ.get(cluster_mod.TRIM_ENV)).values())
+
+
+@pytest.mark.slow
+def test_training_workers_start_without_dasks_malloc_trim_threshold(monkeypatch):
+    """dask's nanny sets MALLOC_TRIM_THRESHOLD_ in its workers, which halves torch's CPU
+    training speed there; the clusters a run starts leave it out, also when an earlier nanny
+    leaked it into this process, and put the process's environment back afterwards."""
+    from distributed import Client, LocalCluster
+
+    monkeypatch.delenv(cluster_mod.TRIM_ENV, raising=False)
+    kw = {"n_workers": 1, "threads_per_worker": 1, "processes": True, "dashboard_address": ":0"}
+    with LocalCluster(**kw) as cluster, Client(cluster) as client:
+        assert _worker_trim(client) == {"65536"}  # dask's default: what the fix removes
+    assert os.environ[cluster_mod.TRIM_ENV] == "65536"  # leaked into this process
+    with cluster_mod.untrimmed_workers():
+        assert cluster_mod.TRIM_ENV not in os.environ
+        with LocalCluster(**kw) as cluster, Client(cluster) as client:
+            assert _worker_trim(client) == {None}
+    assert os.environ[cluster_mod.TRIM_ENV] == "65536"
+    monkeypatch.setenv(cluster_mod.TRIM_ENV, "1000000")  # the user's own value is kept
+    with cluster_mod.untrimmed_workers():
+        assert os.environ[cluster_mod.TRIM_ENV] == "1000000"
+
+
+def test_cpu_fits_on_workers_with_malloc_trim_warn_with_the_remedy(caplog):
+    workers = {"w1": {**_worker(), "trim": "65536"}, "w2": {**_worker(), "trim": None}}
+    with caplog.at_level("WARNING", logger="agbcube.train.cluster"):
+        cluster_mod._warn_trimmed(workers, torch.device("cuda"))
+        assert not caplog.records  # GPU fits allocate little on the host
+        cluster_mod._warn_trimmed(workers, torch.device("cpu"))
+    (record,) = caplog.records
+    assert "['w1']" in record.getMessage() and "MALLOC_TRIM_THRESHOLD_: null" in record.getMessage()
+
+
 def test_failures_name_fold_and_member_and_say_what_was_not_run():
     tcfg = small_train_settings()
     failures = {

@@ -50,6 +50,13 @@ log = logging.getLogger(__name__)
 IN_PROCESS = ("threads", "synchronous")  # torch fits share one process: one after another
 LOCAL = ("local", "processes")  # a LocalCluster of worker processes
 WORKER_WAIT_S = 300.0  # how long a run waits for the first worker to join
+#: dask's nanny sets it (to 65536) in every worker it starts: any value turns off glibc's
+#: adaptive mmap threshold, so each CPU training step maps and unmaps its activations afresh
+TRIM_ENV = "MALLOC_TRIM_THRESHOLD_"
+UNTRIMMED_CONFIG = """distributed:
+  nanny:
+    pre-spawn-environ:
+      MALLOC_TRIM_THRESHOLD_: null"""
 
 
 @contextlib.contextmanager
@@ -86,16 +93,43 @@ def cluster_tasks(
 def _client(scheduler: str, device: str) -> Iterator[Any]:
     from agbcube._dask import dask_scheduler
 
-    n_gpus = _local_gpus() if scheduler in LOCAL and device != "cpu" else 0
-    if not n_gpus:
-        with dask_scheduler("local" if scheduler in LOCAL else scheduler) as client:
+    if scheduler not in LOCAL:
+        with dask_scheduler(scheduler) as client:
             yield client
         return
-    from distributed import Client
+    n_gpus = _local_gpus() if device != "cpu" else 0
+    with untrimmed_workers():
+        if not n_gpus:
+            with dask_scheduler("local") as client:
+                yield client
+            return
+        from distributed import Client
 
-    with _local_gpu_cluster(n_gpus) as cluster, Client(cluster) as client:
-        log.info("Dask dashboard: %s (one worker per GPU, %d)", client.dashboard_link, n_gpus)
-        yield client
+        with _local_gpu_cluster(n_gpus) as cluster, Client(cluster) as client:
+            log.info("Dask dashboard: %s (one worker per GPU, %d)", client.dashboard_link, n_gpus)
+            yield client
+
+
+@contextlib.contextmanager
+def untrimmed_workers() -> Iterator[None]:
+    """Worker processes started within start without dask's ``MALLOC_TRIM_THRESHOLD_``.
+
+    Its nanny sets the variable (65536) in every worker to hand freed memory back to the
+    system. Any value of it turns off glibc's adaptive mmap threshold, so every tensor of a
+    CPU training step above 128 KiB is mapped and unmapped afresh: torch trained at half its
+    speed in such workers (BENCHMARKS.md, "Training and folds on a Dask cluster"). A value
+    this process's environment holds other than dask's own is kept (it is the user's).
+    """
+    import dask
+
+    leaked = os.environ.get(TRIM_ENV) == "65536"  # an earlier nanny in this process set it
+    saved = os.environ.pop(TRIM_ENV) if leaked else None
+    try:
+        with dask.config.set({f"distributed.nanny.pre-spawn-environ.{TRIM_ENV}": None}):
+            yield
+    finally:
+        if saved is not None:
+            os.environ[TRIM_ENV] = saved
 
 
 def _local_gpus() -> int:
@@ -149,12 +183,13 @@ def _local_gpu_cluster(n_gpus: int) -> Iterator[Any]:
 def _probe() -> dict[str, Any]:
     """What a worker offers a fit: torch, CUDA devices and usable cores (runs on the worker)."""
     cpus = len(os.sched_getaffinity(0))
+    trim = os.environ.get(TRIM_ENV)
     try:
         import torch
     except ImportError:  # a worker for build-cube and folds only
-        return {"cuda": 0, "cpus": cpus, "torch": None}
+        return {"cuda": 0, "cpus": cpus, "torch": None, "trim": trim}
     cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return {"cuda": cuda, "cpus": cpus, "torch": torch.__version__}
+    return {"cuda": cuda, "cpus": cpus, "torch": torch.__version__, "trim": trim}
 
 
 def _workers(client: Any) -> dict[str, dict[str, Any]]:
@@ -247,6 +282,20 @@ def _check_torch(workers: dict[str, dict[str, Any]], resources: dict | None) -> 
         )
 
 
+def _warn_trimmed(workers: dict[str, dict[str, Any]], device: Any) -> None:
+    """Warn when CPU fits would run in workers started with ``MALLOC_TRIM_THRESHOLD_``."""
+    trimmed = sorted(a for a, w in workers.items() if w.get("trim") is not None)
+    if trimmed and device.type == "cpu":
+        log.warning(
+            "workers %s run with %s set (dask's nanny sets it), which makes torch train on the "
+            "CPU at about half speed; start them with this in a Dask config file "
+            "(~/.config/dask/agbcube.yaml):\n%s",
+            trimmed,
+            TRIM_ENV,
+            UNTRIMMED_CONFIG,
+        )
+
+
 def processes_per_host(workers: dict[str, dict[str, Any]]) -> dict[str, int]:
     """How many worker processes each machine runs."""
     return dict(Counter(w["host"] for w in workers.values()))
@@ -284,6 +333,7 @@ class ClusterTasks:
         per_host = processes_per_host(workers)
         self.copies = 1 if self.device.type == "cuda" else max(per_host.values())
         self.token = uuid.uuid4().hex[:8]
+        _warn_trimmed(workers, self.device)
         busy = sorted(a for a, w in workers.items() if w["nthreads"] > 1)
         if busy and self.resources is None:
             log.warning(
