@@ -385,6 +385,13 @@ class TrainConfig(_Section):
         "band, far fewer multiply-adds with 100+ bands.",
         **_MODEL,
     )
+    separable: bool = Field(
+        default=False,
+        description="Depthwise-separable conv blocks: each 3×3 convolution becomes a 3×3 "
+        "convolution of each channel on its own followed by a 1×1 convolution mixing them (the "
+        "same reach, several times fewer multiply-adds).",
+        **_MODEL,
+    )
     fc_units: list[int] = Field(
         default=[128, 64], description="Fully connected layers (chip head).", **_MODEL
     )

@@ -9,7 +9,8 @@ The original pipeline's CNN is measured beside it, the rate that scales its 482 
 
 Usage::
 
-    python bench/model_cost.py [--device cpu] [--repeats 3] [--no-bf16] [--results PATH.json]
+    python bench/model_cost.py [--device cpu] [--repeats 3] [--no-bf16] [--only 0 6 8]
+        [--results PATH.json]
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from train_cv import model_rate, original_rate
 from agbcube.config import TrainConfig
 from agbcube.train.loop import build_model, resolve_device
 
-#: train settings of each candidate: the conv blocks' widths and the 1×1 input bottleneck
+#: train settings of each candidate: the conv blocks' widths, the 1×1 input bottleneck and
+#: depthwise-separable blocks
 CANDIDATES = (
     {"conv_channels": [32, 64, 128]},
     {"conv_channels": [32, 48, 64]},
@@ -38,6 +40,9 @@ CANDIDATES = (
     {"conv_channels": [32, 32, 64], "bottleneck": 32},
     {"conv_channels": [32, 32, 64], "bottleneck": 16},
     {"conv_channels": [32, 64, 128], "bottleneck": 16},
+    {"conv_channels": [32, 32, 64], "bottleneck": 16, "separable": True},
+    {"conv_channels": [32, 64, 128], "bottleneck": 16, "separable": True},
+    {"conv_channels": [32, 64, 128], "separable": True},
 )
 BANDS, CHIP = 108, 24
 
@@ -69,11 +74,15 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--results", default=None)
     parser.add_argument("--no-bf16", action="store_true", help="fp32 only")
+    parser.add_argument(
+        "--only", type=int, nargs="+", default=None, help="these candidates (0-based) only"
+    )
     args = parser.parse_args()
     precisions = (("fp32", False),) if args.no_bf16 else (("fp32", False), ("bf16", True))
     device = resolve_device(args.device)
     rows = []
-    for settings in CANDIDATES:
+    chosen = CANDIDATES if args.only is None else [CANDIDATES[i] for i in args.only]
+    for settings in chosen:
         cfg = TrainConfig(**settings)
         size = CHIP + 2 * len(cfg.conv_channels)  # the default context: what the blocks reach
         rates = {
@@ -86,6 +95,7 @@ def main() -> None:
         macs = multiply_adds(build_model(cfg, BANDS, size), size)
         rows.append({**settings, "window": size, "mmac": macs / 1e6, **rates})
         name = f"{cfg.conv_channels}" + (f" bn{cfg.bottleneck}" if cfg.bottleneck else "")
+        name += " sep" if cfg.separable else ""
         bf16_note = f"  bf16 {rates['bf16']:6.0f} chips/s" if "bf16" in rates else ""
         print(
             f"{name:20} {macs / 1e6:6.1f} M MAC  fp32 {rates['fp32']:6.0f} chips/s{bf16_note}",

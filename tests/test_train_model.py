@@ -67,6 +67,33 @@ def test_input_bottleneck_mixes_bands_per_pixel_and_adds_no_reach():
     assert chip(torch.randn(2, 9, 16, 16)).shape == (2,)
 
 
+@pytest.mark.parametrize("bottleneck", [0, 4])
+def test_separable_blocks_keep_the_reach_with_fewer_weights(bottleneck):
+    """A depthwise-separable block is a per-channel 3×3 then a 1×1: the margin, the output
+    size and which outputs one input pixel can move are those of the full 3×3 blocks."""
+    torch.manual_seed(0)
+    kw = dict(head="dense", conv_channels=(6, 5), norm="batch", bottleneck=bottleneck)
+    full = CNNCoordinateModel(9, 14, **kw)
+    model = CNNCoordinateModel(9, 14, separable=True, **kw)
+    depthwise = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1]
+    assert [(m.groups, m.kernel_size) for m in depthwise] == [
+        (bottleneck or 9, (3, 3)),
+        (6, (3, 3)),
+    ]
+    assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in full.parameters())
+    assert model.margin == full.margin == 2
+    model.eval()
+    x = torch.randn(2, 9, 14, 14)
+    out = model(x)
+    assert out.shape == (2, 10, 10)
+    x[:, :, 7, 7] += 5.0
+    moved = (model(x) != out).any(0)
+    assert moved[5, 5] and moved.sum() == moved[3:8, 3:8].sum() > 1
+    # the padded (chip) head takes it too
+    chip = CNNCoordinateModel(9, 16, head="chip", conv_channels=(6,), separable=True)
+    assert chip(torch.randn(2, 9, 16, 16)).shape == (2,)
+
+
 def test_losses_known_values():
     pred = torch.tensor([1.0, 3.0])
     target = torch.tensor([1.0, 1.0])

@@ -36,9 +36,11 @@ def _record(**train):
     return model, model_record(model, prep, cfg, bands=bands, fold=1, member=2)
 
 
-@pytest.mark.parametrize("bottleneck", [0, 3])
-def test_a_model_file_round_trips(tmp_path, bottleneck):
-    model, record = _record(bottleneck=bottleneck)
+@pytest.mark.parametrize(
+    "settings", [{}, {"bottleneck": 3}, {"separable": True}, {"bottleneck": 3, "separable": True}]
+)
+def test_a_model_file_round_trips(tmp_path, settings):
+    model, record = _record(**settings)
     save_model(tmp_path / "m.pt", record)
     back = load_model(tmp_path / "m.pt")
     assert back.bands == ["a", "b", "c", "d", "e"] and (back.fold, back.member) == (1, 2)

@@ -57,6 +57,7 @@ def build_model(
         norm=cfg.norm,
         dropout=cfg.dropout,
         bottleneck=cfg.bottleneck,
+        separable=cfg.separable,
         padding=padding,
     )
 
