@@ -12,6 +12,7 @@ Usage::
 
     python bench/train_cv.py [--configs configs/benchmark.yaml configs/original.yaml]
         [--device cpu] [--seeds 0] [--output /tmp/agbcube-bench-train] [--rate-only]
+        [--scheduler local --threads-per-task 1]
 
 Writes ``bench/results/train_cv_<device>.json`` (or ``--results``).
 """
@@ -75,11 +76,28 @@ def original_rate(device) -> float:
     return model_rate(cfg, 108 + 2, 24, 16, device)
 
 
-def time_config(path: str, device: str, seed: int, output: Path, epochs: int | None = None) -> dict:
+def time_config(
+    path: str,
+    device: str,
+    seed: int,
+    output: Path,
+    epochs: int | None = None,
+    scheduler: str | None = None,
+    threads_per_task: int | None = None,
+) -> dict:
     cfg = load_config(path)
     cfg = cfg.model_copy(update={"train": with_overrides(cfg.train, "train", seed=seed)})
     t0 = time.perf_counter()
-    metrics = run_cv(cfg, device=device, epochs=epochs, output=output, overwrite=True, plots=False)
+    metrics = run_cv(
+        cfg,
+        device=device,
+        epochs=epochs,
+        output=output,
+        overwrite=True,
+        plots=False,
+        scheduler=scheduler,
+        threads_per_task=threads_per_task,
+    )
     wall = time.perf_counter() - t0
     primary = metrics["primary_model"]
     per_site = {
@@ -93,6 +111,7 @@ def time_config(path: str, device: str, seed: int, output: Path, epochs: int | N
     return {
         "config": str(path),
         "seed": seed,
+        "scheduler": scheduler or "sequential",
         "wall_s": round(wall, 1),
         "r2": per_site,
         "n_tasks": len(tasks),
@@ -115,6 +134,8 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=Path("/tmp/agbcube-bench-train"))
     parser.add_argument("--results", type=Path, default=None)
     parser.add_argument("--rate-only", action="store_true", help="only the original's rate")
+    parser.add_argument("--scheduler", default=None, help="agbcube train --scheduler")
+    parser.add_argument("--threads-per-task", type=int, default=None)
     args = parser.parse_args()
     device = resolve_device(args.device)
     rate = original_rate(device)
@@ -132,7 +153,9 @@ def main() -> None:
     for path in [] if args.rate_only else args.configs:
         for seed in args.seeds:
             out = args.output / f"{Path(path).stem}-{seed}"
-            run = time_config(path, args.device, seed, out, args.epochs)
+            run = time_config(
+                path, args.device, seed, out, args.epochs, args.scheduler, args.threads_per_task
+            )
             run["vs_original"] = round(run["wall_s"] / anchor, 2)
             if device.type == "cuda":
                 run["vs_original_h100"] = round(run["wall_s"] / ORIGINAL_H100_S, 3)
