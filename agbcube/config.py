@@ -389,7 +389,8 @@ class TrainConfig(_Section):
         default=False,
         description="Depthwise-separable conv blocks: each 3×3 convolution becomes a 3×3 "
         "convolution of each channel on its own followed by a 1×1 convolution mixing them (the "
-        "same reach, several times fewer multiply-adds).",
+        "same reach, several times fewer multiply-adds; on the benchmark sites less accurate, "
+        "BENCHMARKS.md, issue 21).",
         **_MODEL,
     )
     fc_units: list[int] = Field(
