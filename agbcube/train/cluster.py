@@ -112,12 +112,12 @@ def _client(scheduler: str, device: str) -> Iterator[Any]:
 
 @contextlib.contextmanager
 def untrimmed_workers() -> Iterator[None]:
-    """Worker processes started within start without dask's ``MALLOC_TRIM_THRESHOLD_``.
+    """Worker processes started in this context lack dask's ``MALLOC_TRIM_THRESHOLD_``.
 
     Its nanny sets the variable (65536) in every worker to hand freed memory back to the
     system. Any value of it turns off glibc's adaptive mmap threshold, so every tensor of a
-    CPU training step above 128 KiB is mapped and unmapped afresh: torch trained at half its
-    speed in such workers (BENCHMARKS.md, "Training and folds on a Dask cluster"). A value
+    CPU training step above 128 KiB is mapped and unmapped afresh: torch trained at 0.35–0.65×
+    its speed in such workers (BENCHMARKS.md, "Training and folds on a Dask cluster"). A value
     this process's environment holds other than dask's own is kept (it is the user's).
     """
     import dask
@@ -288,7 +288,7 @@ def _warn_trimmed(workers: dict[str, dict[str, Any]], device: Any) -> None:
     if trimmed and device.type == "cpu":
         log.warning(
             "workers %s run with %s set (dask's nanny sets it), which makes torch train on the "
-            "CPU at about half speed; start them with this in a Dask config file "
+            "CPU at a third to two thirds of its speed; start them with this in a Dask config file "
             "(~/.config/dask/agbcube.yaml):\n%s",
             trimmed,
             TRIM_ENV,
