@@ -75,7 +75,9 @@ def _child(args: argparse.Namespace) -> None:
 def _in_fresh_process(model: str, seconds: float, workers: int, untrimmed: bool) -> list[float]:
     cmd = [sys.executable, __file__, "--child", "--model", model, "--seconds", str(seconds)]
     cmd += ["--workers", str(workers)] + (["--untrimmed"] if untrimmed else [])
-    env = {k: v for k, v in os.environ.items() if k != "MALLOC_TRIM_THRESHOLD_"}
+    from agbcube.train.cluster import TRIM_ENV
+
+    env = {k: v for k, v in os.environ.items() if k != TRIM_ENV}
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
 

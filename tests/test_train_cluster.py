@@ -123,9 +123,10 @@ def _worker_trim(client):
 
 @pytest.mark.slow
 def test_training_workers_start_without_dasks_malloc_trim_threshold(monkeypatch):
-    """dask's nanny sets MALLOC_TRIM_THRESHOLD_ in its workers, which halves torch's CPU
-    training speed there; the clusters a run starts leave it out, also when an earlier nanny
-    leaked it into this process, and put the process's environment back afterwards."""
+    """dask's nanny sets MALLOC_TRIM_THRESHOLD_ in its workers, where torch then trains on
+    the CPU at 0.35-0.65x its speed; the clusters a run starts leave it out, also when an
+    earlier nanny leaked it into this process, and put the process's environment back
+    afterwards."""
     from distributed import Client, LocalCluster
 
     monkeypatch.delenv(cluster_mod.TRIM_ENV, raising=False)

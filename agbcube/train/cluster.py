@@ -53,6 +53,7 @@ WORKER_WAIT_S = 300.0  # how long a run waits for the first worker to join
 #: dask's nanny sets it (to 65536) in every worker it starts: any value turns off glibc's
 #: adaptive mmap threshold, so each CPU training step maps and unmaps its activations afresh
 TRIM_ENV = "MALLOC_TRIM_THRESHOLD_"
+DASK_TRIM = "65536"  # the value dask's nanny gives it
 UNTRIMMED_CONFIG = """distributed:
   nanny:
     pre-spawn-environ:
@@ -122,7 +123,7 @@ def untrimmed_workers() -> Iterator[None]:
     """
     import dask
 
-    leaked = os.environ.get(TRIM_ENV) == "65536"  # an earlier nanny in this process set it
+    leaked = os.environ.get(TRIM_ENV) == DASK_TRIM  # an earlier nanny in this process set it
     saved = os.environ.pop(TRIM_ENV) if leaked else None
     try:
         with dask.config.set({f"distributed.nanny.pre-spawn-environ.{TRIM_ENV}": None}):
