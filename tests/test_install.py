@@ -9,7 +9,6 @@ out on a GPU node without GDAL, or a cube machine without torch.
 from __future__ import annotations
 
 import functools
-import re
 import subprocess
 import sys
 import tomllib
@@ -17,31 +16,11 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+from lock import requirements  # tools/lock.py: the extras, self-references expanded
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 ROLES = ("cube", "train", "predict", "cluster")
-
-
-def _name(requirement: str) -> str:
-    return re.split(r"[\s\[<>=!~;]", requirement, maxsplit=1)[0].lower().replace("_", "-")
-
-
-def _extra_names(requirement: str) -> list[str]:
-    match = re.search(r"\[([^\]]+)\]", requirement)
-    return [e.strip() for e in match.group(1).split(",")] if match else []
-
-
-def _requirements(extras: list[str]) -> list[str]:
-    """The core's requirements plus those of ``extras`` (self-references expanded)."""
-    reqs = list(PYPROJECT["dependencies"])
-    for extra in extras:
-        for req in PYPROJECT["optional-dependencies"][extra]:
-            if _name(req) == "agbcube":
-                reqs += _requirements(_extra_names(req))
-            else:
-                reqs.append(req)
-    return reqs
 
 
 def _closure(requirements: list[str]) -> set[str]:
@@ -85,8 +64,8 @@ def _modules_of(dists: set[str]) -> set[str]:
 @functools.cache
 def blocked_modules(role: str | None) -> frozenset[str]:
     """Top-level modules a machine with only the core (and ``role``'s extra) lacks."""
-    everything = _closure(_requirements(["all"]))
-    allowed = _closure(_requirements([role] if role else []))
+    everything = _closure(requirements(["all"]))
+    allowed = _closure(requirements([role] if role else []))
     return frozenset(_modules_of(everything - allowed) - _modules_of(allowed))
 
 
