@@ -777,7 +777,7 @@ def predict_run(
     # threaded run share them; a cluster's workers load their own)
     models, spec, _ = _EnsembleFile.of(ensemble_file).load(_here(device))
     tcfg = spec["train"]
-    size = int(spec["size_px"]) - 2 * int(tcfg.get("context_px", 0))  # the chips, not windows
+    size = int(spec["chip_px"])  # the chips, not windows
     dense = tcfg["head"] == "dense"
     default = 4 * size if dense else size
     window = window_px or default
@@ -800,6 +800,7 @@ def predict_run(
     )
     maps.attrs["key"] = _maps_key(run_dir, ds, maps, window=window, stride=stride, aoa=aoa)
     maps.attrs["run"] = run_dir.resolve().name
+    maps.attrs.update(window_px=window, stride_px=stride)
     return maps
 
 

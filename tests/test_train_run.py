@@ -63,6 +63,7 @@ def test_run_writes_every_output_and_maps_a_site(demo_config, demo_folds, tmp_pa
     assert len(models) == 2 * n
     # the window a model sees: the chip and one pixel a side per (unpadded) conv block
     assert spec["size_px"] == demo_config.chips.size + 2 * 1
+    assert spec["chip_px"] == demo_config.chips.size
     with pytest.raises(TrainingError, match="already holds a run"):
         run_cv(_small(demo_config), output=out, device="cpu")
 
@@ -229,3 +230,24 @@ print(json.dumps(m["run"]))
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert '"data_path": "chunks"' in done.stdout
+
+
+def test_predict_takes_the_chip_from_the_models_reach_not_the_readers_context(
+    demo_config, tmp_path, monkeypatch
+):
+    """A run read with more context than its convolutions reach (context_px 3, reach 1) maps
+    with the chip's default window and takes the AOA's training chips at the chip's size."""
+    import agbcube.predict as predict
+    from agbcube.cube import open_cube
+
+    cfg = _small(demo_config, epochs=1, ensemble=1, baseline="none", tta=False, context_px=3)
+    out = tmp_path / "run"
+    run_cv(cfg, output=out, device="cpu", plots=False)
+    chip = demo_config.chips.size
+    sizes = []
+    labelled = predict._labelled_pixels
+    monkeypatch.setattr(predict, "_labelled_pixels", lambda *a: sizes.append(a[-1]) or labelled(*a))
+    maps = predict.predict_run(out, open_cube(demo_config.cube.output, "beta"))
+    assert sizes == [chip]  # the AOA's reference chips
+    assert maps.attrs["window_px"] == 4 * chip  # the dense head's default window
+    assert maps.attrs["stride_px"] == chip

@@ -382,8 +382,9 @@ def load_ensemble(run_dir: str | Path, device: str = "cpu") -> tuple[list[Any], 
     -------
     models : list of (torch.nn.Module, Standardiser, TargetTransform)
     spec : dict
-        ``bands``, ``size_px`` (the window a model sees) and ``train`` (the settings, as a
-        dict).
+        ``bands``, ``size_px`` (the window a model sees), ``chip_px`` (the chip it predicts:
+        the window less the convolutions' reach on each side, whatever the reader's
+        ``context_px`` was) and ``train`` (the settings, as a dict).
     """
     from agbcube.train.modelfile import load_bundle
 
@@ -392,6 +393,7 @@ def load_ensemble(run_dir: str | Path, device: str = "cpu") -> tuple[list[Any], 
     spec = {
         "bands": first.bands,
         "size_px": first.size_px,
+        "chip_px": first.size_px - 2 * first.context_px,  # the file's context_px: the reach
         "train": first.train.model_dump(mode="json"),
     }
     return [(m.model, m.standardiser, m.target) for m in members], spec
