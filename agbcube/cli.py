@@ -464,8 +464,9 @@ def train_cmd(
     verbose: VerboseOpt = False,
 ) -> None:
     """Cross-validate the model over the folds (making them if missing); write the run."""
-    from agbcube.config import load_config
+    from agbcube.config import check_device, load_config
 
+    device = None if device is None else check_device(device, "--device")
     cfg = load_config(config)
     metrics = _train(
         cfg,
@@ -572,11 +573,12 @@ def predict_cmd(
     verbose: VerboseOpt = False,
 ) -> None:
     """Map AGB (ensemble mean and s.d.) and its area of applicability, as COGs, Zarr and PNGs."""
-    from agbcube.config import load_config
+    from agbcube.config import check_device, load_config
     from agbcube.cube import build_cube, cube_sites
     from agbcube.predict import run_cube
     from agbcube.train.loop import resolve_device
 
+    device = check_device(device, "--device")
     # on a cluster each worker resolves the device itself (a CPU client may drive GPU workers)
     on_cluster = scheduler == "local" or "://" in scheduler
     dev = device if on_cluster else str(resolve_device(device))

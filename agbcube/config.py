@@ -154,6 +154,24 @@ class StacSource(_Section):
         return value
 
 
+_DEVICE = re.compile(r"^(auto|cpu|(cuda|gpu)(:\d+)?)$")
+DEVICES = "auto, cpu, cuda or cuda:N (gpu is read as cuda)"
+
+
+def check_device(spec: str, where: str = "device") -> str:
+    """``spec`` as torch names it (``gpu``/``gpu:N`` read as ``cuda``/``cuda:N``).
+
+    Raises
+    ------
+    ConfigError
+        Naming ``where`` and the accepted values, for anything else.
+    """
+    text = str(spec).strip().lower()
+    if not _DEVICE.match(text):
+        raise ConfigError(f"{where}: {spec!r} is not a device; use {DEVICES}")
+    return re.sub(r"^gpu", "cuda", text)
+
+
 def _satellite_kind(value: Any) -> str:
     # A mapping is a STAC source, anything else a file path: errors then come from one branch.
     return "StacSource" if isinstance(value, dict | StacSource) else "GeoTIFF"
@@ -543,7 +561,11 @@ class TrainConfig(_Section):
         description="Shuffle buffer of the streamed paths (chips held, prepared).",
         **_DATA,
     )
-    device: str = Field(default="auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.", **_DATA)
+    device: str = Field(
+        default="auto",
+        description="'auto', 'cpu', 'cuda' or 'cuda:N' ('gpu' is read as 'cuda').",
+        **_DATA,
+    )
     output: Path = Field(
         default=Path("runs/train"), validate_default=True, description="Run directory.", **_DATA
     )
@@ -552,6 +574,14 @@ class TrainConfig(_Section):
     @classmethod
     def _resolve_output(cls, value: Path, info: ValidationInfo) -> Path:
         return _resolve(value, info)
+
+    @field_validator("device", mode="after")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        try:
+            return check_device(value)
+        except ConfigError as err:
+            raise ValueError(str(err).split(": ", 1)[1]) from None
 
     @model_validator(mode="before")
     @classmethod

@@ -251,3 +251,30 @@ def test_predict_output_that_is_a_file_is_one_line(tmp_path, rng, monkeypatch):
     ok = _invoke("predict", run, "--output", tmp_path / "maps", "--device", "cpu", "-q")
     assert ok.exit_code == 0, ok.output
     assert (tmp_path / "maps" / "agb_mean.tif").is_file()
+
+
+@pytest.mark.parametrize("command", ["train", "predict"])
+def test_an_unknown_device_is_one_line_listing_the_accepted_ones(tmp_path, rng, command):
+    """Checked before any work: no cube, folds or run is made."""
+    cfg = _config(tmp_path, rng)
+    target = cfg if command == "train" else tmp_path / "no-run"
+    line = _one_line_error(_invoke(command, target, "--device", "tpu"), "ConfigError")
+    assert "--device: 'tpu' is not a device; use auto, cpu, cuda or cuda:N" in line
+    assert not (tmp_path / "cube.zarr").exists()
+
+
+def test_gpu_is_read_as_cuda(tmp_path, rng, monkeypatch):
+    """--device gpu means cuda: where torch has no CUDA it is the one-line CUDA error."""
+    import torch
+
+    from agbcube.config import TrainConfig, check_device, parse_config
+    from agbcube.errors import ConfigError
+
+    assert check_device("GPU:1") == "cuda:1" and TrainConfig(device="gpu").device == "cuda"
+    with pytest.raises(ConfigError, match=r"train.device: 'tpu' is not a device; use auto"):
+        parse_config({"sites": [], "train": {"device": "tpu"}}, base_dir=tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    line = _one_line_error(
+        _invoke("train", _config(tmp_path, rng), "--device", "gpu"), "TrainingError"
+    )
+    assert "device 'cuda' was requested but CUDA is not available" in line

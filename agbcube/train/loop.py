@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from agbcube.config import check_device
 from agbcube.errors import TrainingError
 from agbcube.train.model import (
     Augmentation,
@@ -31,7 +32,16 @@ log = logging.getLogger(__name__)
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
-    """``"auto"`` → the first CUDA device when present, else the CPU."""
+    """``"auto"`` → the first CUDA device when present, else the CPU; ``gpu`` is ``cuda``.
+
+    Raises
+    ------
+    ConfigError
+        For a name that is not a device (listing those accepted).
+    TrainingError
+        For a CUDA device where torch has no CUDA.
+    """
+    spec = check_device(spec)
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(spec)
