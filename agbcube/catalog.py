@@ -76,8 +76,18 @@ def _apply_projection(obj: Any, gbox: Any) -> None:
     )
 
 
-def _resolution(transform: Any) -> float:
-    return float(abs(transform.a))
+def _gsd_m(gbox: Any) -> float:
+    """STAC's ``gsd``, in metres: the side of a square of the area of the grid's centre pixel,
+    measured on the CRS's ellipsoid when the CRS is geographic (a degree is not a length)."""
+    crs = gbox.crs.proj  # pyproj.CRS
+    dx, dy = abs(gbox.transform.a), abs(gbox.transform.e)
+    if not crs.is_geographic:
+        return float(np.sqrt(dx * dy) * crs.axis_info[0].unit_conversion_factor)
+    lon, lat = gbox.transform * (gbox.shape[1] / 2, gbox.shape[0] / 2)
+    geod = crs.get_geod()
+    width = geod.inv(lon - dx / 2, lat, lon + dx / 2, lat)[2]
+    height = geod.inv(lon, lat - dy / 2, lon, lat + dy / 2)[2]
+    return float(np.sqrt(width * height))
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,13 +147,13 @@ def map_item(
             "description": "Above-ground biomass (ensemble mean and standard deviation of the "
             "run's fold models), dissimilarity index and area of applicability.",
             "created": pystac.utils.datetime_to_str(created),
-            "gsd": _resolution(transform),
+            "gsd": _gsd_m(gbox),
         },
     )
     _apply_projection(item, gbox)
     for name, info in layers.items():
         if (directory / f"{name}.tif").exists():
-            _add_cog_asset(item, name, info, transform, (statistics or {}).get(name))
+            _add_cog_asset(item, name, info, _gsd_m(gbox), (statistics or {}).get(name))
         if (directory / f"{name}.png").exists():
             item.add_asset(
                 f"{name}_preview",
@@ -161,7 +171,7 @@ def _add_cog_asset(
     item: Any,
     name: str,
     info: Mapping[str, Any],
-    transform: Any,
+    gsd_m: float,
     stats: Mapping[str, float] | None,
 ) -> None:
     """A COG asset ``./<name>.tif`` with its raster band (dtype, nodata, unit, statistics)."""
@@ -179,7 +189,7 @@ def _add_cog_asset(
     band = RasterBand.create(
         nodata=_stac_nodata(info["nodata"]),
         data_type=DataType(np.dtype(info["dtype"]).name),
-        spatial_resolution=_resolution(transform),
+        spatial_resolution=gsd_m,  # metres, as gsd
         unit=info.get("unit"),
         statistics=Statistics.create(**stats) if stats else None,
     )
@@ -373,7 +383,7 @@ def cube_item(ds: Any, *, group: str, store_href: str, created: dt.datetime | No
             "description": "Satellite features aligned with a LiDAR AGB map on one grid "
             "(agbcube build-cube).",
             "created": pystac.utils.datetime_to_str(created),
-            "gsd": _resolution(transform),
+            "gsd": _gsd_m(gbox),
         },
         stac_extensions=["https://stac-extensions.github.io/xarray-assets/v1.0.0/schema.json"],
     )
@@ -399,11 +409,11 @@ def _datacube_fields(ds: Any, gbox: Any) -> tuple[dict[str, Any], dict[str, Any]
 
     transform = gbox.transform
     crs_code = gbox.crs.epsg if gbox.crs.epsg is not None else gbox.crs.to_wkt()
-    half = _resolution(transform) / 2
+    half_x, half_y = abs(transform.a) / 2, abs(transform.e) / 2
     bounds = gbox.boundingbox
     spatial = {
-        "x": [bounds.left + half, bounds.right - half],
-        "y": [bounds.bottom + half, bounds.top - half],
+        "x": [bounds.left + half_x, bounds.right - half_x],
+        "y": [bounds.bottom + half_y, bounds.top - half_y],
     }
     dims = {
         axis: Dimension.from_dict(

@@ -167,6 +167,13 @@ def test_cube_item_follows_the_datacube_extension_and_opens_the_group(demo_confi
         assert dims["band"]["values"] == [str(b) for b in ds.band.values]
         assert dims["x"]["extent"] == pytest.approx([float(ds.x.min()), float(ds.x.max())])
         assert dims["y"]["step"] == float(ds.rio.transform().e)
+        # gsd is in metres (STAC), not in the CRS's degrees: a degree of latitude is ~110.6 km,
+        # of longitude ~111.3 km times the cosine of the latitude
+        assert ds.rio.crs.is_geographic
+        dx, dy = abs(ds.rio.transform().a), abs(ds.rio.transform().e)
+        lat = np.radians(float(ds.y.mean()))
+        expect = np.sqrt(dx * 111_320 * np.cos(lat) * dy * 110_600)
+        assert item.properties["gsd"] == pytest.approx(expect, rel=0.01)
         assert asset.extra_fields["cube:variables"]["agb"]["unit"] == "Mg/ha"
         opened = xr.open_dataset(
             asset.get_absolute_href(), **asset.extra_fields["xarray:open_kwargs"]
