@@ -145,7 +145,8 @@ def _zarr_kind(folder: Path) -> str | None:
         return None
     if "agbcube" in attrs:
         return "cube"
-    return "maps" if "agbcube_partial_key" in attrs else None
+    # maps being written carry their resume key; finished maps, who wrote them
+    return "maps" if {"agbcube_partial_key", "agbcube_maps"} & set(attrs) else None
 
 
 def _legacy_kind(folder: Path) -> str | None:

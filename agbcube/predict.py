@@ -55,6 +55,7 @@ from agbcube._io import (
     replace_path,
     temporary_sibling,
     write_json_atomic,
+    written_by,
 )
 from agbcube._plot import label_projected, new_figure, raster_extent, save_figure
 from agbcube.errors import BandError, ConfigError, FoldError, InputFileError, TrainingError
@@ -1026,6 +1027,10 @@ def _write_tiles(
             )
     if tasks:
         compute(*tasks, client=client, progress=progress, label="predicting")
+    # complete: the resume key goes; what marks the store as agbcube's maps stays
+    attrs = zarr.open_group(str(partial), mode="r+", zarr_format=2).attrs
+    attrs.update(agbcube_maps=written_by())
+    del attrs["agbcube_partial_key"]
     zarr.consolidate_metadata(str(partial), zarr_format=2)
     replace_path(partial, zpath)
     remove_path(marks)

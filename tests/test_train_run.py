@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import rasterio
 import torch
+import xarray as xr
 
 from agbcube.errors import ConfigError, OutputExistsError, TrainingError
 from agbcube.train import load_ensemble, run_cv
@@ -44,6 +45,7 @@ def test_run_writes_every_output_and_maps_a_site(demo_config, demo_folds, tmp_pa
         *(f"fold_{k}/member_{m}.npz" for k in range(n) for m in range(2)),
     ):
         assert (out / name).exists(), name
+    assert not list(out.glob("fold_*/checkpoint_*.pt"))  # finished fits keep no checkpoint
     pred = pd.read_parquet(out / "predictions.parquet")
     assert set(pred.model) == {"cnn-coordinate", "hgb-pixel"}
     cnn = pred[pred.model == "cnn-coordinate"]
@@ -79,6 +81,8 @@ def test_run_writes_every_output_and_maps_a_site(demo_config, demo_folds, tmp_pa
     with rasterio.open(maps / "agb_mean.tif") as src:
         assert src.crs == cube.rio.crs and src.shape == (cube.sizes["y"], cube.sizes["x"])
         assert np.isfinite(src.read(1)).mean() > 0.9
+    attrs = xr.open_zarr(maps / "maps.zarr").attrs  # finished: no resume key left behind
+    assert "agbcube_partial_key" not in attrs and attrs["agbcube_maps"].startswith("agbcube ")
     with rasterio.open(maps / "agb_std.tif") as src:
         spread = src.read(1)
     assert np.nanmin(spread) >= 0 and np.nanmax(spread) > 0  # the members disagree

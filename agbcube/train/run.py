@@ -10,7 +10,7 @@ Run directory::
     fold_k/member_m.npz    member m's test predictions and summary (its task is done)
     fold_k/model_m.pt      member m's model file (weights, standardisation, bands, settings)
     fold_k/baseline.npz    the hgb-pixel baseline's test predictions
-    fold_k/checkpoint_*.pt the running fit's last epoch (for --resume)
+    fold_k/checkpoint_*.pt a running fit's last epoch (for --resume; gone with its result)
     random_cv/fold_k.npz   train.random_cv: the baseline under a random split
     predictions.parquet    chip_id, site, fold, model, agb_true, agb_pred, log_true, log_pred
     pixels.parquet         chip_id, site, fold, model, agb_true, agb_pred per scored pixel

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from agbcube._io import atomic_path
+from agbcube._io import atomic_path, remove_path
 from agbcube.errors import TrainingError
 
 __all__ = ["FoldData", "RunData", "Task", "load_result", "plan_tasks", "run_task"]
@@ -320,7 +320,14 @@ def run_task(task: Task, run: RunData, *, resume: bool = False) -> dict[str, Any
         arrays, summary = _cnn(run, task, resume=resume)
     summary.update(task=task.name, seconds=time.perf_counter() - t0)
     _write_result(path, arrays, summary)
+    if task.kind in ("select", "member"):  # only a fit without its result needs its checkpoint
+        remove_path(checkpoint_path(run.run_dir, task))
     return summary
+
+
+def checkpoint_path(run_dir: Path, task: Task) -> Path:
+    """Where a fit keeps its last epoch until its result is written (``--resume`` reads it)."""
+    return run_dir / f"fold_{task.fold}" / f"checkpoint_{task.name.split('/')[-1]}.pt"
 
 
 def _write_result(path: Path, arrays: dict[str, np.ndarray], summary: dict[str, Any]) -> None:
@@ -364,7 +371,7 @@ def _cnn(run: RunData, task: Task, *, resume: bool) -> tuple[dict, dict]:
     label = f"fold {k}" + (f" refit{_suffix(task)} on {positions.size} chips" if refit else "")
     if task.kind == "member" and not refit and task.member:
         label = f"fold {k} member {task.member}"
-    checkpoint = run.run_dir / f"fold_{k}" / f"checkpoint_{task.name.split('/')[-1]}.pt"
+    checkpoint = checkpoint_path(run.run_dir, task)
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(seed)
         window = run.size_px + 2 * run.model_margin
