@@ -280,7 +280,11 @@ def build_cube_cmd(
         progress=not _quiet(quiet),
     )
     results.print(_cube_table(built))
-    log.info("cube written to %s", cfg.cube.output)
+    changed = [site for site, r in built.items() if r["status"] != "up to date"]
+    if changed:
+        log.info("cube written to %s (%s)", cfg.cube.output, ", ".join(changed))
+    else:
+        log.info("cube %s is up to date: nothing written (--overwrite rebuilds)", cfg.cube.output)
 
 
 @app.command("demo", epilog=EXIT_CODES)

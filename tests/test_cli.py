@@ -63,6 +63,9 @@ def test_results_go_to_stdout_and_progress_to_stderr(tmp_path, rng):
     assert result.exit_code == 0, result.output
     assert "valid AGB px" in result.stdout and "site 'simple'" not in result.stdout
     assert "site 'simple': built" in result.stderr and "cube written to" in result.stderr
+    again = _invoke("build-cube", cfg)  # every site up to date: nothing is said to be written
+    assert "is up to date: nothing written" in again.stderr and "written to" not in again.stderr
+    assert _invoke("build-cube", cfg, "-q").stderr == ""
     result = _invoke("folds", cfg)
     assert result.exit_code == 0, result.output
     assert "chips per site" in result.stdout and "leakage audit" in result.stdout

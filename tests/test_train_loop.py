@@ -161,3 +161,25 @@ def test_out_of_memory_names_the_batch_size(monkeypatch):
     monkeypatch.setattr(CNNCoordinateModel, "forward", boom)
     with pytest.raises(TrainingError, match=r"out of cpu memory at train.batch_size=8"):
         _fit(_cfg(epochs=1), x, y)
+
+
+def test_epoch_lines_show_validation_only_where_there_is_one(caplog):
+    """An early-stopping fit's lines give its validation loss and star its best epoch; a
+    refit has no validation set, so its lines give neither (they showed val == train and
+    starred every epoch)."""
+    x, y = _toy()
+    cfg = _cfg(epochs=3)
+    std = Standardiser.fit(x[:32])
+    train = DeviceBatches(std.apply(x[:32]), y[:32], "cpu")
+    val = DeviceBatches(std.apply(x[32:]), y[32:], "cpu")
+    lines = {}
+    for name, source, best in (("select", val, True), ("refit", None, False)):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="agbcube.train"):
+            fit(build_model(cfg, 3, x.shape[-1]), train, source, cfg, n_spectral=3, seed=1,
+                label=name, restore_best=best)  # fmt: skip
+        lines[name] = [r.getMessage() for r in caplog.records if " epoch " in r.getMessage()]
+    assert len(lines["select"]) == len(lines["refit"]) == 3
+    assert all(" val " in line for line in lines["select"])
+    assert sum(line.endswith("*") for line in lines["select"]) >= 1
+    assert not any(" val " in line or line.endswith("*") for line in lines["refit"])

@@ -342,7 +342,7 @@ def fit(
             break
         record = _epoch_record(fit_, val, epoch, train_loss, len(train), t0)
         fit_.observe(epoch, record, restore_best)
-        _log_epoch(fit_, record, label)
+        _log_epoch(fit_, record, label, validated=val is not None and len(val) > 0)
         if checkpoint is not None:
             _save_atomic(fit_.state(epoch, device), checkpoint)
     model.load_state_dict(fit_.best_state)
@@ -377,17 +377,20 @@ def _epoch_record(
     }
 
 
-def _log_epoch(fit_: _Fit, record: dict[str, float], label: str) -> None:
+def _log_epoch(fit_: _Fit, record: dict[str, float], label: str, *, validated: bool) -> None:
+    """One line an epoch; the validation loss and the best epoch's ``*`` only where there is a
+    validation set (a refit has none: it trains for the epochs the selection picked)."""
     if not log.isEnabledFor(logging.INFO):
         return
-    best = fit_.result.best_epoch == record["epoch"]
+    val = f"  val {record['val_loss']:.4f}" if validated else ""
+    best = validated and fit_.result.best_epoch == record["epoch"]
     log.info(
-        "%s epoch %3d/%d  train %.4f  val %.4f  lr %.2e  %s chips/s%s",
+        "%s epoch %3d/%d  train %.4f%s  lr %.2e  %s chips/s%s",
         label,
         record["epoch"] + 1,
         fit_.n_epochs,
         record["train_loss"],
-        record["val_loss"],
+        val,
         record["lr"],
         f"{record['chips_per_s']:,.0f}",
         "  *" if best else "",
