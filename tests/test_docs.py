@@ -81,3 +81,14 @@ def test_relative_links_between_pages_resolve():
                 else None
             )
             assert resolved.exists() or rel in generated, f"{page.name}: {target}"
+
+
+def test_user_docs_speak_of_what_users_run_not_of_issues():
+    """The README, BENCHMARKS.md (a docs page), the docs, notebooks and shipped configs cite no
+    issue numbers of the project's tracker: a user cannot read them."""
+    pages = [ROOT / "README.md", ROOT / "BENCHMARKS.md", *ROOT.glob("configs/*.yaml")]
+    pages += [*DOCS.rglob("*.md"), *DOCS.rglob("*.ipynb"), *ROOT.glob("notebooks/*.ipynb")]
+    cited = re.compile(r"\bissues? ?#?\d|\bissues? \d+ (and|/) ", re.IGNORECASE)
+    for page in pages:
+        for n, line in enumerate(page.read_text(encoding="utf-8").splitlines(), start=1):
+            assert not cited.search(line), f"{page.relative_to(ROOT)}:{n}: {line.strip()}"
