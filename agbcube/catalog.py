@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from agbcube._cf import AGB_UNITS
 from agbcube._io import mark_output, write_json_atomic, written_by
 
 __all__ = [
@@ -442,7 +443,7 @@ def _datacube_fields(ds: Any, gbox: Any) -> tuple[dict[str, Any], dict[str, Any]
             {
                 "type": "data",
                 "dimensions": ["y", "x"],
-                "unit": "Mg/ha",
+                "unit": AGB_UNITS,
                 "description": "Above-ground biomass (NaN where missing or out of range).",
             }
         ),

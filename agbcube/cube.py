@@ -34,6 +34,7 @@ from odc.geo.xr import xr_coords, xr_reproject
 from rasterio.errors import RasterioError, RasterioIOError
 
 from agbcube import __version__
+from agbcube._cf import AGB_UNITS, cf_dataset, linear_units
 from agbcube._dask import check_scheduler, compute, dask_scheduler
 from agbcube._io import (
     digest,
@@ -465,10 +466,11 @@ def build_site_cube(site: SiteConfig, cube: CubeConfig) -> xr.Dataset:
             "agb": agb.astype(np.float32).chunk(chunks),
         }
     )
-    ds["agb"].attrs.update(units="Mg ha-1", long_name="above-ground biomass")
+    ds["agb"].attrs.update(units=AGB_UNITS, long_name="above-ground biomass")
     ds["features"].attrs.update(long_name="satellite bands and derived indices")
     ds = ds.rio.write_crs(gbox.crs.to_wkt(), grid_mapping_name="spatial_ref")
     ds = ds.rio.write_transform(gbox.affine)
+    ds = cf_dataset(ds, geographic=gbox.crs.geographic, linear_units=linear_units(gbox.crs))
     ds.attrs.update(
         site=site.name,
         n_raw_bands=len(names),
@@ -538,8 +540,14 @@ def _encoding(ds: xr.Dataset) -> dict[str, dict[str, Any]]:
     import zarr
 
     key = {"compressor": codec} if zarr.__version__.startswith("2.") else {"compressors": (codec,)}
+    # the CF names (coordinates, grid_mapping) go to the attributes before this is applied
+    cf = ("coordinates",)
     return {
-        name: {**ds[name].encoding, **key, "chunks": ds[name].data.chunksize}
+        name: {
+            **{k: v for k, v in ds[name].encoding.items() if k not in cf},
+            **key,
+            "chunks": ds[name].data.chunksize,
+        }
         for name in ("features", "agb")
     }
 

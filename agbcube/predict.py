@@ -46,6 +46,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from agbcube._cf import AGB_UNITS, cf_dataset, linear_units
 from agbcube._io import (
     atomic_path,
     digest,
@@ -81,7 +82,7 @@ LAYER_INFO: dict[str, dict[str, Any]] = {
     "agb_mean": {
         "title": "AGB, ensemble mean",
         "description": "Above-ground biomass: mean of the run's fold models.",
-        "unit": "Mg/ha",
+        "unit": AGB_UNITS,
         "dtype": "float32",
         "nodata": float("nan"),
         "cmap": "YlGn",
@@ -89,7 +90,7 @@ LAYER_INFO: dict[str, dict[str, Any]] = {
     "agb_std": {
         "title": "AGB, ensemble standard deviation",
         "description": "Standard deviation of the fold models' AGB (their disagreement).",
-        "unit": "Mg/ha",
+        "unit": AGB_UNITS,
         "dtype": "float32",
         "nodata": float("nan"),
         "cmap": "magma",
@@ -606,13 +607,15 @@ def _maps_dataset(ds: xr.Dataset, tiles: Any, aoa: AOAReference | None) -> xr.Da
     )
     if aoa is None:
         result = result.drop_vars(["di", "aoa"])
-    result["agb_mean"].attrs.update(units="Mg ha-1", long_name="AGB, ensemble mean")
-    result["agb_std"].attrs.update(units="Mg ha-1", long_name="AGB, ensemble standard deviation")
+    result["agb_mean"].attrs.update(units=AGB_UNITS, long_name="AGB, ensemble mean")
+    result["agb_std"].attrs.update(units=AGB_UNITS, long_name="AGB, ensemble standard deviation")
     if aoa is not None:
         result["di"].attrs.update(long_name="dissimilarity index", threshold=aoa.threshold)
         result["aoa"].attrs.update(long_name="area of applicability (1 inside, 0 outside)")
     result.attrs["site"] = str(ds.attrs.get("site", ""))
-    return result.rio.write_crs(ds.rio.crs)
+    result = result.rio.write_crs(ds.rio.crs)
+    crs = ds.rio.crs
+    return cf_dataset(result, geographic=crs.is_geographic, linear_units=linear_units(crs))
 
 
 def _band_index(have: list[str], want: list[str]) -> slice | list[int]:

@@ -89,7 +89,7 @@ def test_map_item_is_valid_and_describes_every_cog(tmp_path, validator):
         )
         assert Path(asset.get_absolute_href()).resolve() == (out / f"{name}.tif").resolve()
     units = {n: item.assets[n].extra_fields["raster:bands"][0].get("unit") for n in LAYERS}
-    assert units == {"agb_mean": "Mg/ha", "agb_std": "Mg/ha", "di": "1", "aoa": None}
+    assert units == {"agb_mean": "Mg ha-1", "agb_std": "Mg ha-1", "di": "1", "aoa": None}
     assert item.assets["agb_mean_preview"].roles == ["thumbnail"]
 
 
@@ -174,7 +174,7 @@ def test_cube_item_follows_the_datacube_extension_and_opens_the_group(demo_confi
         lat = np.radians(float(ds.y.mean()))
         expect = np.sqrt(dx * 111_320 * np.cos(lat) * dy * 110_600)
         assert item.properties["gsd"] == pytest.approx(expect, rel=0.01)
-        assert asset.extra_fields["cube:variables"]["agb"]["unit"] == "Mg/ha"
+        assert asset.extra_fields["cube:variables"]["agb"]["unit"] == "Mg ha-1"
         opened = xr.open_dataset(
             asset.get_absolute_href(), **asset.extra_fields["xarray:open_kwargs"]
         )

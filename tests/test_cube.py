@@ -643,3 +643,22 @@ def test_empty_agb_or_mostly_empty_bands_warn(simple_site, tmp_path):
     with pytest.warns(UserWarning, match=r"site 'blank': 3 of 4 feature bands are empty"):
         result = build_cube([site], _cube(tmp_path, indices="none"), progress=False)
     assert result["blank"]["empty_bands"] == ["B8", "VV", "VH"]
+
+
+def test_a_plain_open_zarr_finds_the_crs_and_the_axes(demo_config):
+    """CF: xr.open_zarr without decode_coords="all" gives spatial_ref as a coordinate, so
+    rioxarray and odc-geo find each site's CRS; x/y and AGB say what they are."""
+    import odc.geo.xr  # noqa: F401
+    import rioxarray  # noqa: F401
+
+    from agbcube.cube import open_cube
+
+    for site in ("alpha", "beta"):
+        ds = xr.open_zarr(demo_config.cube.output, group=site)
+        assert "spatial_ref" in ds.coords and "spatial_ref" not in ds.data_vars
+        assert ds.rio.crs == open_cube(demo_config.cube.output, site).rio.crs
+        assert ds.rio.crs is not None and ds.odc.geobox.crs.epsg == ds.rio.crs.to_epsg()
+        assert ds.attrs["Conventions"] == "CF-1.8" and ds.agb.attrs["units"] == "Mg ha-1"
+        x, y = ds.x.attrs, ds.y.attrs
+        assert (x["standard_name"], x["axis"], x["units"]) == ("longitude", "X", "degrees_east")
+        assert (y["standard_name"], y["axis"], y["units"]) == ("latitude", "Y", "degrees_north")

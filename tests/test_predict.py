@@ -157,6 +157,9 @@ def test_band_mismatch_lists_the_differences():
 
 
 def test_cogs_zarr_and_pngs(tmp_path):
+    import odc.geo.xr  # noqa: F401  (the .odc accessor)
+    import rioxarray  # noqa: F401  (the .rio accessor)
+
     ds = _site(300, 280)
     ref = aoa_reference(
         np.moveaxis(ds.features.values[:, :50], 0, -1).reshape(-1, 3),
@@ -173,8 +176,14 @@ def test_cogs_zarr_and_pngs(tmp_path):
     paths = write_maps(maps, tmp_path / "maps", progress=False)
     assert (tmp_path / "maps" / "maps.zarr").is_dir()
     back = xr.open_zarr(tmp_path / "maps" / "maps.zarr")
-    assert set(back.data_vars) >= {"agb_mean", "agb_std", "di", "aoa"}
-    units = {"agb_mean": "Mg/ha", "agb_std": "Mg/ha", "di": "1", "aoa": None}
+    assert set(back.data_vars) == {"agb_mean", "agb_std", "di", "aoa"}
+    # CF: a plain open_zarr gives rioxarray and odc-geo the CRS; x/y say what they are
+    assert "spatial_ref" in back.coords and back.rio.crs == ds.rio.crs
+    assert back.odc.geobox.crs == ds.odc.geobox.crs and back.attrs["Conventions"] == "CF-1.8"
+    x_attrs = {k: back.x.attrs.get(k) for k in ("standard_name", "axis", "units")}
+    assert x_attrs == {"standard_name": "projection_x_coordinate", "axis": "X", "units": "m"}
+    assert back.agb_mean.attrs["units"] == back.agb_std.attrs["units"] == "Mg ha-1"
+    units = {"agb_mean": "Mg ha-1", "agb_std": "Mg ha-1", "di": "1", "aoa": None}
     for layer in ("agb_mean", "agb_std", "di", "aoa"):
         tif = tmp_path / "maps" / f"{layer}.tif"
         valid, errors, warns = cog_validate(str(tif), strict=True)
