@@ -1158,9 +1158,9 @@ def quicklook(
         bar.set_label("area of applicability")
     else:
         im = ax.imshow(small, cmap=info["cmap"], extent=extent)
-        unit = info["unit"]
+        unit = {"1": "unitless", AGB_UNITS: "Mg/ha"}.get(info["unit"], info["unit"])  # for eyes
         bar = fig.colorbar(im, ax=ax, shrink=0.8)
-        bar.set_label(f"{info['title']} ({'unitless' if unit == '1' else unit})")
+        bar.set_label(f"{info['title']} ({unit})")
     if extent is not None and crs is not None:
         label_projected(ax, crs)
     else:
