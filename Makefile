@@ -5,6 +5,7 @@
 #   make test-slow  only the whole-pipeline tests
 #   make docs   build the documentation site into site/ (notebooks executed; warnings are errors)
 #   make lock   re-resolve requirements.lock after a change to pyproject.toml's dependencies
+#   make lock-upgrade  the same with every package at the newest release its bounds allow
 #   make test-latest  test-fast in a fresh venv with the newest releases the index serves
 # setup installs every package from requirements.lock (every role, the test and docs tools,
 # the CPU build of PyTorch), then agbcube itself without resolving anything: no upstream
@@ -22,7 +23,7 @@ UV ?= uv==0.13.9
 LATEST ?= .venv-latest
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-fast test-slow test-latest lint lock docs bench-cube clean
+.PHONY: setup demo test test-fast test-slow test-latest lint lock lock-upgrade docs bench-cube clean
 
 setup: $(VENV)/.installed
 
@@ -54,10 +55,10 @@ test-slow: setup
 	$(BIN)/python -m pytest -q -m slow --durations=10
 
 # The lock is resolved by uv in a venv of its own (.venv-lock), pinned like everything else.
-lock:
+lock lock-upgrade:
 	test -x .venv-lock/bin/uv || ($(PYTHON) -m venv .venv-lock && \
 		.venv-lock/bin/python -m pip install --quiet "$(UV)" packaging)
-	.venv-lock/bin/python tools/lock.py --uv .venv-lock/bin/uv
+	.venv-lock/bin/python tools/lock.py --uv .venv-lock/bin/uv $(if $(filter lock-upgrade,$@),--upgrade)
 
 # Not part of CI: does agbcube still pass with the newest releases? A failure here is an early
 # warning to fix agbcube or bound the release (docs/development.md), never a broken install.

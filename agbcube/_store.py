@@ -29,7 +29,8 @@ __all__ = [
     "site_read_errors",
 ]
 
-_ZARR_FORMAT = 2  # read by zarr-python 2 and 3, GDAL and every xarray since 2023
+_ZARR_FORMAT = 2  # stores zarr-python 2 and 3, GDAL and every xarray since 2023 read
+# (written with zarr-python 3: pyproject.toml says why)
 
 
 def _root_meta(store: Path) -> dict[str, Any] | None:

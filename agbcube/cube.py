@@ -537,9 +537,7 @@ def _encoding(ds: xr.Dataset) -> dict[str, dict[str, Any]]:
 
     # lz4 + byte shuffle: fast to decompress, which is what chip streaming pays for.
     codec = Blosc(cname="lz4", clevel=5, shuffle=Blosc.SHUFFLE)
-    import zarr
-
-    key = {"compressor": codec} if zarr.__version__.startswith("2.") else {"compressors": (codec,)}
+    key = {"compressors": (codec,)}
     # the CF names (coordinates, grid_mapping) go to the attributes before this is applied
     cf = ("coordinates",)
     return {

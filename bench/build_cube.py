@@ -188,12 +188,11 @@ def _child_build(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _child_copy(spec: dict[str, Any]) -> dict[str, Any]:
     import rioxarray
-    import zarr
     from numcodecs import Blosc
 
     # The cube's codec (agbcube.cube._encoding): Blosc lz4, level 5, byte shuffle.
     codec = Blosc(cname="lz4", clevel=5, shuffle=Blosc.SHUFFLE)
-    key = {"compressor": codec} if zarr.__version__.startswith("2.") else {"compressors": (codec,)}
+    key = {"compressors": (codec,)}
     t0 = time.perf_counter()
     for i, sat in enumerate(spec["satellites"]):
         da = rioxarray.open_rasterio(sat, chunks={"band": -1, "y": CHUNKS, "x": CHUNKS})

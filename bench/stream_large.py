@@ -133,8 +133,7 @@ def make_cube(src_store: Path, src_site: str, out: Path, px: int) -> None:
         attrs={**src.attrs, "site": SITE},
     )
     blosc = Blosc(cname="lz4", clevel=5, shuffle=Blosc.SHUFFLE)
-    key = "compressor" if zarr.__version__.startswith("2.") else "compressors"
-    codec = blosc if key == "compressor" else (blosc,)
+    key, codec = "compressors", (blosc,)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     ds.to_zarr(

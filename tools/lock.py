@@ -1,6 +1,7 @@
 """The lock: every package ``make`` installs, pinned, so that no release can break a fresh install.
 
     python tools/lock.py            # regenerate requirements.lock (`make lock`; uv + the index)
+    python tools/lock.py --upgrade  # the same, every package at its newest (`make lock-upgrade`)
     python tools/lock.py --check    # does requirements.lock still match pyproject.toml? (offline)
 
 The lock is resolved by uv (``uv pip compile --universal``) from pyproject.toml's core
@@ -118,19 +119,27 @@ def _applies(pin: Requirement) -> bool:
     return pin.marker is None or pin.marker.evaluate()
 
 
-def compile_lock(lock: Path = LOCK, uv: str = "uv") -> None:
-    """Resolve the lock with uv against the package index and write it (temporary, then rename)."""
+def compile_lock(lock: Path = LOCK, uv: str = "uv", *, upgrade: bool = False) -> None:
+    """Resolve the lock with uv against the package index and write it (temporary, then rename).
+
+    The current lock's pins are kept where pyproject.toml still allows them (uv prefers the
+    versions already in its output file), so a changed dependency moves only what it must;
+    ``upgrade`` takes every package to the newest release the bounds allow.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         torch_in = Path(tmp) / "torch.in"
         build = tomllib.loads(PYPROJECT.read_text())["build-system"].get("requires", [])
         torch_in.write_text("\n".join([TORCH_CPU, "pip", *build]) + "\n")
         raw = Path(tmp) / "raw.txt"
+        if lock.exists() and not upgrade:
+            raw.write_text(lock.read_text())  # uv's preferences
         extras = [arg for extra in EXTRAS for arg in ("--extra", extra)]
         links = os.environ.get("UV_FIND_LINKS") or os.environ.get("PIP_FIND_LINKS", "")
         find_links = [arg for link in links.split() for arg in ("--find-links", link)]
         command = [uv, "pip", "compile", "--quiet", "--universal", "--python-version", PYTHON]
         command += [str(PYPROJECT), str(torch_in), *extras, *find_links]
         command += ["--no-header", "--annotation-style", "line", "-o", str(raw)]
+        command += ["--upgrade"] if upgrade else []
         subprocess.run(command, check=True, cwd=ROOT)
         body = _without_local_torch(raw.read_text(), torch_in)
     header = (
@@ -156,10 +165,11 @@ def _without_local_torch(text: str, torch_in: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="compare, do not write (offline)")
+    parser.add_argument("--upgrade", action="store_true", help="every package at its newest")
     parser.add_argument("--uv", default="uv", help="the uv executable (default: uv on PATH)")
     args = parser.parse_args(argv)
     if not args.check:
-        compile_lock(uv=args.uv)
+        compile_lock(uv=args.uv, upgrade=args.upgrade)
     problems = check()
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
