@@ -6,16 +6,16 @@ agbcube never removes or replaces a file or folder it did not write. It recognis
 outputs by markers, all read here:
 
 * a folder it owns (a run directory, a maps folder) holds a marker file ``.agbcube`` (JSON:
-  ``kind``, agbcube version, creation time), written by :func:`mark_output`;
+  ``kind``, agbcube version, creation time), written by `mark_output`;
 * a cube store is a Zarr group whose root attributes hold ``agbcube``;
 * a folds file is a Parquet file whose schema metadata holds ``agbcube``;
-* a PNG carries an ``agbcube`` text chunk (:func:`png_metadata`), a JSON file a top-level
-  ``"written_by": "agbcube …"`` (:func:`written_by`);
+* a PNG carries an ``agbcube`` text chunk (`png_metadata`), a JSON file a top-level
+  ``"written_by": "agbcube …"`` (`written_by`);
 * anything inside an owned folder or cube store is owned too.
 
-:func:`atomic_path` and :func:`replace_path` refuse anything else with
-:class:`~agbcube.errors.OutputExistsError`, and never put a file where a folder is (or the
-reverse). :func:`prepare_output_dir` makes (or reuses) a folder for an output and marks it.
+`atomic_path` and `replace_path` refuse anything else with
+`OutputExistsError`, and never put a file where a folder is (or the
+reverse). `prepare_output_dir` makes (or reuses) a folder for an output and marks it.
 """
 
 from __future__ import annotations
@@ -228,9 +228,9 @@ def _holds_files(folder: Path) -> bool:
 
 
 def check_replaceable(path: str | Path, *, what: str = "output", folder: bool = False) -> None:
-    """Raise :class:`OutputExistsError` unless agbcube may put its output at ``path``.
+    """Raise `OutputExistsError` unless agbcube may put its output at ``path``.
 
-    It may when nothing is there, or when what is there is agbcube's own (:func:`owned`) and of
+    It may when nothing is there, or when what is there is agbcube's own (`owned`) and of
     the same type (a folder for a folder, a file for a file); an empty folder may be replaced
     by a folder.
     """
@@ -281,7 +281,7 @@ def prepare_output_dir(path: str | Path, *, kind: str, what: str = "output") -> 
 
 
 def remove_output(path: str | Path, *, what: str = "output") -> None:
-    """Remove an output of agbcube's; anything else raises :class:`OutputExistsError`."""
+    """Remove an output of agbcube's; anything else raises `OutputExistsError`."""
     path = Path(path)
     if not owned(path):
         raise OutputExistsError(
@@ -332,7 +332,7 @@ def write_failure(path: Path, err: BaseException, *, what: str = "output") -> st
 
 @contextlib.contextmanager
 def write_errors(path: str | Path, *, what: str = "output") -> Iterator[None]:
-    """Turn a failed write under ``path`` into an :class:`OutputWriteError` naming it.
+    """Turn a failed write under ``path`` into an `OutputWriteError` naming it.
 
     Covers the OSErrors of a full disk, a read-only file system or missing permissions, and a
     library's own error on a disk that is now full (torch: "unexpected pos …").
@@ -362,14 +362,14 @@ def atomic_path(
 
     Readers never see a half-written output, and on failure the previous output (if any) is left
     untouched and the temporary is removed. What stands at ``path`` must be agbcube's own
-    output of the same type (:func:`check_replaceable`); that is checked before the write.
+    output of the same type (`check_replaceable`); that is checked before the write.
 
     Parameters
     ----------
     path : str or Path
         The output.
     overwrite : bool
-        Replace an existing output (else :class:`OutputExistsError`).
+        Replace an existing output (else `OutputExistsError`).
     what : str
         Names the output in messages, e.g. ``"folds.output"``.
     folder : bool
@@ -473,7 +473,7 @@ def output_lock(path: str | Path, *, what: str = "output") -> Iterator[None]:
     The lock is an operating-system lock (``flock``) on the file ``.<name>.lock`` beside the
     output. The kernel releases it when the holder exits, however it exits, so there is no
     stale lock to guess about; the file's content (the holder's host, pid and start time) only
-    names the holder in the message a second writer gets (:class:`OutputLockedError`). Only the
+    names the holder in the message a second writer gets (`OutputLockedError`). Only the
     holder removes the file, while it still holds the lock.
 
     Network file systems: ``flock`` locks hold across hosts on NFSv4 and on Linux NFS clients

@@ -1,6 +1,6 @@
 """Reading a cube: the sites of a store and a site's lazy dataset.
 
-Kept apart from :mod:`agbcube.cube` (which builds cubes with rasterio, rioxarray and odc-geo,
+Kept apart from `agbcube.cube` (which builds cubes with rasterio, rioxarray and odc-geo,
 hence GDAL) so that training needs only xarray, zarr and numcodecs to read a cube: a GPU machine
 needs no GDAL.
 """
@@ -64,7 +64,7 @@ def folder_manifest(folder: Path) -> str | None:
 
 @contextlib.contextmanager
 def site_read_errors(store: str | Path | None, site: str) -> Iterator[None]:
-    """Turn a failure to read or decode a cube site's data into a :class:`CubeError` naming it.
+    """Turn a failure to read or decode a cube site's data into a `CubeError` naming it.
 
     Zarr and its codecs report a damaged chunk as ``RuntimeError: error during blosc
     decompression: -1`` and the like, naming neither the store nor the site.
@@ -107,7 +107,7 @@ def cube_sites(store: str | Path) -> list[str]:
 def cube_site_keys(store: str | Path) -> dict[str, str]:
     """Each site's build key (a digest of its inputs and settings) in a complete cube.
 
-    Folds record these keys (see :func:`agbcube.folds.check_folds_cube`): a site rebuilt from
+    Folds record these keys (see `agbcube.folds.check_folds_cube`): a site rebuilt from
     other inputs or settings since the folds were cut has another key.
     """
     sites = cube_sites(store)
@@ -121,7 +121,7 @@ def open_cube(store: str | Path, site: str, *, chunks: Any = "auto") -> xr.Datas
     Parameters
     ----------
     store : str or Path
-        The Zarr store written by :func:`build_cube`.
+        The Zarr store written by `build_cube`.
     site : str
         The site's name.
     chunks : "auto", dict or None

@@ -452,7 +452,7 @@ def _datacube_fields(ds: Any, gbox: Any) -> tuple[dict[str, Any], dict[str, Any]
 
 
 def write_cube_item(ds: Any, store: str | Path) -> Path:
-    """Write ``<store>.stac/<site>.json``, the Item of a site's group (see :func:`cube_item`)."""
+    """Write ``<store>.stac/<site>.json``, the Item of a site's group (see `cube_item`)."""
     store = Path(store)
     site = str(ds.attrs["site"])
     path = cube_items_dir(store) / f"{site}.json"

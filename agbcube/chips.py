@@ -83,7 +83,7 @@ def make_chips(
         One row per kept chip, footprints in EPSG:4326.
     summary : dict
         ``candidates``, ``kept``, the counts dropped for too few valid AGB pixels or too many
-        NaN features, and what :func:`no_chip_reason` needs: ``shape``, ``size_px``,
+        NaN features, and what `no_chip_reason` needs: ``shape``, ``size_px``,
         ``valid_agb_px`` and ``nan_feature_fraction`` of the whole site.
     """
     site = site or str(ds.attrs.get("site", "site"))
@@ -151,7 +151,7 @@ def _chip_statistics(
 def no_chip_reason(
     summary: dict[str, Any], *, min_valid_fraction: float, max_nan_fraction: float
 ) -> str:
-    """Why a site gave no chip, and what to change: from a :func:`make_chips` summary."""
+    """Why a site gave no chip, and what to change: from a `make_chips` summary."""
     n_y, n_x = summary["shape"]
     size = summary["size_px"]
     if summary["candidates"] == 0:
@@ -199,7 +199,7 @@ def local_metric_crs(gdf: gpd.GeoSeries | gpd.GeoDataFrame) -> CRS:
 
 
 def to_local_metric(gdf: gpd.GeoDataFrame, crs: CRS | None = None) -> gpd.GeoDataFrame:
-    """Reproject to ``crs`` (default: :func:`local_metric_crs`), for distances in metres."""
+    """Reproject to ``crs`` (default: `local_metric_crs`), for distances in metres."""
     return gdf.to_crs(crs or local_metric_crs(gdf))
 
 

@@ -673,7 +673,7 @@ def load_config(path: str | Path) -> Config:
 
 def load_run_config(run_dir: str | Path) -> Config:
     """The configuration a training run was made with (its ``config.yaml``), validated as
-    strictly as a fresh one: an edited or foreign run config is a :class:`ConfigError`.
+    strictly as a fresh one: an edited or foreign run config is a `ConfigError`.
     """
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
@@ -703,7 +703,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def read_yaml(path: str | Path, *, what: str = "YAML file") -> Any:
-    """Parse a YAML file, turning every way it can be unreadable into a :class:`ConfigError`."""
+    """Parse a YAML file, turning every way it can be unreadable into a `ConfigError`."""
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"{what} {path} is a folder; give the path of a YAML file")
@@ -733,7 +733,7 @@ def read_yaml(path: str | Path, *, what: str = "YAML file") -> Any:
 def parse_config(
     raw: Any, *, base_dir: str | Path | None = None, source: str | Path | None = None
 ) -> Config:
-    """Validate an already-parsed configuration mapping (see :func:`load_config`)."""
+    """Validate an already-parsed configuration mapping (see `load_config`)."""
     where = str(source) if source is not None else "config"
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping of sections, got {type(raw).__name__}")

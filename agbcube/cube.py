@@ -387,7 +387,7 @@ def site_provenance(
 ) -> dict[str, Any]:
     """What a site's cube depends on; its ``key`` changes when any input or setting does.
 
-    ``satellite`` describes a STAC source's answer (:meth:`agbcube.stac.StacPlan.facts`: the
+    ``satellite`` describes a STAC source's answer (`agbcube.stac.StacPlan.facts`: the
     item ids and a key of their content); a file is described by its path, size and mtime.
     """
     if satellite is None:
@@ -564,7 +564,7 @@ def _agb_stats(agb: xr.DataArray) -> dict[str, Any]:
 
 
 def _empty_bands(group: Path, max_chunks: int = 8) -> list[str]:
-    """Bands valid at fewer than :data:`EMPTY_BAND_FRACTION` of the pixels of a written group.
+    """Bands valid at fewer than `EMPTY_BAND_FRACTION` of the pixels of a written group.
 
     Read back from the store, at most ``max_chunks`` chunk rows and columns spread over the
     site: a tenth of a second for a benchmark site, bounded for any size, where counting in the
@@ -595,7 +595,7 @@ def write_site(
     is written; an existing group of the same name is replaced only then.
 
     A STAC Item then describes the group: ``<store>.stac/<site>.json``
-    (:func:`agbcube.catalog.write_cube_item`).
+    (`agbcube.catalog.write_cube_item`).
 
     Returns
     -------
@@ -699,7 +699,7 @@ def build_cube(
         False: a site of the cube built from other inputs or settings is an error, not rebuilt
         (``predict --config`` must never replace a training site sharing the cube).
     scheduler : str
-        Dask scheduler (see :func:`agbcube._dask.dask_scheduler`).
+        Dask scheduler (see `agbcube._dask.dask_scheduler`).
     progress : bool
         Show a progress bar per site.
     echo : callable, optional

@@ -273,7 +273,7 @@ def _holes(rng: np.random.Generator, shape: tuple[int, ...], *, frac: float) -> 
 
 
 def demo_config(data_dir: str = "data", out_dir: str = ".") -> dict:
-    """The demo's configuration mapping for sites written by :func:`make_demo_sites`.
+    """The demo's configuration mapping for sites written by `make_demo_sites`.
 
     ``data_dir`` and ``out_dir`` are written as given: relative to the config file's folder.
     """

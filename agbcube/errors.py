@@ -1,6 +1,6 @@
 """Exceptions raised by agbcube.
 
-Every exception subclasses :class:`AgbcubeError` *and* the matching built-in, so callers can
+Every exception subclasses `AgbcubeError` *and* the matching built-in, so callers can
 catch either ``except agbcube.AgbcubeError`` or ``except ValueError`` (the pattern of
 ``rioxarray.exceptions`` and ``torchgeo.datasets.errors``). Messages name the site, file, band
 or configuration key, the value found, and what to do about it.

@@ -207,13 +207,13 @@ class HybridSiteSpatialKFold(BaseCrossValidator):
         Seed; equal seeds give equal folds.
     layout : int or mapping of site to int
         Which of a site's random layouts (seeded by ``random_state``, the site's name and this
-        number) to use; 0 is the default. :func:`make_folds` moves on to the next layout when
+        number) to use; 0 is the default. `make_folds` moves on to the next layout when
         one leaves a fold too few training chips.
 
     Notes
     -----
     ``split`` yields ``(train, test)`` integer positions (train excludes validation and buffer
-    chips); :meth:`split_with_validation` also yields the validation positions; :meth:`assign`
+    chips); `split_with_validation` also yields the validation positions; `assign`
     returns the ``fold`` and ``role_k`` columns.
 
     Examples
@@ -658,7 +658,7 @@ _SiteFolds = tuple[gpd.GeoDataFrame | None, dict, dict | None, float, int]
 def _sites(
     config: Any, sites: list[str], client: Any, say: Any
 ) -> Iterator[tuple[str, _SiteFolds]]:
-    """Every site's :func:`_site_folds`, in the config's order: here one after another, or
+    """Every site's `_site_folds`, in the config's order: here one after another, or
     as tasks on ``client`` (their warnings raised here, the first site's error raised)."""
     if client is None:
         for site in sites:
@@ -722,7 +722,7 @@ _ONE_SITE = threading.Lock()  # catching warnings is per process: one site task 
 
 
 def _site_folds_task(config: Any, site: str) -> tuple[_SiteFolds, list[tuple[type, str]]]:
-    """:func:`_site_folds` on a worker, with its warnings returned to be raised by the client."""
+    """`_site_folds` on a worker, with its warnings returned to be raised by the client."""
     import dask
 
     with _ONE_SITE, warnings.catch_warnings(record=True) as caught:
@@ -800,7 +800,7 @@ def _first_layout(chips: gpd.GeoDataFrame, buffer_m: float, folds_cfg: Any) -> i
 
     Which fold a region of a small site falls in decides how much of the site its buffer ring
     takes; another layout (another random start) often keeps enough where the first does not.
-    None when none of :data:`LAYOUTS` does at this buffer.
+    None when none of `LAYOUTS` does at this buffer.
     """
     for layout in range(LAYOUTS):
         if _train_share(chips, buffer_m, folds_cfg, layout) >= folds_cfg.min_train_fraction:
@@ -814,7 +814,7 @@ def _auto_buffer(chips: gpd.GeoDataFrame, range_m: float, folds_cfg: Any) -> tup
     A range comparable to the site's size would buffer away every training chip; then the
     buffer is shrunk (never below ``min_buffer_m``) until every fold keeps
     ``min_train_fraction`` of the site's non-test chips, with a warning that says so. Each
-    buffer is tried with up to :data:`LAYOUTS` layouts of the site's folds.
+    buffer is tried with up to `LAYOUTS` layouts of the site's folds.
 
     Returns
     -------
@@ -862,7 +862,7 @@ def write_folds(folds: gpd.GeoDataFrame, path: str | Path, *, maps: bool = True)
     """Write the folds GeoParquet, its leakage audit (JSON) and a PNG map per site, atomically.
 
     Every path is checked before anything is written: a folder, or a file agbcube did not
-    write, at any of them raises :class:`~agbcube.errors.OutputExistsError` and nothing is
+    write, at any of them raises `OutputExistsError` and nothing is
     written. Returns the paths written.
     """
     from agbcube._io import (
@@ -914,7 +914,7 @@ def training_pool(folds: gpd.GeoDataFrame, k: int) -> np.ndarray:
 
     Every chip outside the test fold and beyond the site's buffer of every test chip: the
     training and validation chips, and the ring buffered around the validation chips only.
-    Without the folds' buffers in ``attrs`` (folds not made by :func:`make_folds`), the
+    Without the folds' buffers in ``attrs`` (folds not made by `make_folds`), the
     training and validation chips.
     """
     fold = folds["fold"].to_numpy()
@@ -946,7 +946,7 @@ def label_mask(
     Parameters
     ----------
     folds : gpd.GeoDataFrame
-        From :func:`make_folds` (its ``attrs`` hold the per-site buffers).
+        From `make_folds` (its ``attrs`` hold the per-site buffers).
     k : int
         The fold.
     lonlat : np.ndarray, (n_chips, 2, h, w)
@@ -974,7 +974,7 @@ def label_mask(
 def label_masks(
     folds: gpd.GeoDataFrame, k: int, lonlat: np.ndarray, *, min_fraction: float = 0.25
 ) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
-    """:func:`label_mask` with and without validation (``"train"`` and ``"pool"``) in one pass:
+    """`label_mask` with and without validation (``"train"`` and ``"pool"``) in one pass:
     every non-test pixel is projected once and its distances to the test and to the
     validation footprints are measured once."""
     role = folds[f"role_{k}"].to_numpy().astype(str)
@@ -1043,12 +1043,12 @@ def _label_distances(
 
 
 def read_folds(path: str | Path, *, cube: str | Path | None = None) -> gpd.GeoDataFrame:
-    """Read a folds GeoParquet written by :func:`write_folds` (metadata in ``attrs``).
+    """Read a folds GeoParquet written by `write_folds` (metadata in ``attrs``).
 
     The file is validated as strictly as a fresh config: geometry with a CRS, the chip
-    columns, ``fold`` and ``role_0`` … ``role_{K-1}`` with roles among :data:`ROLES`, every
+    columns, ``fold`` and ``role_0`` … ``role_{K-1}`` with roles among `ROLES`, every
     chip once, each fold testing its own chips and training on some. The folds are then
-    checked against the cube they were cut from (:func:`check_folds_cube`).
+    checked against the cube they were cut from (`check_folds_cube`).
 
     Parameters
     ----------
@@ -1095,7 +1095,7 @@ def read_folds(path: str | Path, *, cube: str | Path | None = None) -> gpd.GeoDa
 
 
 def _validate_folds(gdf: gpd.GeoDataFrame, where: str, again: str) -> None:
-    """Raise FoldError for anything :func:`make_folds` would never have written."""
+    """Raise FoldError for anything `make_folds` would never have written."""
     if not isinstance(gdf, gpd.GeoDataFrame) or gdf.geometry.name not in gdf or gdf.crs is None:
         raise FoldError(f"{where} has no chip footprints (a geometry column with a CRS); {again}")
     roles = {str(c) for c in gdf.columns if str(c).startswith("role_")}
@@ -1142,7 +1142,7 @@ def check_folds_cube(
 ) -> None:
     """Refuse folds cut from another build of the cube than the one at ``store``.
 
-    :func:`make_folds` records each site's build key (a digest of its inputs and settings);
+    `make_folds` records each site's build key (a digest of its inputs and settings);
     a site rebuilt since from other rasters or settings, or gone, has another. Folds from an
     older agbcube record nothing and are not checked.
 

@@ -9,7 +9,7 @@ site would, so tile borders never show, and the taper hides window borders.
 Each tile's task reads its own input window (the tile plus the windows reaching into it) from
 the cube, so memory is bounded by the tile size and flat in the site's size; tiles are written
 into the output store as they finish, so an interrupted write resumes where it stopped
-(:func:`write_maps`). A run's ensemble travels as the path of its file: each process (a Dask
+(`write_maps`). A run's ensemble travels as the path of its file: each process (a Dask
 worker on a cluster) loads it once, on its own device, and keeps it for the tiles it computes.
 
 * Dense head: each window's per-pixel map is blended directly.
@@ -282,7 +282,7 @@ class _TileSpec:
 @dataclass(frozen=True)
 class _EnsembleFile:
     """A run's ensemble by its file, as the tile tasks carry it: each process loads it once per
-    device (:meth:`load`) instead of receiving the models through the task graph."""
+    device (`load`) instead of receiving the models through the task graph."""
 
     path: str
     mtime_ns: int
@@ -507,7 +507,7 @@ def predict_site(
     aoa : AOAReference, optional
         When given, the ``di`` and ``aoa`` layers are computed.
     bands : list of str, optional
-        The bands the models expect, in order; a mismatch raises :class:`BandError`.
+        The bands the models expect, in order; a mismatch raises `BandError`.
     block_px : int, optional
         Tile (Dask block and output chunk) side; a task holds ``bands × (block + 2 window)² × 4``
         bytes of input. Default 512, less for a small site, to split it into 2 × 2 tiles.
@@ -560,7 +560,7 @@ def _site_features(ds: xr.Dataset, bands: Sequence[str] | None) -> xr.DataArray:
 def _tiles(
     feats: xr.DataArray, spec: _TileSpec, shared: tuple[Any, Any], block_px: int, site: str
 ) -> Any:
-    """The map as a Dask array ``(4, y, x)``: one delayed :func:`_predict_tile` per tile, each
+    """The map as a Dask array ``(4, y, x)``: one delayed `_predict_tile` per tile, each
     given the windows touching its core with their margin (``shared``: the members' and the
     AOA reference's graph keys; ``site`` names the site in read errors)."""
     import dask
@@ -645,7 +645,7 @@ def _axis_chunks(n: int, block: int) -> tuple[int, ...]:
 
 
 def check_bands(have: Sequence[str], want: Sequence[str], *, site: str) -> None:
-    """Raise :class:`BandError` listing the differences when a cube lacks the models' bands."""
+    """Raise `BandError` listing the differences when a cube lacks the models' bands."""
     missing = [b for b in want if b not in have]
     if missing:
         extra = [b for b in have if b not in want]
@@ -766,13 +766,13 @@ def predict_run(
     aoa : bool
         Compute the dissimilarity index and the AOA mask.
     block_px : int, optional
-        Tile side (see :func:`predict_site`).
+        Tile side (see `predict_site`).
 
     Returns
     -------
     xr.Dataset
-        As :func:`predict_site`, with ``attrs["key"]``: a digest of the ensemble, the site's
-        cube and the settings, with which :func:`write_maps` resumes an interrupted write.
+        As `predict_site`, with ``attrs["key"]``: a digest of the ensemble, the site's
+        cube and the settings, with which `write_maps` resumes an interrupted write.
     """
     run_dir = Path(run_dir)
     store = run_cube(run_dir)
@@ -895,15 +895,15 @@ def write_maps(
 
     Tiles are written into ``output/maps.zarr.partial`` as they finish, each followed by a
     marker; the store is renamed to ``maps.zarr`` only when every tile is in. A write that was
-    interrupted resumes: when ``maps.attrs["key"]`` (set by :func:`predict_run`) matches the
+    interrupted resumes: when ``maps.attrs["key"]`` (set by `predict_run`) matches the
     partial store's, only the missing tiles are computed; otherwise it starts over. One writer
-    per output: a second one is refused (:class:`~agbcube.errors.OutputLockedError`).
+    per output: a second one is refused (`OutputLockedError`).
 
     Each layer then becomes ``output/<layer>.tif`` (Cloud-Optimised GeoTIFF, deflate with the
     floating-point predictor, overviews, the band's description and unit; nodata NaN for
     floats, 255 for the AOA mask), written window by window, and ``output/<layer>.png`` (a
     quick look). Last comes ``output/item.json``, a STAC Item of the COGs
-    (:func:`agbcube.catalog.map_item`). Memory stays bounded by the tile size throughout.
+    (`agbcube.catalog.map_item`). Memory stays bounded by the tile size throughout.
     Progress goes to the ``agbcube.predict`` logger (``echo`` is deprecated).
 
     Returns
@@ -1076,7 +1076,7 @@ def _write_cog(
 
     The layer goes into a tiled GeoTIFF a block of rows at a time, which GDAL's COG driver
     then copies with overviews; neither step holds the layer in memory. The band carries the
-    layer's description and unit (``info``, from :data:`LAYER_INFO`), which the copy keeps.
+    layer's description and unit (``info``, from `LAYER_INFO`), which the copy keeps.
     """
     import rasterio
     import rasterio.shutil

@@ -624,7 +624,7 @@ def composite(plan: StacPlan, gbox: GeoBox, *, chunk_px: int = 256) -> xr.DataAr
     Parameters
     ----------
     plan : StacPlan
-        From :func:`plan_composites` over the same grid.
+        From `plan_composites` over the same grid.
     gbox : GeoBox
         The target grid.
     chunk_px : int
@@ -633,7 +633,7 @@ def composite(plan: StacPlan, gbox: GeoBox, *, chunk_px: int = 256) -> xr.DataAr
     Returns
     -------
     xr.DataArray
-        Bands named as :meth:`StacPlan.band_names`; NaN where no clear observation exists. No
+        Bands named as `StacPlan.band_names`; NaN where no clear observation exists. No
         spatial coordinates: the caller puts it on ``gbox``.
     """
     from rasterio.errors import NotGeoreferencedWarning
@@ -901,7 +901,7 @@ def warn_no_clear(site: str, fractions: dict[str, float]) -> None:
 
 
 def layer_labels(plan: StacPlan) -> dict[str, str]:
-    """``"<sensor> season <name>"`` → one of its band names, for :func:`clear_fraction_checks`."""
+    """``"<sensor> season <name>"`` → one of its band names, for `clear_fraction_checks`."""
     out = {}
     for sensor, seasons in plan.items.items():
         spec = SENSORS[sensor]

@@ -1,9 +1,9 @@
 """Synthetic STAC catalogues: the ``agbcube demo --stac`` sites, and a writer tests share.
 
-:func:`write_catalogue` writes scenes (arrays on a grid) as Cloud-Optimised GeoTIFFs and a
+`write_catalogue` writes scenes (arrays on a grid) as Cloud-Optimised GeoTIFFs and a
 self-contained static STAC catalogue of items with projection and raster metadata, one collection
 per sensor, named as the ``raw`` provider table names them (agbcube/stac.py).
-:func:`write_stac_demo` writes the demo's three AGB maps and, over each, seasonal Sentinel-2,
+`write_stac_demo` writes the demo's three AGB maps and, over each, seasonal Sentinel-2,
 Landsat-8 and Sentinel-1 scenes with clouds and shadows, a DEM, a canopy-height map and a PALSAR-2
 yearly mosaic, sampled from the same synthetic landscapes as ``agbcube demo``.
 """

@@ -137,6 +137,26 @@ def fold_maps(directory: Path) -> list[Path]:
     return [p for p in paths if p.suffix == ".png"]
 
 
+def package_page() -> str:
+    """What ``import agbcube`` exports: its names are imported on first use (PEP 562), which
+    mkdocstrings cannot see, so the page lists each with a link to where it is documented (or
+    documents it here, when its module has no page)."""
+    import agbcube
+
+    rows, here = ["| name | documented in |", "|---|---|"], []
+    for name in agbcube.__all__:
+        if name == "__version__":
+            continue
+        module = agbcube._MODULE_OF[name]
+        if module in API_MODULES:
+            rows.append(f"| `{name}` | [`{module}`]({module}.md#{module}.{name}) |")
+        else:
+            rows.append(f"| `{name}` | [below](#{module}.{name}) |")
+            here.append(f"::: {module}.{name}\n    options:\n      show_root_heading: true\n")
+    version = f"`agbcube.__version__` is the installed version ({agbcube.__version__}).\n\n"
+    return version + "\n".join(rows) + "\n\n" + "\n".join(here)
+
+
 def main() -> None:
     import mkdocs_gen_files
 
@@ -146,7 +166,8 @@ def main() -> None:
         f.write(cli_page())
     for module, summary in API_MODULES.items():
         with mkdocs_gen_files.open(f"reference/api/{module}.md", "w") as f:
-            f.write(f"# `{module}`\n\n{summary}\n\n::: {module}\n")
+            body = package_page() if module == "agbcube" else f"::: {module}\n"
+            f.write(f"# `{module}`\n\n{summary}\n\n{body}")
     with mkdocs_gen_files.open("benchmarks.md", "w") as f:
         f.write((ROOT / "BENCHMARKS.md").read_text())
     with tempfile.TemporaryDirectory(prefix="agbcube-docs-") as tmp:

@@ -92,3 +92,31 @@ def test_user_docs_speak_of_what_users_run_not_of_issues():
     for page in pages:
         for n, line in enumerate(page.read_text(encoding="utf-8").splitlines(), start=1):
             assert not cited.search(line), f"{page.relative_to(ROOT)}:{n}: {line.strip()}"
+
+
+def test_package_page_lists_every_export_where_it_is_documented():
+    """`import agbcube`'s names are lazy (PEP 562), invisible to mkdocstrings: the page lists
+    each, linked to its module's page or rendered there."""
+    import agbcube
+
+    page = _gen_pages().package_page()
+    for name in agbcube.__all__:
+        if name != "__version__":
+            assert f"| `{name}` |" in page, name
+    assert "[`agbcube.config`](agbcube.config.md#agbcube.config.load_config)" in page
+    assert "::: agbcube._store.open_cube" in page  # a private module's export, rendered here
+
+
+def test_docstrings_use_no_sphinx_roles():
+    """mkdocstrings shows Sphinx roles (:class:`x`) as raw text: docstrings use `x`."""
+    role = re.compile(r":(py:)?(class|func|meth|mod|attr|data|exc|obj|ref|const):`")
+    for path in (ROOT / "agbcube").rglob("*.py"):
+        for n, line in enumerate(path.read_text().splitlines(), start=1):
+            assert not role.search(line), f"{path.relative_to(ROOT)}:{n}: {line.strip()}"
+
+
+def test_site_url_is_set_for_the_404_page():
+    """Without site_url, 404.html's links are relative to wherever the missing page was."""
+    config = yaml.load((ROOT / "mkdocs.yml").read_text(), Loader=yaml.BaseLoader)
+    env, default = config["site_url"]  # !ENV [variable, default]
+    assert env == "AGBCUBE_SITE_URL" and default.startswith("http") and default.endswith("/")

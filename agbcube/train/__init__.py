@@ -1,7 +1,7 @@
 """Training: chips from the cube into a PyTorch loop, cross-validated over honest folds.
 
 torch is imported only by the modules of this subpackage, never by ``import agbcube``;
-importing this subpackage without torch installed is a :class:`~agbcube.errors.
+importing this subpackage without torch installed is a `
 MissingDependencyError` that names the extra to install.
 """
 

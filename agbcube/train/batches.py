@@ -1,18 +1,18 @@
 """From raw chips to batches ready for the model: one preparation, two batch sources.
 
-:class:`Preparation` is the fold's one preparation step, the same for every reader: lon/lat
+`Preparation` is the fold's one preparation step, the same for every reader: lon/lat
 channels when the model takes them, standardisation with statistics of the fold's training
 chips (NaN imputed with the training mean, i.e. 0 after standardising), the target (per chip
 or per pixel, optional ``log1p``, standardised) and the label mask (AGB hidden where a fold
-may not train on it). Augmentation is drawn per batch (:func:`~agbcube.train.model.
-draw_augmentation`) and applied by :func:`gather_batch`, the one function that cuts every
+may not train on it). Augmentation is drawn per batch (`
+draw_augmentation`) and applied by `gather_batch`, the one function that cuts every
 batch, inside its gather.
 
-What the training loop consumes is a :class:`BatchSource`:
+What the training loop consumes is a `BatchSource`:
 
-* :class:`DeviceBatches`: the prepared chips held on the training device, every batch a
+* `DeviceBatches`: the prepared chips held on the training device, every batch a
   gather (the fast path);
-* :class:`StreamBatches`: chips prepared as a reader delivers them (a reader thread reads
+* `StreamBatches`: chips prepared as a reader delivers them (a reader thread reads
   ahead), shuffled within a buffer of ``shuffle_chips`` (cubes larger than memory).
 """
 
@@ -58,7 +58,7 @@ class BatchSource(Protocol):
     ) -> Iterator[Batch]:
         """Batches ``(x (n, c, h, w), y, index)`` of the chips in ``order`` (each as often as
         listed); ``index`` says which chips a batch holds. ``augment(n)`` draws a batch's
-        :class:`~agbcube.train.model.Augmentation`."""
+        `Augmentation`."""
         ...
 
 
@@ -140,7 +140,7 @@ class TargetTransform:
 
     @classmethod
     def fit(cls, target: np.ndarray, *, log: bool) -> TargetTransform:
-        """Fit on targets already made by :func:`make_target` (NaN ignored)."""
+        """Fit on targets already made by `make_target` (NaN ignored)."""
         # float64 over the flattened values: the same numbers in the same order give the same
         # statistics whichever reader delivered them
         flat = np.asarray(target, dtype=np.float64).ravel()
@@ -351,9 +351,9 @@ class DeviceBatches:
     Parameters
     ----------
     x : np.ndarray, (n, channel, h, w)
-        Prepared inputs (:meth:`Preparation.inputs`).
+        Prepared inputs (`Preparation.inputs`).
     y : np.ndarray, (n,) or (n, h, w)
-        Prepared targets (:meth:`Preparation.targets`).
+        Prepared targets (`Preparation.targets`).
     device : torch.device or str
     """
 
@@ -428,7 +428,7 @@ class StreamBatches:
     """A fold role's chips read through a reader as each batch pass needs them.
 
     A reader thread reads and cuts the chips in the reader's own order (storage order for
-    :class:`~agbcube.train.readers.ChunkReader`); this thread prepares them and keeps them in
+    `ChunkReader`); this thread prepares them and keeps them in
     a shuffle buffer: each chip gets a random priority within ``shuffle_chips`` arrivals and
     batches take the lowest, the usual trade of out-of-core training (the device path
     shuffles fully). Memory: the buffer, ``shuffle_chips`` prepared chips.

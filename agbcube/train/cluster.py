@@ -1,9 +1,9 @@
 """A run's tasks on a Dask cluster: one Dask task per fit, on the workers' own devices.
 
 ``agbcube train CONFIG --scheduler local|processes|tcp://…`` submits the tasks that
-:func:`~agbcube.train.tasks.plan_tasks` plans (select, members, baseline, random) to the
+`plan_tasks` plans (select, members, baseline, random) to the
 cluster, with keys that say fold and member (``fold_2/member_1-<token>``: the dashboard groups
-the task stream by them). Each task runs :func:`~agbcube.train.tasks.run_task` on a worker:
+the task stream by them). Each task runs `run_task` on a worker:
 it reads its chips from the cube there, trains on the worker's device (``--device auto`` is
 resolved by the worker), writes its model and predictions atomically into the run directory,
 its result file last, and returns a small summary. A refit member depends on its fold's
@@ -163,7 +163,7 @@ def gpu_worker_specs(n_gpus: int) -> dict[str, dict[str, Any]]:
 @contextlib.contextmanager
 def _local_gpu_cluster(n_gpus: int) -> Iterator[Any]:
     """dask-cuda's LocalCUDACluster when installed (it also pins each worker to its GPU's CPU
-    cores), else the same layout from :func:`gpu_worker_specs`."""
+    cores), else the same layout from `gpu_worker_specs`."""
     try:
         from dask_cuda import LocalCUDACluster
     except ImportError:
@@ -194,7 +194,7 @@ def _probe() -> dict[str, Any]:
 
 
 def _workers(client: Any) -> dict[str, dict[str, Any]]:
-    """Every worker's host, threads, resources and :func:`_probe`, once one has joined."""
+    """Every worker's host, threads, resources and `_probe`, once one has joined."""
     if not client.scheduler_info()["workers"]:
         log.info("waiting for a worker to join the cluster (up to %.0f s)", WORKER_WAIT_S)
         try:
@@ -321,7 +321,7 @@ class ClusterTasks:
     device : str
         ``train.device``; the workers resolve ``auto`` themselves.
     threads_per_task : int, optional
-        Torch threads of each task (default :func:`default_threads`).
+        Torch threads of each task (default `default_threads`).
     """
 
     def __init__(self, client: Any, device: str, *, threads_per_task: int | None = None) -> None:
@@ -369,7 +369,7 @@ class ClusterTasks:
 
     def run(self, tasks: list[Any], run: Any, *, resume: bool) -> None:
         """Run every task without a result file on the cluster; raise once all have ended
-        when some failed (:class:`TrainingError` naming each one's fold and member)."""
+        when some failed (`TrainingError` naming each one's fold and member)."""
         from agbcube.train.run import remove_temporaries
         from agbcube.train.tasks import is_refit, selection
 
@@ -535,7 +535,7 @@ def _run_on_worker(
 
 
 def worker_run(run_dir: Path, device: Any, data_path: str) -> Any:
-    """This process's :class:`~agbcube.train.tasks.RunData` of a run directory on ``device``:
+    """This process's `RunData` of a run directory on ``device``:
     built once (from the run's ``config.yaml`` and ``folds.parquet``), and again only when the
     run directory holds another run (its ``run.json`` or ``config.yaml`` changed)."""
     from agbcube.config import load_run_config

@@ -56,7 +56,7 @@ def resolve_device(spec: str = "auto") -> torch.device:
 def build_model(
     cfg: Any, in_channels: int, size_px: int, *, padding: str = "valid"
 ) -> CNNCoordinateModel:
-    """The model a :class:`~agbcube.config.TrainConfig` describes (``size_px``: its input
+    """The model a `TrainConfig` describes (``size_px``: its input
     window; ``padding``: the dense head's convolutions, see the model)."""
     return CNNCoordinateModel(
         in_channels,

@@ -1,5 +1,5 @@
 """The CNN, its losses, and the random draw of batched augmentation (applied inside the batch
-gather: :func:`agbcube.train.batches.gather_batch`)."""
+gather: `agbcube.train.batches.gather_batch`)."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ class CNNCoordinateModel(nn.Module):
     each pixel's geographic position.
 
     The dense head's convolutions are unpadded (``padding="valid"``, the default): each block
-    trims one pixel on every side, so a window of the chip plus :attr:`margin` context pixels
+    trims one pixel on every side, so a window of the chip plus `margin` context pixels
     on each side gives exactly the chip's map, and nothing is computed for pixels whose output
     is never used. ``padding="same"`` (zero padding, output the size of the input) is how
     earlier versions built it; their model files still load so.
@@ -118,7 +118,7 @@ class CNNCoordinateModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(n, c, h, w)`` → ``(n,)`` for the chip head, ``(n, h - 2m, w - 2m)`` for the dense
-        head (``m``: :attr:`margin`)."""
+        head (``m``: `margin`)."""
         return self.out(self.features(x))[:, 0]
 
 
@@ -134,7 +134,7 @@ def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def dihedral_inverse(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Undo :func:`dihedral`."""
+    """Undo `dihedral`."""
     x = torch.rot90(x, -(k % 4), dims=(-2, -1))
     return x.flip(-1) if k >= 4 else x
 

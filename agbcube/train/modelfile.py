@@ -7,7 +7,7 @@ it sees and the training settings that built it. Files are written atomically an
 come from someone else, and unpickling arbitrary objects would run their code).
 
 ``ensemble.pt`` bundles a run's members for ``agbcube predict``: ``{"format": 2, "members":
-[member, ...]}``, each member what :func:`save_model` writes.
+[member, ...]}``, each member what `save_model` writes.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def model_record(
 
 
 def save_model(path: str | Path, record: dict[str, Any]) -> None:
-    """Write a :func:`model_record` atomically."""
+    """Write a `model_record` atomically."""
     with atomic_path(path, what="model file") as tmp:  # a failed write is named there
         torch.save(record, tmp)
 
@@ -131,7 +131,7 @@ def _member(record: Any, path: Path, device: Any) -> LoadedModel:
 
 
 def load_model(path: str | Path, device: Any = "cpu") -> LoadedModel:
-    """Read a model file written by :func:`save_model`.
+    """Read a model file written by `save_model`.
 
     Raises
     ------
@@ -150,7 +150,7 @@ def save_bundle(path: str | Path, records: list[dict[str, Any]]) -> None:
 
 
 def load_bundle(path: str | Path, device: Any = "cpu") -> list[LoadedModel]:
-    """Read the members of an ``ensemble.pt`` (see :func:`load_model` for the errors)."""
+    """Read the members of an ``ensemble.pt`` (see `load_model` for the errors)."""
     path = Path(path)
     blob = _load(path, device)
     members = blob.get("members") if isinstance(blob, dict) else None

@@ -2,7 +2,7 @@
 
 Each plot is built as a ``matplotlib.figure.Figure`` by its own function (no pyplot, so no
 backend switch or global figure registry in a notebook user's session), and
-:func:`write_plots` saves them.
+`write_plots` saves them.
 """
 
 from __future__ import annotations

@@ -1,23 +1,23 @@
 """Chips from the cube, as raw blocks: what every training data path starts from.
 
 A reader knows a table of chips (``site``, ``row``, ``col``: the pixel offset of each chip's
-corner in its site's cube) and yields them as :class:`RawBlock` s: unstandardised features of
+corner in its site's cube) and yields them as `RawBlock` s: unstandardised features of
 each chip's *window* (the chip and ``margin`` context pixels on each side, NaN beyond the
 site's edge), its AGB in Mg/ha (NaN where missing and in the margin: context is input, never
 label) and, when asked, the longitude and latitude of every window pixel.
 
-Three readers implement :class:`ChipReader`:
+Three readers implement `ChipReader`:
 
-* :class:`MemoryReader` reads the sites' windows once into host memory (the fast path, from
-  which :class:`~agbcube.train.batches.DeviceBatches` stage a fold on the device);
-* :class:`ChunkReader` reads the cube chunk by chunk in storage order, each chunk decompressed
+* `MemoryReader` reads the sites' windows once into host memory (the fast path, from
+  which `DeviceBatches` stage a fold on the device);
+* `ChunkReader` reads the cube chunk by chunk in storage order, each chunk decompressed
   once per pass, so cubes larger than memory train (with
-  :class:`~agbcube.train.batches.StreamBatches`);
-* :class:`XbatcherReader` cuts one chip at a time with an xbatcher ``BatchGenerator`` over the
+  `StreamBatches`);
+* `XbatcherReader` cuts one chip at a time with an xbatcher ``BatchGenerator`` over the
   chip grid: slow, the reference the others are tested against (``train.data_path: stream``).
 
 What happens next (standardising, imputing, the target, the label mask, augmentation) is the
-same for every reader: :mod:`agbcube.train.batches`.
+same for every reader: `agbcube.train.batches`.
 """
 
 from __future__ import annotations
@@ -236,7 +236,7 @@ class MemoryReader(_TableReader):
     size_px : int
         Chip side.
     bands : list of str
-        Feature bands, in order (see :func:`resolve_bands`).
+        Feature bands, in order (see `resolve_bands`).
     margin : int
         Context pixels read around every chip on each side.
     lonlat : bool
@@ -404,7 +404,7 @@ class ChunkReader(_TableReader):
     once its last tile in raster order has arrived, and a tile is released once its last
     chip is cut: what is held is about two tile rows plus the block being yielded.
 
-    Parameters are those of :class:`MemoryReader` (without ``load_limit_bytes``).
+    Parameters are those of `MemoryReader` (without ``load_limit_bytes``).
     """
 
     tiles_read = 0  # decompressed tiles, over the reader's life (for benchmarks)

@@ -79,7 +79,7 @@ def run_cv(
     scheduler : str, optional
         Where the tasks run: here one after another (default, ``"threads"``, ``"synchronous"``),
         on a LocalCluster started for the run (``"local"``, ``"processes"``) or on the cluster
-        at an address (``"tcp://host:8786"``); see :mod:`agbcube.train.cluster`.
+        at an address (``"tcp://host:8786"``); see `agbcube.train.cluster`.
     threads_per_task : int, optional
         On a cluster: torch threads of each task (default: each worker process's share of its
         machine's cores).

@@ -1,6 +1,6 @@
 """A fit is a value: the tasks of a cross-validation run and the one function that runs each.
 
-A run is planned as :class:`Task` s, each a pure function of (cube, folds, settings, seed):
+A run is planned as `Task` s, each a pure function of (cube, folds, settings, seed):
 
 * ``select`` (with ``train.refit``): fold k's early-stopped fit, trained on its training chips
   and stopped on its validation chips; its result is the number of epochs the refits train
@@ -12,10 +12,10 @@ A run is planned as :class:`Task` s, each a pure function of (cube, folds, setti
 * ``random``: the ``hgb-pixel`` model on fold k of a random K-fold of the same chips
   (``train.random_cv``: the leaky figure).
 
-:func:`run_task` runs one: it writes its outputs atomically to its own paths under the run
+`run_task` runs one: it writes its outputs atomically to its own paths under the run
 directory, its result file last, and returns a small summary. A task whose result file exists
 is done: resuming skips it. What the tasks of one process share (the chips read, each fold's
-preparation) lives in :class:`RunData`, built from the run directory alone, so a task can run
+preparation) lives in `RunData`, built from the run directory alone, so a task can run
 in another process that sees the same files.
 """
 
@@ -252,7 +252,7 @@ class FoldData:
         return lambda rows: mask[[local[int(r)] for r in rows]]
 
     def source(self, role: str) -> Any:
-        """The :class:`~agbcube.train.batches.BatchSource` of ``train``, ``val`` or ``pool``."""
+        """The `BatchSource` of ``train``, ``val`` or ``pool``."""
         if role not in self._sources:
             self._sources[role] = self._make_source(role)
         return self._sources[role]
