@@ -112,6 +112,9 @@ LAYER_INFO: dict[str, dict[str, Any]] = {
         "dtype": "uint8",
         "nodata": 255,
         "cmap": "RdYlGn",
+        # a palette in the COG (GIS tools draw the classes), and the classes' names in its tags
+        "colormap": {0: (215, 48, 39, 255), 1: (26, 152, 80, 255), 255: (0, 0, 0, 0)},
+        "classes": {0: "outside", 1: "inside"},
     },
 }
 
@@ -1111,6 +1114,9 @@ def _write_cog(
             if info.get("unit"):
                 dst.set_band_unit(1, info["unit"])
             dst.update_tags(1, DESCRIPTION=info["description"])
+            if "colormap" in info:
+                dst.write_colormap(1, info["colormap"])
+                dst.update_tags(1, **{f"CLASS_{v}": n for v, n in info["classes"].items()})
         with atomic_path(path) as tmp:
             rasterio.shutil.copy(
                 plain,

@@ -112,3 +112,21 @@ def test_fold_map_is_drawn_in_metres(tmp_path, no_global_state):
     folds, *_ = _run_tables()
     plot_fold_map(folds, "alpha", 3, tmp_path / "map.png", buffer_m={"alpha": 500.0})
     assert (tmp_path / "map.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_predicted_vs_observed_has_a_legend_of_the_folds(no_global_state):
+    """The colours are the test folds: one legend names each."""
+    from agbcube.train.plots import plot_predicted_vs_observed
+
+    _, preds, metrics, _ = _run_tables()
+    fig = plot_predicted_vs_observed(preds, metrics, run="r")
+    (legend,) = fig.legends
+    assert legend.get_title().get_text() == "test fold"
+    assert [t.get_text() for t in legend.get_texts()] == ["fold 0", "fold 1", "fold 2"]
+    panel = fig.axes[0].collections[0]  # a panel's points take their fold's legend colour
+    fold_of = preds[(preds.model == "cnn-coordinate") & (preds.site == "alpha")].fold.to_numpy()
+    hex_ = matplotlib.colors.to_hex
+    colours = {k: hex_(h.get_color()) for k, h in enumerate(legend.legend_handles)}
+    got = [hex_(c) for c in panel.get_facecolors()[:6]]
+    want = [colours[k] for k in fold_of[:6]]
+    assert got == want

@@ -192,6 +192,10 @@ def test_cogs_zarr_and_pngs(tmp_path):
             assert src.descriptions == (LAYER_INFO[layer]["title"],)
             assert src.units == (units[layer],)
             assert src.tags(1)["DESCRIPTION"] == LAYER_INFO[layer]["description"]
+            if layer == "aoa":  # a palette GIS tools draw, and the classes' names
+                palette = src.colormap(1)
+                assert palette[0] == (215, 48, 39, 255) and palette[1] == (26, 152, 80, 255)
+                assert (src.tags(1)["CLASS_0"], src.tags(1)["CLASS_1"]) == ("outside", "inside")
             predictor = "3" if layer != "aoa" else "2"  # floating point / horizontal
             assert src.tags(ns="IMAGE_STRUCTURE").get("PREDICTOR") == predictor, layer
             assert src.crs == ds.rio.crs

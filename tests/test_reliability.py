@@ -219,10 +219,7 @@ def test_training_killed_then_resumed_matches_an_uninterrupted_run(demo_config, 
     raw = demo_config.model_dump(mode="json")
     raw.pop("source", None)
     raw["folds"]["output"] = str(tmp_path / "folds.parquet")
-    # One refit per fold: the early-stopping fit (killed mid-way) and a member both resume.
-    raw["train"].update(
-        epochs=40, patience=40, baseline="none", conv_channels=[8], fc_units=[8], ensemble=1
-    )
+    raw["train"].update(epochs=40, patience=40, baseline="none", conv_channels=[8], fc_units=[8])
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(raw))
     cfg = load_config(cfg_path)

@@ -34,22 +34,35 @@ def _models_and_sites(predictions: pd.DataFrame) -> tuple[list[str], list[str]]:
 def plot_predicted_vs_observed(
     predictions: pd.DataFrame, metrics: dict[str, Any], *, run: str = ""
 ) -> Any:
-    """Predicted against observed chip AGB, one panel per model and site, with its R²."""
+    """Predicted against observed chip AGB, one panel per model and site, with its R²; the
+    colours are the test folds (one legend for the figure)."""
     models, sites = _models_and_sites(predictions)
-    fig = new_figure((3.6 * len(sites), 3.4 * len(models) + 0.4))
+    folds = sorted(pd.unique(predictions["fold"]))
+    colour = {k: f"C{i % 10}" for i, k in enumerate(folds)}
+    fig = new_figure((3.6 * len(sites) + 0.9, 3.4 * len(models) + 0.4))
     axes = fig.subplots(len(models), len(sites), squeeze=False)
     for i, model in enumerate(models):
         for j, site in enumerate(sites):
             ax = axes[i, j]
             d = predictions[(predictions.model == model) & (predictions.site == site)]
-            ax.scatter(d.agb_true, d.agb_pred, s=8, c=d.fold, cmap="tab10", alpha=0.8)
+            ax.scatter(d.agb_true, d.agb_pred, s=8, c=d.fold.map(colour), alpha=0.8)
             hi = float(np.nanmax([d.agb_true.max(), d.agb_pred.max(), 1.0]))
             ax.plot([0, hi], [0, hi], "k--", lw=0.8)
             r2 = metrics["models"][model]["chip"]["mg_ha"]["per_site"].get(site, {}).get("r2")
             ax.set_title(f"{site} · {model}" + (f"\nR² {r2:.2f}" if r2 is not None else ""))
             ax.set_xlabel(f"observed AGB ({MG_HA})")
             ax.set_ylabel(f"predicted AGB ({MG_HA})")
-    _suptitle(fig, "chip AGB, test folds (colour: fold)", run)
+    from matplotlib.lines import Line2D
+
+    right = 1 - 0.9 / (3.6 * len(sites) + 0.9)  # room for the legend
+    fig.suptitle(
+        f"chip AGB, test folds · run '{run}'" if run else "chip AGB, test folds", fontsize=10
+    )
+    fig.tight_layout(rect=(0, 0, right, 1))
+    handles = [
+        Line2D([], [], ls="", marker="o", ms=5, color=colour[k], label=f"fold {k}") for k in folds
+    ]
+    fig.legend(handles=handles, title="test fold", loc="center right", frameon=False)
     return fig
 
 
