@@ -12,7 +12,6 @@ _SEASONS = ("T1", "T2", "T3")
 _S2 = ("B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B11", "B12")
 _L8 = ("SR_B2", "SR_B3", "SR_B4", "SR_B5", "SR_B6", "SR_B7")
 
-#: Built-in band layouts, selectable with ``bands: <name>`` in a site's config.
 BAND_PRESETS: dict[str, tuple[str, ...]] = {
     # The Earth Engine export of the original pipeline (../shared/benchmark/README.md).
     "multisensor-59": (
@@ -26,6 +25,10 @@ BAND_PRESETS: dict[str, tuple[str, ...]] = {
         "CH",
     ),
 }
+"""Named band lists a site's ``bands: <name>`` selects instead of the names themselves, in
+file order: ``multisensor-59`` is the original pipeline's Earth Engine export (Sentinel-2 and
+Landsat 8 per season T1-T3, Sentinel-1 VV/VH per season, PALSAR-2 HH/HV, DEM, slope, canopy
+height)."""
 
 
 def resolve_band_names(
