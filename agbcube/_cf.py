@@ -46,8 +46,10 @@ def cf_dataset(ds: xr.Dataset, *, geographic: bool, linear_units: str = "m") -> 
         ds = ds.set_coords(GRID_MAPPING)
         for var in ds.data_vars.values():
             if {"y", "x"} <= set(var.dims):
-                if "grid_mapping" not in var.attrs:  # rioxarray keeps it in the encoding
-                    var.encoding["grid_mapping"] = GRID_MAPPING
+                # an attribute, not rioxarray's encoding: a write with its own encodings
+                # (maps, tile by tile) would drop it, and GDAL needs it to find the CRS
+                var.encoding.pop("grid_mapping", None)
+                var.attrs["grid_mapping"] = GRID_MAPPING
                 # xarray leaves a grid-mapping variable out of `coordinates` (CF does not call
                 # it one), and then reads it back as a data variable; name it there as well
                 var.encoding["coordinates"] = GRID_MAPPING

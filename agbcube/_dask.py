@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -94,22 +93,8 @@ def dask_scheduler(
 
 
 def compute(*objs: Any, client: Any = None, progress: bool = True, label: str = "") -> tuple:
-    """``dask.compute`` with a progress bar, on ``client`` when given."""
-    if client is not None:
-        futures = client.compute(list(objs))
-        if progress:
-            from distributed import progress as dist_progress
+    """``dask.compute`` with a progress bar (`agbcube._progress`), on ``client`` when given."""
+    from agbcube._progress import dask_progress
 
-            if label:
-                print(label, file=sys.stderr, flush=True)
-            dist_progress(futures, notebook=False)
-            print(file=sys.stderr, flush=True)
-        return tuple(client.gather(futures))
-    if progress:
-        from dask.diagnostics import ProgressBar
-
-        if label:
-            print(label, file=sys.stderr, flush=True)
-        with ProgressBar(out=sys.stderr):
-            return dask.compute(*objs)
+    return dask_progress(objs, client=client, label=label, enabled=progress)
     return dask.compute(*objs)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import os
 import sys
 import traceback
 import warnings
@@ -30,6 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from agbcube import __version__
+from agbcube._progress import console, log_width
 from agbcube.errors import AgbcubeError
 
 EXIT_CODES = (
@@ -47,16 +47,10 @@ app = typer.Typer(
 )
 
 
-def _width(stream: Any) -> int | None:
-    # A log file (not a terminal, no COLUMNS) gets 120 columns rather than Rich's 80, so that
-    # the summary table, whose R² cells carry intervals, stays one line per row.
-    return None if stream.isatty() or "COLUMNS" in os.environ else 120
-
-
-# Progress and messages (stderr) and results (stdout). Each looks its stream up when it prints,
-# so a redirected or captured stream is honoured.
-console = Console(stderr=True, width=_width(sys.stderr))
-results = Console(width=_width(sys.stdout))
+# Progress and messages (stderr: one console, so log lines print above a live bar) and results
+# (stdout). Each looks its stream up when it prints, so a redirected or captured stream is
+# honoured.
+results = Console(width=log_width(sys.stdout))
 log = logging.getLogger("agbcube")
 
 ConfigArg = Annotated[Path, typer.Argument(help="YAML config (see configs/benchmark.yaml).")]
@@ -330,7 +324,7 @@ def demo_cmd(
     folds = make_folds(cfg)
     write_folds(folds, cfg.folds.output)
     results.print(_folds_table(folds))
-    results.print(_metrics_table(_train(cfg, overwrite=True)))
+    results.print(_metrics_table(_train(cfg, overwrite=True, progress=not _quiet(quiet))))
     run_dir = cfg.train.output
     _predict_sites(
         run_dir,
@@ -420,7 +414,8 @@ def folds_cmd(
 
 
 def _train(cfg: Any, **kwargs: Any) -> dict:
-    """``run_cv``: its progress goes to the ``agbcube.train`` logger (INFO: -q hides it)."""
+    """``run_cv``: its lines go to the ``agbcube.train`` logger (INFO: -q hides them), its bar
+    of tasks to stderr (not with -q)."""
     from agbcube.train import run_cv
 
     return run_cv(cfg, **kwargs)
@@ -481,6 +476,7 @@ def train_cmd(
         output=output,
         scheduler=scheduler,
         threads_per_task=threads_per_task,
+        progress=not _quiet(quiet),
     )
     results.print(_metrics_table(metrics))
     log.info("run written to %s", output or cfg.train.output)

@@ -1032,7 +1032,8 @@ def _write_tiles(
                 )
             )
     if tasks:
-        compute(*tasks, client=client, progress=progress, label="predicting")
+        site = maps.attrs.get("site", "")
+        compute(*tasks, client=client, progress=progress, label=f"predicting site '{site}'")
     # complete: the resume key goes; what marks the store as agbcube's maps stays
     attrs = zarr.open_group(str(partial), mode="r+", zarr_format=2).attrs
     attrs.update(agbcube_maps=written_by())

@@ -659,6 +659,8 @@ def test_a_plain_open_zarr_finds_the_crs_and_the_axes(demo_config):
         assert ds.rio.crs == open_cube(demo_config.cube.output, site).rio.crs
         assert ds.rio.crs is not None and ds.odc.geobox.crs.epsg == ds.rio.crs.to_epsg()
         assert ds.attrs["Conventions"] == "CF-1.8" and ds.agb.attrs["units"] == "Mg ha-1"
+        with rasterio.open(f'ZARR:"{demo_config.cube.output}":/{site}/agb') as gdal:
+            assert gdal.crs == ds.rio.crs  # GDAL's Zarr driver follows grid_mapping
         x, y = ds.x.attrs, ds.y.attrs
         assert (x["standard_name"], x["axis"], x["units"]) == ("longitude", "X", "degrees_east")
         assert (y["standard_name"], y["axis"], y["units"]) == ("latitude", "Y", "degrees_north")

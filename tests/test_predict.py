@@ -183,6 +183,8 @@ def test_cogs_zarr_and_pngs(tmp_path):
     x_attrs = {k: back.x.attrs.get(k) for k in ("standard_name", "axis", "units")}
     assert x_attrs == {"standard_name": "projection_x_coordinate", "axis": "X", "units": "m"}
     assert back.agb_mean.attrs["units"] == back.agb_std.attrs["units"] == "Mg ha-1"
+    with rasterio.open(f'ZARR:"{tmp_path / "maps" / "maps.zarr"}":/agb_mean') as gdal:
+        assert gdal.crs == ds.rio.crs  # GDAL's Zarr driver follows grid_mapping
     units = {"agb_mean": "Mg ha-1", "agb_std": "Mg ha-1", "di": "1", "aoa": None}
     for layer in ("agb_mean", "agb_std", "di", "aoa"):
         tif = tmp_path / "maps" / f"{layer}.tif"

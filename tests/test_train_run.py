@@ -25,10 +25,13 @@ def _small(demo_config, **train):
     )
 
 
-def test_run_writes_every_output_and_maps_a_site(demo_config, demo_folds, tmp_path):
+def test_run_writes_every_output_and_maps_a_site(demo_config, demo_folds, tmp_path, capsys):
     out = tmp_path / "run"
     metrics = run_cv(_small(demo_config), output=out, device="cpu")
     n = demo_config.folds.n_folds
+    # a bar of the run's fits (select, 2 members, baseline per fold), one line in a log
+    bars = [line for line in capsys.readouterr().err.splitlines() if "━" in line]
+    assert len(bars) == 1 and bars[0].startswith("training") and f"{4 * n}/{4 * n} tasks" in bars[0]
     for name in (
         "run.json",
         "config.yaml",

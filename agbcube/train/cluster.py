@@ -367,9 +367,10 @@ class ClusterTasks:
         )
         return future.result()
 
-    def run(self, tasks: list[Any], run: Any, *, resume: bool) -> None:
+    def run(self, tasks: list[Any], run: Any, *, resume: bool, bar: Any = None) -> None:
         """Run every task without a result file on the cluster; raise once all have ended
-        when some failed (`TrainingError` naming each one's fold and member)."""
+        when some failed (`TrainingError` naming each one's fold and member). ``bar`` (an
+        `agbcube._progress.Bar`) advances as each task ends."""
         from agbcube.train.run import remove_temporaries
         from agbcube.train.tasks import is_refit, selection
 
@@ -400,7 +401,11 @@ class ClusterTasks:
                     resources=self.resources,
                     priority=1 if task == sel else 0,  # selections first: refits wait on them
                 )
-            failures = _gather(futures, n_done=len(tasks) - len(pending), n_tasks=len(tasks))
+            if bar is not None:
+                bar.advance(len(tasks) - len(pending))  # done before: kept
+            failures = _gather(
+                futures, n_done=len(tasks) - len(pending), n_tasks=len(tasks), bar=bar
+            )
         with contextlib.suppress(Exception):  # a worker that is gone holds nothing
             self.client.run(release_run, str(out))
         remove_temporaries(out)  # what killed workers left half-written
@@ -420,7 +425,9 @@ def _forwarded_logs(client: Any, level: int) -> Iterator[None]:
             client.unforward_logging("agbcube.train")
 
 
-def _gather(futures: dict[Any, Any], *, n_done: int, n_tasks: int) -> dict[Any, BaseException]:
+def _gather(
+    futures: dict[Any, Any], *, n_done: int, n_tasks: int, bar: Any = None
+) -> dict[Any, BaseException]:
     """Wait for every task, logging each as it ends; the failed ones' exceptions."""
     from distributed import as_completed
 
@@ -428,6 +435,8 @@ def _gather(futures: dict[Any, Any], *, n_done: int, n_tasks: int) -> dict[Any, 
     failures: dict[Any, BaseException] = {}
     for future in as_completed(list(futures.values())):
         task = task_of[future.key]
+        if bar is not None:
+            bar.advance()
         if future.status == "finished":
             n_done += 1
             s = future.result()

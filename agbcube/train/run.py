@@ -35,6 +35,7 @@ from typing import Any
 import yaml
 
 from agbcube._io import atomic_path, output_lock, remove_path, write_json_atomic
+from agbcube._progress import Bar, progress_bar
 from agbcube.errors import TrainingError
 
 __all__ = ["load_ensemble", "run_cv", "training_history"]
@@ -56,6 +57,7 @@ def run_cv(
     plots: bool = True,
     scheduler: str | None = None,
     threads_per_task: int | None = None,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Train and evaluate every fold; write the run directory.
 
@@ -83,6 +85,8 @@ def run_cv(
     threads_per_task : int, optional
         On a cluster: torch threads of each task (default: each worker process's share of its
         machine's cores).
+    progress : bool
+        A bar of the run's tasks (fits) on stderr: in a terminal, a notebook or a log.
 
     Returns
     -------
@@ -112,8 +116,9 @@ def run_cv(
         run = RunData(config, out, torch.device("cpu") if cluster else dev, path)  # (*)
         tasks = plan_tasks(tcfg, run.n_folds)
         log.info("%d tasks over %d folds; training on %s (%s)", len(tasks), run.n_folds, dev, path)
-        with _deterministic(dev):
-            _run_tasks(tasks, run, resume=resume, cluster=cluster)
+        bar = progress_bar("training", total=len(tasks), enabled=progress)
+        with _deterministic(dev), bar as advance:
+            _run_tasks(tasks, run, resume=resume, cluster=cluster, bar=advance)
         metrics = _finish(run, tasks, plots=plots)
     # (*) on a cluster this process only assembles the workers' results: on its CPU
     metrics["run"] = {
@@ -134,19 +139,24 @@ def _data_path_of(cluster: Any, config: Any, folds_path: Path, dev: Any) -> str:
     return _data_path(config, folds_path, dev)
 
 
-def _run_tasks(tasks: list[Any], run: Any, *, resume: bool, cluster: Any = None) -> None:
-    """One after another, in plan order (each after the tasks it needs), or on ``cluster``."""
+def _run_tasks(
+    tasks: list[Any], run: Any, *, resume: bool, cluster: Any = None, bar: Bar | None = None
+) -> None:
+    """One after another, in plan order (each after the tasks it needs), or on ``cluster``;
+    ``bar`` advances as each task ends."""
     from agbcube.train.tasks import run_task
 
+    bar = bar or Bar(None, None)
     if cluster is not None:
-        cluster.run(tasks, run, resume=resume)
+        cluster.run(tasks, run, resume=resume, bar=bar)
         return
     for i, task in enumerate(tasks, 1):
         if task.result_path(run.run_dir).exists():
             log.info("[%d/%d] %s: done, kept", i, len(tasks), task.name)
-            continue
-        summary = run_task(task, run, resume=resume)
-        log.info("[%d/%d] %s: done in %.1f s", i, len(tasks), task.name, summary["seconds"])
+        else:
+            summary = run_task(task, run, resume=resume)
+            log.info("[%d/%d] %s: done in %.1f s", i, len(tasks), task.name, summary["seconds"])
+        bar.advance()
 
 
 def _finish(run: Any, tasks: list[Any], *, plots: bool) -> dict[str, Any]:
