@@ -150,16 +150,10 @@ def _zarr_kind(folder: Path) -> str | None:
 
 
 def _legacy_kind(folder: Path) -> str | None:
-    """Runs and maps folders written before agbcube marked its folders."""
-    if (folder / "config.yaml").is_file() and any(
-        (folder / name).exists() for name in ("fold_0", "metrics.json", "ensemble.pt")
-    ):
-        return "run"
-    if (folder / "maps.json").is_file() or _zarr_kind(folder / "maps.zarr"):
-        return "maps"
-    if (folder / "demo.yaml").is_file():
-        return "demo"
-    return None
+    """Maps folders written before agbcube marked its folders, proven by their store's own
+    attributes. Nothing is guessed from file names: a folder of a user's that happens to hold
+    a ``config.yaml`` and a ``metrics.json`` is the user's."""
+    return "maps" if _zarr_kind(folder / "maps.zarr") else None
 
 
 def _file_kind(path: Path) -> str | None:

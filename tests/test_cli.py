@@ -192,6 +192,16 @@ def test_train_overwrite_never_empties_a_folder_without_a_run(tmp_path, rng):
         line = _one_line_error(_invoke("train", cfg, "--output", mine, *extra), "OutputExistsError")
         assert f"run directory {mine} holds files but no agbcube run" in line
     assert [p.name for p in mine.iterdir()] == ["plots.R"]
+    # a folder that merely looks like a run (a config.yaml and a metrics.json) is not one
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    files = {"config.yaml": "lr: 1\n", "metrics.json": "{}\n", "notes.txt": "n\n"}
+    for name, text in files.items():
+        (exp / name).write_text(text)
+    for extra in ([], ["--overwrite"], ["--resume"]):
+        line = _one_line_error(_invoke("train", cfg, "--output", exp, *extra), "OutputExistsError")
+        assert f"run directory {exp} holds files but no agbcube run" in line
+    assert {p.name: p.read_text() for p in exp.iterdir()} == files
 
 
 def _train_run(tmp_path: Path, cfg: Path) -> Path:
