@@ -461,8 +461,12 @@ def _locked_message(what: str, path: Path, holder: dict) -> str:
 
 
 @contextlib.contextmanager
-def output_lock(path: str | Path, *, what: str = "output") -> Iterator[None]:
+def output_lock(path: str | Path, *, what: str = "output", wait_s: float = 0.0) -> Iterator[None]:
     """Hold an exclusive lock on an output for one writer.
+
+    A second writer is refused at once (`OutputLockedError`), or, with ``wait_s``, waits up to
+    that long for the lock: how files several commands update (a run's maps collection) are
+    read, changed and written by one at a time.
 
     The lock is an operating-system lock (``flock``) on the file ``.<name>.lock`` beside the
     output. The kernel releases it when the holder exits, however it exits, so there is no
@@ -480,7 +484,7 @@ def output_lock(path: str | Path, *, what: str = "output") -> Iterator[None]:
     lock = path.with_name(f".{path.name}.lock")
     with write_errors(lock, what="lock file"):
         lock.parent.mkdir(parents=True, exist_ok=True)
-        fd = _acquire(lock, path, what)
+        fd = _acquire(lock, path, what, wait_s)
     try:
         yield
     finally:
@@ -490,13 +494,17 @@ def output_lock(path: str | Path, *, what: str = "output") -> Iterator[None]:
         os.close(fd)
 
 
-def _acquire(lock: Path, path: Path, what: str) -> int:
+def _acquire(lock: Path, path: Path, what: str, wait_s: float = 0.0) -> int:
     me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+    deadline = time.monotonic() + wait_s
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         if not _try_lock(fd):
             holder = _holder(fd)
             os.close(fd)
+            if time.monotonic() < deadline:
+                time.sleep(0.05)
+                continue
             raise OutputLockedError(_locked_message(what, path, holder))
         if _same_file(fd, lock):
             os.ftruncate(fd, 0)

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from agbcube._cf import AGB_UNITS
-from agbcube._io import mark_output, write_json_atomic, written_by
+from agbcube._io import mark_output, output_lock, write_json_atomic, written_by
 
 __all__ = [
     "COG_MEDIA_TYPE",
@@ -40,6 +40,7 @@ COG_MEDIA_TYPE = "image/tiff; application=geotiff; profile=cloud-optimized"
 ZARR_MEDIA_TYPE = "application/vnd+zarr"
 ITEM_FILE = "item.json"
 COLLECTION_FILE = "collection.json"
+COLLECTION_WAIT_S = 120.0  # how long an update waits for another command's (it takes < 1 s)
 
 
 def _now() -> dt.datetime:
@@ -235,9 +236,15 @@ def update_map_collection(
     Path
         ``path``.
     """
+    path = Path(path).resolve()
+    # several `predict` commands may add their sites at once: one reads and writes at a time
+    with output_lock(path, what="maps collection", wait_s=COLLECTION_WAIT_S):
+        return _update_collection(path, items, run_dir)
+
+
+def _update_collection(path: Path, items: Sequence[str | Path], run_dir: Any) -> Path:
     import pystac
 
-    path = Path(path).resolve()
     hrefs = _listed_items(path) | {Path(p).resolve() for p in items}
     loaded = sorted(
         (pystac.Item.from_file(str(p)) for p in hrefs if p.exists()), key=lambda i: i.id

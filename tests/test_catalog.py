@@ -181,3 +181,37 @@ def test_cube_item_follows_the_datacube_extension_and_opens_the_group(demo_confi
         np.testing.assert_array_equal(opened["agb"].values, ds["agb"].values)
         np.testing.assert_array_equal(opened["features"].values, ds["features"].values)
         np.testing.assert_array_equal(opened["x"].values, ds["x"].values)
+
+
+def test_commands_adding_sites_at_once_both_land_in_the_collection(tmp_path, monkeypatch):
+    """Two `predict` commands updating one collection.json together: each reads, changes and
+    writes it under the lock, so neither site is lost (both read the old list before)."""
+    import contextlib
+    import threading
+
+    import agbcube.catalog as catalog
+
+    run = tmp_path / "run"
+    sites = {site: _maps(run, site=site, ny=30, nx=30)[1] for site in ("alpha", "beta")}
+    path = run / "maps" / "collection.json"
+    listed, read_both = catalog._listed_items, threading.Barrier(2, timeout=2)
+
+    def slow_listed(p):
+        items = listed(p)
+        # without the lock both threads read here before either writes; with it, the second
+        # waits for the lock and the first goes on when the barrier times out
+        with contextlib.suppress(threading.BrokenBarrierError):
+            read_both.wait()
+        return items
+
+    monkeypatch.setattr(catalog, "_listed_items", slow_listed)
+    threads = [
+        threading.Thread(target=update_map_collection, args=(path, [folder / "item.json"]))
+        for folder in sites.values()
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    links = [link["href"] for link in json.loads(path.read_text())["links"]]
+    assert sorted(links) == ["./alpha/item.json", "./beta/item.json"]
