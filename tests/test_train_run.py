@@ -124,12 +124,14 @@ def test_resume_runs_only_missing_tasks_and_ends_identical(demo_config, tmp_path
     for name in ("fold_1/member_1.npz", "fold_2/select.npz", "fold_2/member_0.npz"):
         (tmp_path / "b" / name).unlink()
     (tmp_path / "b" / "fold_2" / "member_1.npz").unlink()
+    (tmp_path / "b" / "fold_0" / "model_1.pt").unlink()  # a lost model file: its member reruns
     for name in ("metrics.json", "predictions.parquet", "ensemble.pt"):
         (tmp_path / "b" / name).unlink()
     caplog.set_level("INFO", logger="agbcube.train")
     run_cv(cfg, output=tmp_path / "b", device="cpu", plots=False, resume=True)
     ran = [r.getMessage() for r in caplog.records if "done in" in r.getMessage()]
     assert [m.split(":")[0].split("] ")[1] for m in ran] == [
+        "fold_0/member_1",
         "fold_1/member_1",
         "fold_2/select",
         "fold_2/member_0",
@@ -138,6 +140,13 @@ def test_resume_runs_only_missing_tasks_and_ends_identical(demo_config, tmp_path
     a = pd.read_parquet(tmp_path / "a" / "predictions.parquet")
     b = pd.read_parquet(tmp_path / "b" / "predictions.parquet")
     pd.testing.assert_frame_equal(a, b)
+    # a model file from elsewhere (other settings) never enters the ensemble
+    foreign = torch.load(tmp_path / "b" / "fold_1" / "model_0.pt", weights_only=True)
+    foreign["train"]["learning_rate"] = 0.5
+    torch.save(foreign, tmp_path / "b" / "fold_1" / "model_0.pt")
+    with pytest.raises(TrainingError, match=r"fold_1/model_0.pt was not made by this run \(its "
+                       r"settings differ from the run's: learning_rate\); delete it"):  # fmt: skip
+        run_cv(cfg, output=tmp_path / "b", device="cpu", plots=False, resume=True)
 
 
 def test_resume_is_refused_when_what_made_the_run_changed(demo_config, demo_folds, tmp_path):

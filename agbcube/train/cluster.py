@@ -375,7 +375,7 @@ class ClusterTasks:
         from agbcube.train.tasks import is_refit, selection
 
         out = run.run_dir
-        pending = [t for t in tasks if not t.result_path(out).exists()]
+        pending = [t for t in tasks if not t.is_done(out)]
         log.info(
             "%d of %d tasks done and kept; submitting %d to the cluster",
             len(tasks) - len(pending),

@@ -69,6 +69,21 @@ def model_record(
     }
 
 
+def read_record(path: str | Path) -> dict[str, Any]:
+    """A model file's record, validated as `load_model` validates it (readable with
+    ``weights_only``, its settings valid, its weights fitting them).
+
+    Raises
+    ------
+    TrainingError
+        Naming the file and what is wrong with it.
+    """
+    path = Path(path)
+    record = _load(path, "cpu")
+    _member(record, path, "cpu")
+    return record
+
+
 def save_model(path: str | Path, record: dict[str, Any]) -> None:
     """Write a `model_record` atomically."""
     with atomic_path(path, what="model file") as tmp:  # a failed write is named there

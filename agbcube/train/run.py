@@ -151,7 +151,7 @@ def _run_tasks(
         cluster.run(tasks, run, resume=resume, bar=bar)
         return
     for i, task in enumerate(tasks, 1):
-        if task.result_path(run.run_dir).exists():
+        if task.is_done(run.run_dir):
             log.info("[%d/%d] %s: done, kept", i, len(tasks), task.name)
         else:
             summary = run_task(task, run, resume=resume)
@@ -170,7 +170,7 @@ def _finish(run: Any, tasks: list[Any], *, plots: bool) -> dict[str, Any]:
     with atomic_path(out / "pixels.parquet") as tmp:
         pixels.to_parquet(tmp, index=False)
     if any(t.kind == "member" for t in tasks):
-        _write_ensemble(out, tasks)
+        _write_ensemble(run, tasks)
     if plots:
         from agbcube.train.plots import write_plots
 
@@ -372,17 +372,33 @@ def _check_resumable(before: dict[str, Any], now: dict[str, Any], out: Path) -> 
 # the ensemble
 
 
-def _write_ensemble(out: Path, tasks: list[Any]) -> None:
-    import torch
-
+def _write_ensemble(run: Any, tasks: list[Any]) -> None:
+    """Every member's model file into ``ensemble.pt``, each checked to be this run's."""
     from agbcube.train.modelfile import save_bundle
 
-    members = [t for t in tasks if t.kind == "member"]
-    records = [
-        torch.load(out / f"fold_{t.fold}" / f"model_{t.member}.pt", weights_only=True)
-        for t in sorted(members, key=lambda t: (t.fold, t.member))
-    ]
-    save_bundle(out / "ensemble.pt", records)
+    members = sorted((t for t in tasks if t.kind == "member"), key=lambda t: (t.fold, t.member))
+    records = [_own_record(run, t.model_path(run.run_dir)) for t in members]
+    save_bundle(run.run_dir / "ensemble.pt", records)
+
+
+def _own_record(run: Any, path: Path) -> dict[str, Any]:
+    """A member's model record, refused (naming the file) unless this run's settings and bands
+    made it: a model file copied in from another run never enters the ensemble."""
+    from agbcube.train.modelfile import read_record
+
+    record = read_record(path)
+    ours = {k: v for k, v in run.tcfg.model_dump(mode="json").items() if k not in _NEUTRAL}
+    theirs = record["train"]
+    differ = [k for k in sorted(ours) if k in theirs and theirs[k] != ours[k]]
+    if list(record["bands"]) != list(run.bands):
+        differ.append("bands")
+    if differ:
+        raise TrainingError(
+            f"{path} was not made by this run (its settings differ from the run's: "
+            f"{', '.join(differ)}); delete it and run `agbcube train … --resume`, which trains "
+            "that member again"
+        )
+    return record
 
 
 def load_ensemble(run_dir: str | Path, device: str = "cpu") -> tuple[list[Any], dict[str, Any]]:

@@ -62,6 +62,16 @@ class Task:
     def result_path(self, run_dir: Path) -> Path:
         return run_dir / f"{self.name}.npz"
 
+    def model_path(self, run_dir: Path) -> Path:
+        """A member's model file."""
+        return run_dir / f"fold_{self.fold}" / f"model_{self.member}.pt"
+
+    def is_done(self, run_dir: Path) -> bool:
+        """Whether its result file (written last) exists, and a member's model file: a member
+        whose model file was lost runs again."""
+        model = self.kind != "member" or self.model_path(run_dir).exists()
+        return model and self.result_path(run_dir).exists()
+
 
 def plan_tasks(tcfg: Any, n_folds: int) -> list[Task]:
     """Every task of a run, in an order that runs each after the tasks it needs."""
@@ -306,7 +316,7 @@ def run_task(task: Task, run: RunData, *, resume: bool = False) -> dict[str, Any
     A task whose result file exists is not run again: its summary is read back.
     """
     path = task.result_path(run.run_dir)
-    if path.exists():
+    if task.is_done(run.run_dir):
         return load_result(path)[0]
     path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -413,7 +423,7 @@ def _cnn(run: RunData, task: Task, *, resume: bool) -> tuple[dict, dict]:
 
     pred = data.in_test_order(mg_ha)
     record = model_record(model, data.prep, tcfg, bands=run.bands, fold=k, member=task.member)
-    save_model(run.run_dir / f"fold_{k}" / f"model_{task.member}.pt", record)
+    save_model(task.model_path(run.run_dir), record)
     return {"pred": pred}, summary
 
 
