@@ -169,6 +169,14 @@ def test_resume_is_refused_when_what_made_the_run_changed(demo_config, demo_fold
         run_cv(cfg2, output=tmp_path / "r", device="cpu", plots=False, resume=True)
     # nothing was lost: the run resumes with what made it
     run_cv(cfg, output=tmp_path / "r", device="cpu", plots=False, resume=True)
+    # the run's own copy of the folds, which its fits read, edited: refused, then restored
+    copy = tmp_path / "r" / "folds.parquet"
+    original = copy.read_bytes()
+    write_folds(folds, copy, maps=False)
+    with pytest.raises(TrainingError, match=r"folds.parquet \(the run's copy of the folds"):
+        run_cv(cfg, output=tmp_path / "r", device="cpu", plots=False, resume=True)
+    copy.write_bytes(original)
+    run_cv(cfg, output=tmp_path / "r", device="cpu", plots=False, resume=True)
     # a run made before a setting existed resumes while it is at its default, not otherwise
     record = json.loads((tmp_path / "r" / "run.json").read_text())
     del record["settings"]["train"]["bottleneck"]

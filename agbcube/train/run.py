@@ -342,11 +342,11 @@ def _section_defaults() -> dict[str, dict[str, Any]]:
 
 
 def _check_resumable(before: dict[str, Any], now: dict[str, Any], out: Path) -> None:
-    changed = [
-        what
-        for what in ("cube", "folds")
-        if before.get("digests", {}).get(what) != now["digests"][what]
-    ]
+    recorded = before.get("digests", {})
+    changed = [what for what in ("cube", "folds") if recorded.get(what) != now["digests"][what]]
+    copy = out / "folds.parquet"  # what the fits read: the run's own copy, as recorded
+    if copy.exists() and _file_digest(copy) != recorded.get("folds"):
+        changed.append(f"{copy} (the run's copy of the folds, which its fits read)")
     old, new = before.get("settings", {}), now["settings"]
     for section, defaults in _section_defaults().items():
         # a setting newer than the run, at its default, is what the run was made with
