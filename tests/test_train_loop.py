@@ -183,3 +183,17 @@ def test_epoch_lines_show_validation_only_where_there_is_one(caplog):
     assert all(" val " in line for line in lines["select"])
     assert sum(line.endswith("*") for line in lines["select"]) >= 1
     assert not any(" val " in line or line.endswith("*") for line in lines["refit"])
+
+
+def test_a_damaged_checkpoint_is_named_with_what_to_do(tmp_path):
+    x, y = _toy()
+    cfg = _cfg(epochs=2)
+    _fit(cfg, x, y, checkpoint=tmp_path / "a.pt")
+    data = (tmp_path / "a.pt").read_bytes()
+    (tmp_path / "a.pt").write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(TrainingError, match=r"checkpoint .*a.pt cannot be resumed from .*delete"):
+        _fit(cfg, x, y, checkpoint=tmp_path / "a.pt", resume=True)
+    other = _cfg(epochs=2, conv_channels=[4])  # another model's checkpoint
+    _fit(other, x, y, checkpoint=tmp_path / "b.pt")
+    with pytest.raises(TrainingError, match=r"b.pt cannot be resumed from \(RuntimeError"):
+        _fit(cfg, x, y, checkpoint=tmp_path / "b.pt", resume=True)

@@ -158,7 +158,19 @@ class _Fit:
         }
 
     def restore(self, path: Path, device: torch.device) -> None:
-        state = torch.load(path, map_location=device, weights_only=True)
+        """Continue from a checkpoint; one that cannot be read, or is not this fit's, is named
+        (`TrainingError`) with what to do."""
+        try:
+            state = torch.load(path, map_location=device, weights_only=True)
+            self._apply(state, device)
+        except Exception as err:  # truncated, foreign, or another model's: never a traceback
+            raise TrainingError(
+                f"checkpoint {path} cannot be resumed from ({type(err).__name__}: "
+                f"{str(err)[:120]}); delete it and run again with --resume: that fit starts "
+                "over, the finished ones are kept"
+            ) from None
+
+    def _apply(self, state: Any, device: torch.device) -> None:
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
