@@ -30,7 +30,7 @@ from rich.table import Table
 
 from agbcube import __version__
 from agbcube._progress import console, log_width
-from agbcube.errors import AgbcubeError
+from agbcube.errors import AgbcubeError, missing_dependency
 
 EXIT_CODES = (
     "Exit codes: 0 success; 1 unexpected error (a bug: re-run with -v for the traceback); "
@@ -190,7 +190,11 @@ def _errors() -> Iterator[None]:
     except MemoryError as err:
         message = "out of memory; use smaller chips, batches or tiles, or a larger machine"
         _fail("MemoryError", message, 2, err)
+
     except Exception as err:
+        missing = missing_dependency(err) if isinstance(err, ModuleNotFoundError) else None
+        if missing is not None:  # an extra's package: name the extra
+            _fail(type(missing).__name__, str(missing), 2, err)
         if any(s in str(err) for s in _WRITE_FAILURES):
             message = (
                 f"writing a file failed ({err}); the disk is probably full or read-only: free "

@@ -96,3 +96,34 @@ class CatalogueUnreachableError(AgbcubeError, ConnectionError):
 
 class MissingDependencyError(AgbcubeError, ImportError):
     """A package of an optional extra is not installed (the message names the extra)."""
+
+
+#: Import names whose distribution is spelt otherwise (the rest: ``_`` read as ``-``).
+_DISTRIBUTION_OF = {"sklearn": "scikit-learn", "odc": "odc-geo", "yaml": "pyyaml"}
+_ROLES = ("cube", "train", "cluster")  # the extras a user installs for a role
+
+
+def missing_dependency(err: ModuleNotFoundError) -> MissingDependencyError | None:
+    """The extra that provides the module ``err`` could not import, as an error naming it
+    (``pip install 'agbcube[cube]'``); None when no extra of agbcube's provides it."""
+    import re
+    from importlib import metadata
+
+    top = (err.name or "").split(".")[0]
+    wanted = _DISTRIBUTION_OF.get(top, top).lower().replace("_", "-")
+    try:
+        requires = metadata.requires("agbcube") or []
+    except metadata.PackageNotFoundError:  # agbcube itself not installed: nothing to name
+        return None
+    extras = []
+    for line in requires:
+        name = re.split(r"[\s\[<>=!~;]", line, maxsplit=1)[0].lower().replace("_", "-")
+        extra = re.search(r"extra == [\"']([\w-]+)[\"']", line)
+        if name == wanted and extra and extra[1] in _ROLES:
+            extras.append(extra[1])
+    if not extras:
+        return None
+    which = " or ".join(f"pip install 'agbcube[{e}]'" for e in extras)
+    return MissingDependencyError(
+        f"{top} is not installed, and this command needs it: {which} (or agbcube[all])"
+    )

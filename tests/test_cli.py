@@ -291,3 +291,32 @@ def test_gpu_is_read_as_cuda(tmp_path, rng, monkeypatch):
         _invoke("train", _config(tmp_path, rng), "--device", "gpu"), "TrainingError"
     )
     assert "device 'cuda' was requested but CUDA is not available" in line
+
+
+@pytest.mark.parametrize(
+    ("module", "extra"),
+    [("rasterio", "agbcube[cube]"), ("torch", "agbcube[train]"), ("sklearn", "agbcube[cube]")],
+)
+def test_a_missing_extra_is_named(tmp_path, rng, monkeypatch, module, extra):
+    """A package of an extra that is not installed: one line naming the extra, exit 2."""
+    import agbcube.cube
+
+    def missing(*args, **kwargs):
+        raise ModuleNotFoundError(f"No module named '{module}'", name=module)
+
+    monkeypatch.setattr(agbcube.cube, "build_cube", missing)
+    line = _one_line_error(_invoke("build-cube", _config(tmp_path, rng)), "MissingDependencyError")
+    assert f"{module} is not installed" in line and f"pip install '{extra}'" in line
+
+
+def test_a_missing_module_of_no_extra_is_a_bug_line(tmp_path, rng, monkeypatch):
+    import agbcube.cube
+
+    def missing(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'nowhere'", name="nowhere")
+
+    monkeypatch.setattr(agbcube.cube, "build_cube", missing)
+    line = _one_line_error(
+        _invoke("build-cube", _config(tmp_path, rng)), "ModuleNotFoundError", code=1
+    )
+    assert "may be a bug in agbcube" in line
