@@ -320,3 +320,14 @@ def test_a_missing_module_of_no_extra_is_a_bug_line(tmp_path, rng, monkeypatch):
         _invoke("build-cube", _config(tmp_path, rng)), "ModuleNotFoundError", code=1
     )
     assert "may be a bug in agbcube" in line
+
+
+def test_help_reads_cleanly():
+    """Usage lines name arguments in capitals and flags carry no type (typer 0.27+ printed
+    `{config}` and `<bool>` after every flag)."""
+    for command in ("build-cube", "folds", "train", "predict"):
+        result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "120"})
+        assert result.exit_code == 0
+        usage = next(line for line in result.stdout.splitlines() if "Usage:" in line)
+        assert "{" not in usage and ("CONFIG" in usage or "RUN_DIR" in usage), usage
+        assert "<bool>" not in result.stdout and "--quiet" in result.stdout
