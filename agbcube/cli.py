@@ -654,6 +654,28 @@ def _predict_sites(
     log.info("STAC collection of the maps: %s", collection)
 
 
+@app.command("export", epilog=EXIT_CODES)
+@_command
+def export_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory written by `agbcube train`.")],
+    fmt: Annotated[
+        str, typer.Option("--format", help="torchscript (plain torch) or onnx (onnxruntime).")
+    ] = "torchscript",
+    output: Annotated[
+        Path | None, typer.Option(help="Export folder (default RUN_DIR/export).")
+    ] = None,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Write the run's ensemble as one self-contained model file that maps a window of the
+    cube's features to AGB (mean and s.d.) with nothing of agbcube installed."""
+    from agbcube.train.export import export_run
+
+    path = export_run(run_dir, output or run_dir / "export", fmt=fmt)
+    results.print(str(path))
+    log.info("metadata (inputs in order, window, units): %s", path.with_name("model.json"))
+
+
 @app.command("config-reference")
 @_command
 def config_reference_cmd() -> None:

@@ -137,14 +137,18 @@ class RunData:
     device : torch.device
     data_path : str
         ``device``, ``chunks`` or ``stream`` (already resolved from ``auto``).
+    folds : GeoDataFrame, optional
+        The folds, when not the run directory's copy (`agbcube.train.ChipDataset`).
     """
 
-    def __init__(self, config: Any, run_dir: Path, device: Any, data_path: str) -> None:
+    def __init__(
+        self, config: Any, run_dir: Path, device: Any, data_path: str, *, folds: Any = None
+    ) -> None:
         from agbcube.folds import read_folds
 
         self.config, self.run_dir, self.device, self.data_path = config, run_dir, device, data_path
         self.tcfg = config.train
-        self.folds = read_folds(run_dir / "folds.parquet")
+        self.folds = read_folds(run_dir / "folds.parquet") if folds is None else folds
         self.n_folds = sum(1 for c in self.folds.columns if c.startswith("role_"))
         self.size_px = config.chips.size
         self.margin = self.tcfg.context_px  # read around every chip
