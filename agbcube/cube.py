@@ -100,6 +100,7 @@ class RasterInfo:
     geobox: GeoBox
     descriptions: tuple[str | None, ...]
     block_shape: tuple[int, int]
+    units: tuple[str | None, ...] = ()  # each band's, where the file states one
 
 
 def probe_raster(path: str | Path, *, what: str = "raster", crs: str | None = None) -> RasterInfo:
@@ -135,6 +136,7 @@ def probe_raster(path: str | Path, *, what: str = "raster", crs: str | None = No
             dtype = src.dtypes[0] if count else "none"
             nodata = src.nodata
             descriptions = tuple(src.descriptions)
+            units = tuple(src.units)
             block = tuple(src.block_shapes[0]) if count else (shape[0], shape[1])
     except RasterioIOError as err:
         raise InputFileError(
@@ -163,6 +165,7 @@ def probe_raster(path: str | Path, *, what: str = "raster", crs: str | None = No
         geobox=GeoBox(shape, transform, str(file_crs)),
         descriptions=descriptions,
         block_shape=block,  # type: ignore[arg-type]
+        units=units,
     )
 
 
@@ -458,8 +461,16 @@ def build_site_cube(site: SiteConfig, cube: CubeConfig) -> xr.Dataset:
 
     chunks = {"y": cube.chunks, "x": cube.chunks}
     sat = sat.chunk({"band": -1, **chunks})
+    raw_units = (
+        [str(u) for u in sat.coords["band_units"].values] if "band_units" in sat.coords else []
+    )
     features = compute_indices(sat, specs, keep_bands=True)  # raw bands, then indices
     features = features.assign_coords(band=features["band"].astype(str))
+    # each band's unit: the input file's where it states one, "1" for the indices
+    n_raw = features.sizes["band"] - len(specs)
+    units = (raw_units or [""] * n_raw) + ["1"] * len(specs)
+    features = features.assign_coords(band_units=("band", units))
+    features["band_units"].attrs.update(long_name="unit of each band ('' where not stated)")
     ds = xr.Dataset(
         {
             "features": features,
@@ -493,8 +504,9 @@ def _file_satellite(
     )
     gbox, overlap = target_geobox(sat_info.geobox, agb_info.geobox, cube.grid, site=site.name)
     sat = open_raster(sat_info, nodata=site.satellite_nodata, chunk_px=cube.chunks)
-    sat = align(sat, sat_info.geobox, gbox, resampling="bilinear").assign_coords(band=names)
-    return sat, gbox, overlap
+    sat = align(sat, sat_info.geobox, gbox, resampling="bilinear")
+    units = [u or "" for u in sat_info.units] or [""] * len(names)
+    return sat.assign_coords(band=names, band_units=("band", units)), gbox, overlap
 
 
 def _stac_satellite(

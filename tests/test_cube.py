@@ -664,3 +664,16 @@ def test_a_plain_open_zarr_finds_the_crs_and_the_axes(demo_config):
         x, y = ds.x.attrs, ds.y.attrs
         assert (x["standard_name"], x["axis"], x["units"]) == ("longitude", "X", "degrees_east")
         assert (y["standard_name"], y["axis"], y["units"]) == ("latitude", "Y", "degrees_north")
+
+
+def test_each_band_carries_its_unit_where_the_file_states_one(simple_site, tmp_path):
+    """The satellite GeoTIFF's band units (GDAL's per-band unit) go into the cube's
+    band_units coordinate; the indices agbcube computes are unitless ("1")."""
+    with rasterio.open(simple_site["satellite"], "r+") as dst:
+        dst.units = ("", "", "dB", "dB")  # reflectance bands without a unit, backscatter in dB
+    cube = _cube(tmp_path)
+    build_cube([_site(simple_site)], cube, progress=False)
+    ds = xr.open_zarr(cube.output, group="simple")
+    units = dict(zip(ds.band.values, ds.band_units.values, strict=True))
+    assert [units[b] for b in ("B4_T1", "B8_T1", "VV_T1", "VH_T1")] == ["", "", "dB", "dB"]
+    assert units["S2_NDVI_T1"] == units["S1_RVI_T1"] == "1"
