@@ -459,11 +459,12 @@ def build_site_cube(site: SiteConfig, cube: CubeConfig) -> xr.Dataset:
     agb = agb.where((agb > lo) & (agb <= hi))  # NaN compares False: non-finite goes too
     agb = align(agb, agb_info.geobox, gbox, resampling="average").isel(band=0, drop=True)
 
+    # the units are read before chunking: a chunked coordinate would be computed to read
+    raw_units = (
+        list(map(str, sat.coords["band_units"].values)) if "band_units" in sat.coords else []
+    )
     chunks = {"y": cube.chunks, "x": cube.chunks}
     sat = sat.chunk({"band": -1, **chunks})
-    raw_units = (
-        [str(u) for u in sat.coords["band_units"].values] if "band_units" in sat.coords else []
-    )
     features = compute_indices(sat, specs, keep_bands=True)  # raw bands, then indices
     features = features.assign_coords(band=features["band"].astype(str))
     # each band's unit: the input file's where it states one, "1" for the indices

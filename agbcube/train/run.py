@@ -121,15 +121,20 @@ def run_cv(
             _run_tasks(tasks, run, resume=resume, cluster=cluster, bar=advance)
         metrics = _finish(run, tasks, plots=plots)
     # (*) on a cluster this process only assembles the workers' results: on its CPU
-    metrics["run"] = {
-        "scheduler": scheduler or "in-process",
-        "device": str(dev),
-        "wall_s": time.perf_counter() - t_start,
-        "n_chips": len(run.folds),
-        "data_path": path,
-    }
+    metrics["run"] = _how_it_ran(scheduler, dev, t_start, len(run.folds), path)
     write_json_atomic(out / "metrics.json", metrics)
     return metrics
+
+
+def _how_it_ran(scheduler: str | None, dev: Any, t0: float, n_chips: int, path: str) -> dict:
+    """metrics.json's ``run``: where and how the fits ran, and the run's wall time."""
+    return {
+        "scheduler": scheduler or "in-process",
+        "device": str(dev),
+        "wall_s": time.perf_counter() - t0,
+        "n_chips": n_chips,
+        "data_path": path,
+    }
 
 
 def _data_path_of(cluster: Any, config: Any, folds_path: Path, dev: Any) -> str:
