@@ -261,6 +261,15 @@ def test_predict_output_that_is_a_file_is_one_line(tmp_path, rng, monkeypatch):
     line = _one_line_error(_invoke(*args), "OutputExistsError")
     assert f"maps output {target} is a file; give a folder" in line
     assert target.read_bytes() == b"II*\x00 someone's GeoTIFF"
+    # a folder of the user's whose files merely share agbcube's names is not agbcube's
+    web = tmp_path / "web"
+    web.mkdir()
+    files = {"maps.json": '{"mine": 1}', "collection.json": '{"mine": 2}'}
+    for name, text in files.items():
+        (web / name).write_text(text)
+    line = _one_line_error(_invoke("predict", run, "--output", web, "-q"), "OutputExistsError")
+    assert "holds files agbcube did not write" in line
+    assert {p.name: p.read_text() for p in web.iterdir()} == files
     ok = _invoke("predict", run, "--output", tmp_path / "maps", "--device", "cpu", "-q")
     assert ok.exit_code == 0, ok.output
     assert (tmp_path / "maps" / "agb_mean.tif").is_file()
