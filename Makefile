@@ -1,8 +1,9 @@
 # Two commands on a fresh machine with Python >= 3.11:
 #   make demo   set up .venv and run the pipeline on built-in synthetic sites
-#   make test   set up .venv and run the linters and the test-suite
+#   make test   set up .venv and run the linters and the test-suite (the notebooks run in
+#               make docs, which executes every one of them)
 #   make test-fast  the same without the whole-pipeline (slow) tests: a few minutes
-#   make test-slow  only the whole-pipeline tests
+#   make test-slow  only the whole-pipeline tests and the notebooks
 #   make docs   build the documentation site into site/ (notebooks executed; warnings are errors)
 #   make lock   re-resolve requirements.lock after a change to pyproject.toml's dependencies
 #   make lock-upgrade  the same with every package at the newest release its bounds allow
@@ -46,13 +47,13 @@ lint: setup
 	$(BIN)/ruff format --check .
 
 test: lint
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q -m "not notebook" --durations=15
 
 test-fast: lint
 	$(BIN)/python -m pytest -q -m "not slow"
 
 test-slow: setup
-	$(BIN)/python -m pytest -q -m slow --durations=10
+	$(BIN)/python -m pytest -q -m "slow or notebook" --durations=10
 
 # The lock is resolved by uv in a venv of its own (.venv-lock), pinned like everything else.
 lock lock-upgrade:
