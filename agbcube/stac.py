@@ -504,6 +504,10 @@ def _sensors(
 ) -> list[str]:
     """The sensors to composite, in layout order: those asked for, or those the catalogue has."""
     have = catalogue.collections()
+    for sensor, collection in source.collections.items():  # named by the user: never dropped
+        wanted = source.sensors is None or sensor in source.sensors
+        if wanted and collection not in have:
+            raise StacError(_no_collection(site, source, sensor, collection, have))
     if source.sensors is None:
         found = [s for s in SENSORS if table[s][0] in have]
         if not found:
@@ -523,11 +527,19 @@ def _sensors(
                 "`sensors:`"
             )
         if collection not in have:
-            raise StacError(
-                f"site '{site}': the catalogue {source.stac} has no collection '{collection}' "
-                f"for {sensor}; set `collections: {{{sensor}: <id>}}` or leave it out of `sensors:`"
-            )
+            raise StacError(_no_collection(site, source, sensor, collection, have))
     return [s for s in SENSORS if s in source.sensors]
+
+
+def _no_collection(site: str, source: Any, sensor: str, collection: str, have: set[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(collection, sorted(have), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return (
+        f"site '{site}': the catalogue {source.stac} has no collection '{collection}' for "
+        f"{sensor}{hint}; set `collections: {{{sensor}: <id>}}` or leave it out of `sensors:`"
+    )
 
 
 def _keep(item: Any, sensor: str, source: StacSource) -> bool:

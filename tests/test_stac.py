@@ -348,6 +348,11 @@ def test_sensor_without_items_is_an_error_before_any_pixel_is_read(tmp_path, s2_
     far = _site(tmp_path, catalogue, seasons={"T1": ["2023-01-01", "2023-02-01"]})
     with pytest.raises(StacError, match=r"no sentinel-2 item .*2023-01-01 and 2023-02-01"):
         build_site_cube(far, _cube(tmp_path))
+    # a collection named in the config but not in the catalogue (a typo) is never dropped
+    typo = _site(tmp_path, catalogue, collections={"sentinel-2": "sentinel-2-l2x"})
+    with pytest.raises(StacError, match=r"no collection 'sentinel-2-l2x' for sentinel-2 "
+                       r"\(did you mean 'sentinel-2-l2a'\?\)"):  # fmt: skip
+        build_site_cube(typo, _cube(tmp_path))
     with pytest.raises(StacError, match="no canopy-height collection"):
         site = _site(tmp_path, catalogue, sensors=["canopy-height"], provider="earth-search")
         build_site_cube(site, _cube(tmp_path))
