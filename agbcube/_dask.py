@@ -97,4 +97,3 @@ def compute(*objs: Any, client: Any = None, progress: bool = True, label: str = 
     from agbcube._progress import dask_progress
 
     return dask_progress(objs, client=client, label=label, enabled=progress)
-    return dask.compute(*objs)

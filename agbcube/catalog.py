@@ -137,6 +137,7 @@ def map_item(
     directory = Path(directory)
     created = created or _now()
     gbox = _geobox(shape, transform, crs)
+    gsd_m = _gsd_m(gbox)
     geometry, bbox = _footprint(gbox)
     title = f"AGB maps of site '{site}'" + (f", run '{run}'" if run else "")
     item = pystac.Item(
@@ -149,13 +150,13 @@ def map_item(
             "description": "Above-ground biomass (ensemble mean and standard deviation of the "
             "run's fold models), dissimilarity index and area of applicability.",
             "created": pystac.utils.datetime_to_str(created),
-            "gsd": _gsd_m(gbox),
+            "gsd": gsd_m,
         },
     )
     _apply_projection(item, gbox)
     for name, info in layers.items():
         if (directory / f"{name}.tif").exists():
-            _add_cog_asset(item, name, info, _gsd_m(gbox), (statistics or {}).get(name))
+            _add_cog_asset(item, name, info, gsd_m, (statistics or {}).get(name))
         if (directory / f"{name}.png").exists():
             item.add_asset(
                 f"{name}_preview",

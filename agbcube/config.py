@@ -166,9 +166,16 @@ def check_device(spec: str, where: str = "device") -> str:
     ConfigError
         Naming ``where`` and the accepted values, for anything else.
     """
+    try:
+        return _device(spec)
+    except ValueError as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def _device(spec: str) -> str:
     text = str(spec).strip().lower()
     if not _DEVICE.match(text):
-        raise ConfigError(f"{where}: {spec!r} is not a device; use {DEVICES}")
+        raise ValueError(f"{spec!r} is not a device; use {DEVICES}")
     return re.sub(r"^gpu", "cuda", text)
 
 
@@ -577,11 +584,8 @@ class TrainConfig(_Section):
 
     @field_validator("device", mode="after")
     @classmethod
-    def _device(cls, value: str) -> str:
-        try:
-            return check_device(value)
-        except ConfigError as err:
-            raise ValueError(str(err).split(": ", 1)[1]) from None
+    def _check_device(cls, value: str) -> str:
+        return _device(value)
 
     @model_validator(mode="before")
     @classmethod

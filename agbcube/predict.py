@@ -616,8 +616,8 @@ def _maps_dataset(ds: xr.Dataset, tiles: Any, aoa: AOAReference | None) -> xr.Da
         result["di"].attrs.update(long_name="dissimilarity index", threshold=aoa.threshold)
         result["aoa"].attrs.update(long_name="area of applicability (1 inside, 0 outside)")
     result.attrs["site"] = str(ds.attrs.get("site", ""))
-    result = result.rio.write_crs(ds.rio.crs)
     crs = ds.rio.crs
+    result = result.rio.write_crs(crs)
     return cf_dataset(result, geographic=crs.is_geographic, linear_units=linear_units(crs))
 
 

@@ -51,7 +51,7 @@ def window(cluster_reference, tmp_path_factory):
 
 
 def test_torchscript_export_runs_in_plain_torch_and_matches_predict(window, tmp_path):
-    from agbcube.train.export import export_run
+    from agbcube.train.export import export_run, exported_metadata
 
     run, x_path, expect, spec = window
     model = export_run(run, tmp_path / "export")
@@ -67,6 +67,7 @@ def test_torchscript_export_runs_in_plain_torch_and_matches_predict(window, tmp_
     assert meta["inputs"] == spec["bands"] and meta["units"] == "Mg ha-1"
     assert meta["window_px"] == spec["chip_px"] and meta["input_px"] == spec["size_px"]
     assert meta == json.loads((tmp_path / "export" / "model.json").read_text())
+    assert meta == exported_metadata(model)
     got = np.load(out)[0]
     np.testing.assert_allclose(got, expect, rtol=2e-5, atol=2e-3)  # float32 against float64
     assert np.isnan(got[:, 3, 5]).all() and np.isfinite(got).sum() == got.size - 2

@@ -4,9 +4,8 @@
 channels when the model takes them, standardisation with statistics of the fold's training
 chips (NaN imputed with the training mean, i.e. 0 after standardising), the target (per chip
 or per pixel, optional ``log1p``, standardised) and the label mask (AGB hidden where a fold
-may not train on it). Augmentation is drawn per batch (`
-draw_augmentation`) and applied by `gather_batch`, the one function that cuts every
-batch, inside its gather.
+may not train on it). Augmentation is drawn per batch (`draw_augmentation`) and applied by
+`gather_batch`, the one function that cuts every batch, inside its gather.
 
 What the training loop consumes is a `BatchSource`:
 

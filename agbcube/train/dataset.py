@@ -66,19 +66,11 @@ class ChipDataset(Dataset):
         if role not in ROLES:
             raise ConfigError(f"role {role!r}: use one of {', '.join(ROLES)}")
         table = read_folds(folds or config.folds.output, cube=config.cube.output)
-        n_folds = sum(1 for c in table.columns if c.startswith("role_"))
-        if not 0 <= fold < n_folds:
-            raise ConfigError(f"fold {fold}: the folds file has folds 0 to {n_folds - 1}")
         run = RunData(config, None, torch.device("cpu"), "device", folds=table)
+        if not 0 <= fold < run.n_folds:
+            raise ConfigError(f"fold {fold}: the folds file has folds 0 to {run.n_folds - 1}")
         data = run.fold(fold)
-        r = data.roles
-        positions, mask = {
-            "train": (r.train, r.train_mask),
-            "val": (r.val, None),
-            "test": (r.test, None),
-            "pool": (r.pool, r.pool_mask),
-        }[role]
-        self.x, self.y, order = _prepared(run, data, positions, mask)
+        self.x, self.y, order = _prepared(run, data, *data.chips(role))
         self.chips = table.iloc[order].reset_index(drop=True)
         self.preparation, self.bands = data.prep, list(run.bands)
 

@@ -296,11 +296,15 @@ def _cube_digest(config: Any, sites: list[str]) -> str:
     return digest({s: open_cube(store, s, chunks=None).attrs.get("provenance") for s in sites})
 
 
+def _train_settings(tcfg: Any) -> dict[str, Any]:
+    """The training settings a run's results depend on (all but where it is written and run)."""
+    return {k: v for k, v in tcfg.model_dump(mode="json").items() if k not in _NEUTRAL}
+
+
 def _settings(config: Any, data_path: str, device: Any) -> dict[str, Any]:
     """What the results depend on besides the cube and the folds."""
-    train = {k: v for k, v in config.train.model_dump(mode="json").items() if k not in _NEUTRAL}
     return {
-        "train": train,
+        "train": _train_settings(config.train),
         "chips": config.chips.model_dump(mode="json"),
         "data_path": data_path,
         "device": device.type,
@@ -382,17 +386,17 @@ def _write_ensemble(run: Any, tasks: list[Any]) -> None:
     from agbcube.train.modelfile import save_bundle
 
     members = sorted((t for t in tasks if t.kind == "member"), key=lambda t: (t.fold, t.member))
-    records = [_own_record(run, t.model_path(run.run_dir)) for t in members]
+    ours = _train_settings(run.tcfg)
+    records = [_own_record(run, t.model_path(run.run_dir), ours) for t in members]
     save_bundle(run.run_dir / "ensemble.pt", records)
 
 
-def _own_record(run: Any, path: Path) -> dict[str, Any]:
-    """A member's model record, refused (naming the file) unless this run's settings and bands
-    made it: a model file copied in from another run never enters the ensemble."""
+def _own_record(run: Any, path: Path, ours: dict[str, Any]) -> dict[str, Any]:
+    """A member's model record, refused (naming the file) unless this run's settings (``ours``)
+    and bands made it: a model file copied in from another run never enters the ensemble."""
     from agbcube.train.modelfile import read_record
 
     record = read_record(path)
-    ours = {k: v for k, v in run.tcfg.model_dump(mode="json").items() if k not in _NEUTRAL}
     theirs = record["train"]
     differ = [k for k in sorted(ours) if k in theirs and theirs[k] != ours[k]]
     if list(record["bands"]) != list(run.bands):

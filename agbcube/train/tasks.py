@@ -271,15 +271,21 @@ class FoldData:
             self._sources[role] = self._make_source(role)
         return self._sources[role]
 
+    def chips(self, role: str) -> tuple[np.ndarray, np.ndarray | None]:
+        """The table rows of ``train``, ``val``, ``test`` or ``pool`` and their label masks
+        (None: every label may be used)."""
+        r = self.roles
+        return {
+            "train": (r.train, r.train_mask),
+            "val": (r.val, None),
+            "test": (r.test, None),
+            "pool": (r.pool, r.pool_mask),
+        }[role]
+
     def _make_source(self, role: str) -> Any:
         from agbcube.train.batches import DeviceBatches, StreamBatches
 
-        r = self.roles
-        positions, mask = {
-            "train": (r.train, r.train_mask),
-            "val": (r.val, None),
-            "pool": (r.pool, r.pool_mask),
-        }[role]
+        positions, mask = self.chips(role)
         run = self.run
         if run.data_path == "device":
             return DeviceBatches.prepare(
