@@ -289,7 +289,7 @@ def remove_output(path: str | Path, *, what: str = "output") -> None:
 # writing
 
 
-_WRITE_HINTS = {
+WRITE_HINTS = {
     errno.ENOSPC: "no space left on the device",
     errno.EDQUOT: "the disk quota is exhausted",
     errno.EROFS: "the file system is read-only",
@@ -311,7 +311,7 @@ def _free_bytes(path: Path) -> int | None:
 def write_failure(path: Path, err: BaseException, *, what: str = "output") -> str:
     """A one-line account of a failed write: the path, the cause, and what to do."""
     code = getattr(err, "errno", None)
-    cause = _WRITE_HINTS.get(code) or getattr(err, "strerror", None) or str(err)
+    cause = WRITE_HINTS.get(code) or getattr(err, "strerror", None) or str(err)
     if code in (errno.ENOSPC, errno.EDQUOT):
         free = _free_bytes(path)
         left = "" if free is None else f" ({free / 2**20:.0f} MiB free)"
@@ -337,7 +337,7 @@ def write_errors(path: str | Path, *, what: str = "output") -> Iterator[None]:
     except AgbcubeError:
         raise
     except OSError as err:
-        if err.errno not in _WRITE_HINTS:  # not a write failure (a missing input, say)
+        if err.errno not in WRITE_HINTS:  # not a write failure (a missing input, say)
             raise
         raise OutputWriteError(write_failure(path, err, what=what)) from err
     except (RuntimeError, ValueError) as err:

@@ -29,11 +29,11 @@ __all__ = [
     "site_read_errors",
 ]
 
-_ZARR_FORMAT = 2  # stores zarr-python 2 and 3, GDAL and every xarray since 2023 read
+ZARR_FORMAT = 2  # stores zarr-python 2 and 3, GDAL and every xarray since 2023 read
 # (written with zarr-python 3: pyproject.toml says why)
 
 
-def _root_meta(store: Path) -> dict[str, Any] | None:
+def root_meta(store: Path) -> dict[str, Any] | None:
     """The cube's root ``agbcube`` attribute, read from ``.zattrs`` (no consolidated metadata
     needed, so a cube whose ``.zmetadata`` was lost is still recognised and repaired)."""
     try:
@@ -93,7 +93,7 @@ def cube_sites(store: str | Path) -> list[str]:
     store = Path(store)
     if not store.exists():
         raise CubeError(f"cube {store} does not exist; run `agbcube build-cube <config>` first")
-    meta = _root_meta(store)
+    meta = root_meta(store)
     if meta is None:
         raise CubeError(f"{store} is not an agbcube cube (no 'agbcube' attribute in its root)")
     if not meta.get("complete"):
@@ -111,7 +111,7 @@ def cube_site_keys(store: str | Path) -> dict[str, str]:
     other inputs or settings since the folds were cut has another key.
     """
     sites = cube_sites(store)
-    meta = _root_meta(Path(store)) or {}
+    meta = root_meta(Path(store)) or {}
     return {s: str(meta["sites"][s]) for s in sites}
 
 
@@ -158,13 +158,13 @@ def _open_site(store: Path, site: str, chunks: Any) -> xr.Dataset:
             engine="zarr",
             group=site,
             consolidated=True,
-            zarr_format=_ZARR_FORMAT,
+            zarr_format=ZARR_FORMAT,
             chunks=None,
             cache=False,
         )
     else:
         ds = xr.open_zarr(
-            Path(store), group=site, consolidated=True, zarr_format=_ZARR_FORMAT, chunks=chunks
+            Path(store), group=site, consolidated=True, zarr_format=ZARR_FORMAT, chunks=chunks
         )
     return ds
 

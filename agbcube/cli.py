@@ -165,9 +165,9 @@ def _fail(kind: str, message: str, code: int, err: BaseException) -> None:
 
 
 def _os_error_message(err: OSError) -> str:
-    from agbcube._io import _WRITE_HINTS, write_failure
+    from agbcube._io import WRITE_HINTS, write_failure
 
-    if err.errno in _WRITE_HINTS:
+    if err.errno in WRITE_HINTS:
         return write_failure(Path(err.filename or "."), err, what="output")
     where = f"{err.filename}: " if err.filename else ""
     return f"{where}{err.strerror or err}; check the path and that the file is readable"
@@ -317,7 +317,7 @@ def demo_cmd(
     prepare_output_dir(output, kind="demo", what="demo --output")
     writer = write_demo
     if stac:
-        from agbcube.stac_demo import write_stac_demo as writer
+        from agbcube.stac.demo import write_stac_demo as writer
     path = writer(output, size_px=size)
     log.info("demo sites and config written to %s", path)
     cfg = load_config(path)
@@ -628,9 +628,9 @@ def _predict_sites(
     quiet: bool = False,
 ) -> None:
     from agbcube._dask import dask_scheduler
-    from agbcube.catalog import update_map_collection
     from agbcube.cube import open_cube
     from agbcube.predict import predict_run, write_maps
+    from agbcube.stac.items import update_map_collection
 
     one = output is not None and len(sites) == 1  # its maps straight into --output
     root = output if one else (output or run_dir / "maps")

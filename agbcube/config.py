@@ -76,7 +76,7 @@ _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 class StacSource(_Section):
-    """A site's satellite bands composited from a STAC catalogue (see agbcube/stac.py)."""
+    """A site's satellite bands composited from a STAC catalogue (agbcube.stac.composites)."""
 
     stac: str = Field(
         description="Static STAC catalogue/collection (path or URL of its JSON) or a STAC API URL."

@@ -46,12 +46,12 @@ from agbcube._io import (
     write_errors,
 )
 from agbcube._store import (
-    _ZARR_FORMAT,
-    _root_meta,
+    ZARR_FORMAT,
     cube_sites,
     folder_manifest,
     open_cube,
     open_cube_tree,
+    root_meta,
 )
 from agbcube.bands import resolve_band_names
 from agbcube.config import CubeConfig, GridSpec, SiteConfig, StacSource
@@ -63,7 +63,7 @@ from agbcube.errors import (
     NoOverlapError,
 )
 from agbcube.indices import compute_indices, plan_indices
-from agbcube.stac import clear_fraction_checks, warn_no_clear
+from agbcube.stac.composites import clear_fraction_checks, warn_no_clear
 
 __all__ = [
     "RasterInfo",
@@ -518,7 +518,7 @@ def _stac_satellite(
     The catalogue is searched and checked here, before any pixel is read; the extra attrs carry
     the provenance facts (item ids) and the layers whose clear share is checked after writing.
     """
-    from agbcube import stac
+    from agbcube.stac import composites as stac
 
     assert isinstance(site.satellite, StacSource)
     if cube.grid == "satellite":
@@ -540,7 +540,7 @@ def _stac_satellite(
 def _write_root_meta(store: Path, meta: dict[str, Any]) -> None:
     import zarr
 
-    root = zarr.open_group(store, mode="a", zarr_format=_ZARR_FORMAT)
+    root = zarr.open_group(store, mode="a", zarr_format=ZARR_FORMAT)
     root.attrs["agbcube"] = meta
     zarr.consolidate_metadata(store)
 
@@ -583,7 +583,7 @@ def _empty_bands(group: Path, max_chunks: int = 8) -> list[str]:
     site: a tenth of a second for a benchmark site, bounded for any size, where counting in the
     build's own pass cost a fifth of the build.
     """
-    feats = xr.open_zarr(group, consolidated=False, zarr_format=_ZARR_FORMAT)["features"]
+    feats = xr.open_zarr(group, consolidated=False, zarr_format=ZARR_FORMAT)["features"]
     picks = {}
     for dim, chunks in zip(("y", "x"), feats.chunks[1:], strict=True):
         starts = np.cumsum((0, *chunks[:-1]))
@@ -608,7 +608,7 @@ def write_site(
     is written; an existing group of the same name is replaced only then.
 
     A STAC Item then describes the group: ``<store>.stac/<site>.json``
-    (`agbcube.catalog.write_cube_item`).
+    (`agbcube.stac.items.write_cube_item`).
 
     Returns
     -------
@@ -623,7 +623,7 @@ def write_site(
     """
     import zarr
 
-    from agbcube.catalog import write_cube_item
+    from agbcube.stac.items import write_cube_item
 
     store = Path(store)
     site = ds.attrs["site"]
@@ -634,7 +634,7 @@ def write_site(
             mode="w",
             compute=False,
             consolidated=False,
-            zarr_format=_ZARR_FORMAT,
+            zarr_format=ZARR_FORMAT,
             encoding=_encoding(ds),
         )
         stats = _agb_stats(ds["agb"])
@@ -665,7 +665,7 @@ def write_site(
             stats["clear_fraction"] = clear
             warn_no_clear(site, clear)
         stats["empty_bands"] = _empty_bands(tmp)
-        group = zarr.open_group(tmp, mode="a", zarr_format=_ZARR_FORMAT)
+        group = zarr.open_group(tmp, mode="a", zarr_format=ZARR_FORMAT)
         group.attrs["stats"] = json.dumps(stats)
         zarr.consolidate_metadata(tmp)
         replace_path(tmp, store / site, what=f"cube site '{site}'")
@@ -766,7 +766,7 @@ def build_cube(
 
 def _existing_meta(store: Path) -> dict[str, Any]:
     """The root metadata of the cube at ``store``, or a new one; a foreign path is refused."""
-    meta = _root_meta(store)
+    meta = root_meta(store)
     if meta is None and store.exists() and (not store.is_dir() or any(store.iterdir())):
         raise CubeError(
             f"cube.output {store} exists and is not an agbcube cube (no 'agbcube' attribute in "

@@ -52,7 +52,7 @@ _PIXEL_DEG = 0.000359326  # ~40 m, as the benchmark maps
 
 
 @dataclass(frozen=True)
-class _Field:
+class Field:
     """A smooth random field: sum of plane waves with wavelengths in metres."""
 
     kx: np.ndarray
@@ -63,7 +63,7 @@ class _Field:
     @classmethod
     def random(
         cls, rng: np.random.Generator, *, n: int = 24, min_m: float = 400, max_m: float = 4000
-    ) -> _Field:
+    ) -> Field:
         wavelength = np.exp(rng.uniform(np.log(min_m), np.log(max_m), n))
         theta = rng.uniform(0, np.pi, n)
         k = 2 * np.pi / wavelength
@@ -77,12 +77,12 @@ class _Field:
 
 
 @dataclass(frozen=True)
-class _Landscape:
+class Landscape:
     lon0: float
     lat0: float
-    visible: _Field
-    hidden: _Field
-    terrain: _Field
+    visible: Field
+    hidden: Field
+    terrain: Field
     agb_scale: float
 
     def metres(self, lon: np.ndarray, lat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -99,7 +99,7 @@ class _Landscape:
 
 
 def synthetic_stack(
-    landscape: _Landscape,
+    landscape: Landscape,
     lon: np.ndarray,
     lat: np.ndarray,
     rng: np.random.Generator,
@@ -144,14 +144,14 @@ def synthetic_stack(
     return np.stack(bands).astype(np.float64)
 
 
-_SITES = {
+SITES = {
     "alpha": dict(lon0=80.10, lat0=22.30, scale=140.0),
     "beta": dict(lon0=77.40, lat0=21.90, scale=90.0),
     "gamma": dict(lon0=101.35, lat0=14.45, scale=240.0),
 }
 
 
-def _grid(lon0: float, lat0: float, size_px: int) -> tuple[np.ndarray, np.ndarray, object]:
+def site_grid(lon0: float, lat0: float, size_px: int) -> tuple[np.ndarray, np.ndarray, object]:
     transform = from_origin(lon0, lat0, _PIXEL_DEG, _PIXEL_DEG)
     cols, rows = np.meshgrid(np.arange(size_px) + 0.5, np.arange(size_px) + 0.5)
     lon = lon0 + cols * _PIXEL_DEG
@@ -205,16 +205,16 @@ def make_demo_sites(directory: str | Path, *, size_px: int = 160, seed: int = 0)
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     entries = []
-    for name, spec in _SITES.items():
-        land = _Landscape(
+    for name, spec in SITES.items():
+        land = Landscape(
             spec["lon0"],
             spec["lat0"],
-            _Field.random(rng),
-            _Field.random(rng, min_m=600, max_m=3000),
-            _Field.random(rng, min_m=800, max_m=6000),
+            Field.random(rng),
+            Field.random(rng, min_m=600, max_m=3000),
+            Field.random(rng, min_m=800, max_m=6000),
             spec["scale"],
         )
-        lon, lat, transform = _grid(spec["lon0"], spec["lat0"], size_px)
+        lon, lat, transform = site_grid(spec["lon0"], spec["lat0"], size_px)
         agb, _ = land.agb(lon, lat)
         sat_path = directory / f"{name}_satellite.tif"
         agb_path = directory / f"{name}_biomass.tif"
@@ -228,8 +228,8 @@ def make_demo_sites(directory: str | Path, *, size_px: int = 160, seed: int = 0)
             ux, uy = np.meshgrid(x0 + (np.arange(n) + 0.5) * 30, y1 - (np.arange(n) + 0.5) * 30)
             slon, slat = to_utm.transform(ux, uy, direction="INVERSE")
             stack = synthetic_stack(land, slon, slat, rng)
-            holes = _holes(rng, stack.shape[1:], frac=0.03)
-            stack[:, holes] = -9999.0
+            gaps = holes(rng, stack.shape[1:], frac=0.03)
+            stack[:, gaps] = -9999.0
             _write(
                 sat_path,
                 stack,
@@ -241,7 +241,7 @@ def make_demo_sites(directory: str | Path, *, size_px: int = 160, seed: int = 0)
             )
         else:
             stack = synthetic_stack(land, lon, lat, rng)
-            stack[:12, _holes(rng, stack.shape[1:], frac=0.04)] = np.nan  # clouds in optical
+            stack[:12, holes(rng, stack.shape[1:], frac=0.04)] = np.nan  # clouds in optical
             _write(
                 sat_path,
                 stack,
@@ -262,7 +262,7 @@ def make_demo_sites(directory: str | Path, *, size_px: int = 160, seed: int = 0)
     return entries
 
 
-def _holes(rng: np.random.Generator, shape: tuple[int, ...], *, frac: float) -> np.ndarray:
+def holes(rng: np.random.Generator, shape: tuple[int, ...], *, frac: float) -> np.ndarray:
     """Blobby masks (clouds, gaps) covering roughly ``frac`` of the pixels."""
     yy, xx = np.mgrid[: shape[0], : shape[1]]
     mask = np.zeros(shape, bool)
@@ -278,7 +278,7 @@ def demo_config(data_dir: str = "data", out_dir: str = ".") -> dict:
     ``data_dir`` and ``out_dir`` are written as given: relative to the config file's folder.
     """
     sites = []
-    for name in _SITES:
+    for name in SITES:
         entry: dict = {
             "name": name,
             "satellite": f"{data_dir}/{name}_satellite.tif",

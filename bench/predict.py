@@ -126,11 +126,11 @@ def _hwm(reset: bool) -> int | None:
 
 def _windows(n: int, other: int, window: int, stride: int) -> tuple[int, int]:
     """Windows along one axis: on the global grid, and evaluated summed over the tiles."""
-    from agbcube.predict import _axis_chunks, default_block, window_starts
+    from agbcube.predict.windows import axis_chunks, default_block, window_starts
 
     starts = window_starts(n, window, stride)
     evaluated, r0 = 0, 0
-    for size in _axis_chunks(n, default_block((n, other), window)):  # predict_site's tiles
+    for size in axis_chunks(n, default_block((n, other), window)):  # predict_site's tiles
         evaluated += int(((starts + window > r0) & (starts < r0 + size)).sum())
         r0 += size
     return len(starts), evaluated
@@ -143,9 +143,8 @@ def _child_predict(spec: dict[str, Any]) -> dict[str, Any]:
     import yaml
 
     from agbcube import _dask
-    from agbcube import predict as agb_predict
     from agbcube.cube import open_cube
-    from agbcube.predict import predict_run, write_maps
+    from agbcube.predict import predict_run, tiles, write_maps
 
     peaks = {"imports": _hwm(reset=True)}
     times: dict[str, float] = {}
@@ -161,13 +160,13 @@ def _child_predict(spec: dict[str, Any]) -> dict[str, Any]:
 
     _dask.compute = timed_compute
     calls = Counter()  # _predict_tile calls: one per tile unless tiles are recomputed
-    predict_tile = agb_predict._predict_tile
+    predict_tile = tiles._predict_tile
 
     def counted(*a: Any, **k: Any) -> Any:
         calls[k["offset"]] += 1
         return predict_tile(*a, **k)
 
-    agb_predict._predict_tile = counted
+    tiles._predict_tile = counted
     run = Path(spec["run"])
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     size, head = int(cfg["chips"]["size"]), cfg["train"]["head"]

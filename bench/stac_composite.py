@@ -1,7 +1,7 @@
 """Benchmark of STAC compositing: time and peak RSS to build a benchmark-sized site's cube.
 
 A hand-run benchmark, not a test. It writes a local static STAC catalogue of synthetic scenes
-(``agbcube.stac_demo``) over an AGB map the size of the benchmark sites (``--rows`` × ``--cols``
+(``agbcube.stac.demo``) over an AGB map the size of the benchmark sites (``--rows`` × ``--cols``
 pixels of ~40 m on EPSG:4326, default 280 × 290), then runs :func:`agbcube.cube.build_cube` on
 it in a fresh interpreter (``_harness.run_child``: peak RSS is the child's own ``ru_maxrss``).
 
@@ -46,17 +46,17 @@ def write_inputs(workdir: Path, rows: int, cols: int, scenes: int) -> dict:
     import rasterio
     from rasterio.transform import from_origin
 
-    from agbcube.demo import _Field, _Landscape
-    from agbcube.stac_demo import synthetic_scenes, write_catalogue
+    from agbcube.demo import Field, Landscape
+    from agbcube.stac.demo import synthetic_scenes, write_catalogue
 
     rng = np.random.default_rng(0)
     lon0, lat0 = 80.10, 22.30
-    land = _Landscape(
+    land = Landscape(
         lon0,
         lat0,
-        _Field.random(rng),
-        _Field.random(rng, min_m=600, max_m=3000),
-        _Field.random(rng, min_m=800, max_m=6000),
+        Field.random(rng),
+        Field.random(rng, min_m=600, max_m=3000),
+        Field.random(rng, min_m=800, max_m=6000),
         140.0,
     )
     cc, rr = np.meshgrid(np.arange(cols) + 0.5, np.arange(rows) + 0.5)

@@ -10,8 +10,13 @@ import pytest
 import rasterio
 import xarray as xr
 
-from agbcube.catalog import COG_MEDIA_TYPE, ZARR_MEDIA_TYPE, cube_items_dir, update_map_collection
 from agbcube.predict import aoa_reference, predict_site, write_maps
+from agbcube.stac.items import (
+    COG_MEDIA_TYPE,
+    ZARR_MEDIA_TYPE,
+    cube_items_dir,
+    update_map_collection,
+)
 from tests.test_predict import Dense, _identity, _site
 
 SCHEMAS = Path(__file__).parent / "data" / "stac_schemas"
@@ -189,7 +194,7 @@ def test_commands_adding_sites_at_once_both_land_in_the_collection(tmp_path, mon
     import contextlib
     import threading
 
-    import agbcube.catalog as catalog
+    from agbcube.stac import items as catalog
 
     run = tmp_path / "run"
     sites = {site: _maps(run, site=site, ny=30, nx=30)[1] for site in ("alpha", "beta")}

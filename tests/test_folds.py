@@ -159,7 +159,7 @@ def test_another_layout_rescues_a_site_the_first_one_buffers_away():
     """Where a region falls decides how much its buffer ring takes: the next layouts are tried."""
     from types import SimpleNamespace
 
-    from agbcube.folds import _auto_buffer, _first_layout, _train_share
+    from agbcube.folds.stage import _auto_buffer, _first_layout, _train_share
 
     chips = chip_layout(1, 7, 7)
     cfg = SimpleNamespace(

@@ -120,7 +120,7 @@ from agbcube.config import load_config
 from agbcube.cube import build_cube
 from agbcube.demo import write_demo
 from agbcube.folds import make_folds, write_folds
-import agbcube.catalog, agbcube.stac, agbcube.cli
+import agbcube.stac, agbcube.cli
 cfg = load_config(write_demo({str(tmp_path)!r}, size_px=48))
 build_cube(cfg.sites, cfg.cube, progress=False)
 write_folds(make_folds(cfg), cfg.folds.output)
@@ -160,7 +160,7 @@ def test_training_without_torch_names_the_extra():
 def test_predict_role_imports_its_modules():
     done = run_without(
         blocked_modules("predict"),
-        "import agbcube.predict, agbcube.catalog, agbcube.stac, agbcube.train, agbcube.cube\n",
+        "import agbcube.predict, agbcube.stac, agbcube.train, agbcube.cube\n",
     )
     assert done.returncode == 0, done.stderr[-3000:]
 

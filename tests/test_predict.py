@@ -11,14 +11,14 @@ from rio_cogeo.cogeo import cog_validate
 from agbcube.errors import BandError, OutputLockedError
 from agbcube.predict import (
     LAYER_INFO,
-    _upper_whisker,
     aoa_reference,
     chips_to_dataarray,
     cosine_weights,
     predict_site,
-    window_starts,
     write_maps,
 )
+from agbcube.predict.aoa import _upper_whisker
+from agbcube.predict.windows import window_starts
 from agbcube.train.batches import Standardiser
 from tests.test_chips import synthetic_cube
 
@@ -241,7 +241,7 @@ def test_aoa_threshold_is_the_upper_whisker_of_training_dis():
 
 @pytest.mark.parametrize("chunks", [None, "auto"])
 def test_a_lazily_opened_cube_predicts_as_one_in_memory(tmp_path, chunks, monkeypatch):
-    from agbcube import predict as agb_predict
+    from agbcube.predict import tiles
 
     ds = _site(70, 90)
     ds.to_zarr(tmp_path / "site.zarr", zarr_format=2)
@@ -251,13 +251,13 @@ def test_a_lazily_opened_cube_predicts_as_one_in_memory(tmp_path, chunks, monkey
     members = [(Dense(3, 3), _identity(3))]
     want = predict_site(ds, members, **kw).agb_mean.values
     windows = []
-    read = agb_predict._Window.read
+    read = tiles._Window.read
 
     def spy(self):
         windows.append(self)
         return read(self)
 
-    monkeypatch.setattr(agb_predict._Window, "read", spy)
+    monkeypatch.setattr(tiles._Window, "read", spy)
     got = predict_site(lazy.rio.write_crs(ds.rio.crs), members, **kw).agb_mean.values
     np.testing.assert_array_equal(got, want)
     # each task read its own window (9 tiles), and none of them stayed in memory afterwards
@@ -410,14 +410,14 @@ def test_a_broken_run_config_is_a_config_error(tmp_path, content, match):
 
 def test_window_settings_that_cannot_work_are_refused():
     from agbcube.errors import ConfigError
-    from agbcube.predict import _check_window
+    from agbcube.predict.windows import check_window
 
-    _check_window(96, 12, (20, 30), 96)  # the run's default window may exceed a small site
-    _check_window(30, 12, (20, 30), 24)
+    check_window(96, 12, (20, 30), 96)  # the run's default window may exceed a small site
+    check_window(30, 12, (20, 30), 24)
     with pytest.raises(ConfigError, match=r"window 100000 px is larger than the site \(20×30"):
-        _check_window(100_000, 12, (20, 30), 24)
+        check_window(100_000, 12, (20, 30), 24)
     with pytest.raises(ConfigError, match="must be >= 2"):
-        _check_window(1, 1, (20, 30), 24)
+        check_window(1, 1, (20, 30), 24)
 
 
 def _models_in(graph) -> list:
@@ -446,8 +446,8 @@ def test_a_run_maps_the_same_on_a_cluster_whose_workers_load_the_models(
     on the device it resolves (``auto``), and the maps equal the threaded ones."""
     from distributed import Client
 
-    from agbcube import predict as predict_mod
     from agbcube.cube import open_cube
+    from agbcube.predict import models as predict_models
     from agbcube.predict import predict_run
     from agbcube.train import load_ensemble
 
@@ -470,7 +470,7 @@ def test_a_run_maps_the_same_on_a_cluster_whose_workers_load_the_models(
     assert {id(m[0]) for m in members} <= found
     with Client(local_cluster) as client:
         write_maps(on_cluster, tmp_path / "cluster", client=client, progress=False)
-        loads = client.run(lambda: {str(k[0].path): n for k, n in predict_mod._LOADS.items()})
+        loads = client.run(lambda: {str(k[0].path): n for k, n in predict_models._LOADS.items()})
     ensemble = str((run / "ensemble.pt").resolve())
     assert sum(w.get(ensemble, 0) for w in loads.values()) >= 1
     assert all(w.get(ensemble, 0) <= 1 for w in loads.values()), loads  # once per worker
@@ -487,11 +487,11 @@ def test_a_run_maps_the_same_on_a_cluster_whose_workers_load_the_models(
 
 def test_an_ensemble_file_that_changed_or_cannot_be_read_is_named(tmp_path):
     from agbcube.errors import InputFileError, TrainingError
-    from agbcube.predict import _EnsembleFile
+    from agbcube.predict.models import EnsembleFile
 
     path = tmp_path / "ensemble.pt"
     path.write_bytes(b"models")
-    ref = _EnsembleFile.of(path)
+    ref = EnsembleFile.of(path)
     assert ref.path == str(path.resolve()) and ref.size == 6
     path.write_bytes(b"retrained models")  # the run was trained again meanwhile
     with pytest.raises(TrainingError, match=r"ensemble .*ensemble.pt changed while its maps"):

@@ -17,7 +17,7 @@ from rasterio.transform import from_origin
 from agbcube.config import CubeConfig, SiteConfig, StacSource, parse_config
 from agbcube.cube import build_cube, build_site_cube, open_cube
 from agbcube.errors import CatalogueUnreachableError, ConfigError, GridError, StacError
-from agbcube.stac import (
+from agbcube.stac.composites import (
     PROVIDERS,
     SENSORS,
     asset_table,
@@ -25,7 +25,7 @@ from agbcube.stac import (
     s2_offset,
     slope_deg,
 )
-from agbcube.stac_demo import Scene, write_catalogue
+from agbcube.stac.demo import Scene, write_catalogue
 from tests.conftest import write_raster
 
 CRS = "EPSG:32643"
@@ -512,7 +512,7 @@ def test_stac_demo_catalogue_holds_what_the_config_asks(tmp_path):
     import yaml
 
     from agbcube.config import load_config
-    from agbcube.stac_demo import write_stac_demo
+    from agbcube.stac.demo import write_stac_demo
 
     path = write_stac_demo(tmp_path, size_px=32)
     cfg = load_config(path)
@@ -533,7 +533,7 @@ def test_build_folds_train_predict_on_stac_built_sites(tmp_path):
     from typer.testing import CliRunner
 
     from agbcube.cli import app
-    from agbcube.stac_demo import write_stac_demo
+    from agbcube.stac.demo import write_stac_demo
 
     path = write_stac_demo(tmp_path, size_px=64)
     cfg = yaml.safe_load(path.read_text())  # the demo's, with a tiny, quick model

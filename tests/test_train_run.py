@@ -263,14 +263,15 @@ def test_predict_takes_the_chip_from_the_models_reach_not_the_readers_context(
     with the chip's default window and takes the AOA's training chips at the chip's size."""
     import agbcube.predict as predict
     from agbcube.cube import open_cube
+    from agbcube.predict import aoa
 
     cfg = _small(demo_config, epochs=1, ensemble=1, baseline="none", tta=False, context_px=3)
     out = tmp_path / "run"
     run_cv(cfg, output=out, device="cpu", plots=False)
     chip = demo_config.chips.size
     sizes = []
-    labelled = predict._labelled_pixels
-    monkeypatch.setattr(predict, "_labelled_pixels", lambda *a: sizes.append(a[-1]) or labelled(*a))
+    labelled = aoa._labelled_pixels
+    monkeypatch.setattr(aoa, "_labelled_pixels", lambda *a: sizes.append(a[-1]) or labelled(*a))
     maps = predict.predict_run(out, open_cube(demo_config.cube.output, "beta"))
     assert sizes == [chip]  # the AOA's reference chips
     assert maps.attrs["window_px"] == 4 * chip  # the dense head's default window

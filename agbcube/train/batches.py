@@ -243,7 +243,7 @@ class Preparation:
 
         def inputs() -> Iterator[np.ndarray]:
             for block in blocks:
-                agb = _masked(block.agb, mask_of(block.positions), margin, size_px)
+                agb = masked_labels(block.agb, mask_of(block.positions), margin, size_px)
                 targets.append(make_target(agb, log=log_target, per_chip=per_chip))
                 yield _with_coordinates(block, coordinates)
 
@@ -260,7 +260,7 @@ class Preparation:
     def targets(self, block: RawBlock, mask: np.ndarray | None) -> np.ndarray:
         """Network targets: ``(n,)``, or the chips' maps ``(n, size, size)``; NaN where no
         label may be used."""
-        agb = self.core(_masked(block.agb, mask, self.margin, self.size_px))
+        agb = self.core(masked_labels(block.agb, mask, self.margin, self.size_px))
         return self.target.encode(make_target(agb, log=self.target.log, per_chip=self.per_chip))
 
     def core(self, windows: np.ndarray) -> np.ndarray:
@@ -293,7 +293,9 @@ def _with_coordinates(block: RawBlock, coordinates: bool) -> np.ndarray:
     return np.concatenate([block.x, block.lonlat], axis=1)
 
 
-def _masked(agb: np.ndarray, mask: np.ndarray | None, margin: int, size_px: int) -> np.ndarray:
+def masked_labels(
+    agb: np.ndarray, mask: np.ndarray | None, margin: int, size_px: int
+) -> np.ndarray:
     """AGB windows with the labels ``mask`` (``(n, size, size)``) hides set to NaN."""
     if mask is None:
         return agb
@@ -315,14 +317,14 @@ def gather_batch(
     contiguous floats per index); the spectral gain then scales the first channels. Returns
     ``x`` ``(n, c, h, w)`` (a channels-last view) and ``y``.
     """
-    from agbcube.train.model import _dihedral_index
+    from agbcube.train.model import dihedral_index
 
     h, w = hw
     n = idx.numel()
     turned = aug is not None and h == w and bool((aug.transform > 0).any())
     if turned:
         transform = aug.transform.to(rows.device)
-        perm = _dihedral_index(h, rows.device)[transform]
+        perm = dihedral_index(h, rows.device)[transform]
         flat = (idx[:, None] * (h * w) + perm).reshape(-1)  # the row of every output pixel
         batch = rows.view(-1, rows.shape[-1]).index_select(0, flat).view(n, h * w, -1)
     else:
@@ -330,7 +332,7 @@ def gather_batch(
     yb = y.index_select(0, idx)
     if turned and yb.dim() == 3:  # the chip's map: the same turn about the same centre
         s = yb.shape[-1]
-        yb = yb.reshape(n, s * s).gather(1, _dihedral_index(s, rows.device)[transform])
+        yb = yb.reshape(n, s * s).gather(1, dihedral_index(s, rows.device)[transform])
         yb = yb.view(n, s, s)
     if aug is not None and aug.gain is not None:
         k = aug.gain.shape[1]

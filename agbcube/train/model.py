@@ -172,7 +172,7 @@ def draw_augmentation(
 
 
 @functools.lru_cache(maxsize=16)
-def _dihedral_index(size: int, device: torch.device) -> torch.Tensor:
+def dihedral_index(size: int, device: torch.device) -> torch.Tensor:
     """``(8, size²)`` flat source index of every pixel under each dihedral transform."""
     grid = torch.arange(size * size).view(size, size)
     return torch.stack([dihedral(grid, k).reshape(-1) for k in range(8)]).to(device)

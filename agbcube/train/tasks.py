@@ -463,10 +463,10 @@ def _baseline(run: RunData, task: Task) -> tuple[dict, dict]:
 
 def _raw(run: RunData, positions: np.ndarray, mask: np.ndarray | None) -> tuple[Any, Any]:
     """Raw features and AGB (labels ``mask`` hides set to NaN) of chips, in order."""
-    from agbcube.train.batches import _masked
+    from agbcube.train.batches import masked_labels
 
     x, agb = run.raw(positions)
-    return x, _masked(agb, mask, run.margin, run.size_px)
+    return x, masked_labels(agb, mask, run.margin, run.size_px)
 
 
 def test_agb(data: FoldData) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Seasonal multi-sensor composites from a STAC catalogue, on a site's target grid.
+"""STAC in: seasonal multi-sensor composites from a STAC catalogue, on a site's target grid.
 
 The original pipeline builds its 59-band stack in Earth Engine
 (``../shared/reference/original-satellite_data_preparation.js``). This module builds the same

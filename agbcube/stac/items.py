@@ -1,4 +1,4 @@
-"""STAC metadata of agbcube's outputs: map Items, a run's map Collection, cube Items.
+"""STAC out: metadata of agbcube's outputs: map Items, a run's map Collection, cube Items.
 
 Every Item sits next to the files it describes and points at them by relative hrefs, so a
 folder of maps (or a cube) can be moved or uploaded as it is. The Items carry what a reader

@@ -2,7 +2,7 @@
 
 `write_catalogue` writes scenes (arrays on a grid) as Cloud-Optimised GeoTIFFs and a
 self-contained static STAC catalogue of items with projection and raster metadata, one collection
-per sensor, named as the ``raw`` provider table names them (agbcube/stac.py).
+per sensor, named as the ``raw`` provider table names them (agbcube/stac/composites.py).
 `write_stac_demo` writes the demo's three AGB maps and, over each, seasonal Sentinel-2,
 Landsat-8 and Sentinel-1 scenes with clouds and shadows, a DEM, a canopy-height map and a PALSAR-2
 yearly mosaic, sampled from the same synthetic landscapes as ``agbcube demo``.
@@ -21,7 +21,7 @@ import rasterio
 from pyproj import Transformer
 from rasterio.transform import Affine, from_origin
 
-from agbcube.demo import _SITES, _Field, _grid, _holes, _Landscape, config_yaml, demo_config
+from agbcube.demo import SITES, Field, Landscape, config_yaml, demo_config, holes, site_grid
 
 __all__ = ["Scene", "synthetic_scenes", "write_catalogue", "write_stac_demo"]
 
@@ -199,7 +199,7 @@ def _date_in_season(start: str, k: int, n: int, *, first_day: int) -> dt.datetim
     return day0 + dt.timedelta(days=first_day + round(100 * k / n), hours=5)
 
 
-def _saturation(land: _Landscape, grid: _Grid) -> Any:
+def _saturation(land: Landscape, grid: _Grid) -> Any:
     _, visible = land.agb(grid.lon, grid.lat)
     return lambda scale: 1 - np.exp(-visible / scale)
 
@@ -222,14 +222,14 @@ def _s2_reflectance(sat: Any, gain: float, noise: Any) -> dict[str, np.ndarray]:
 
 def _clouds(rng: np.random.Generator, shape: tuple[int, int], frac: float) -> tuple[Any, Any]:
     """A cloud mask and its shadow (the same blobs shifted), each ~``frac`` of the scene."""
-    cloud = _holes(rng, shape, frac=frac / 4)
+    cloud = holes(rng, shape, frac=frac / 4)
     cloud = cloud | np.roll(cloud, (1, 1), (0, 1)) | np.roll(cloud, (-1, 2), (0, 1))
     shadow = np.roll(cloud, (6, -5), (0, 1)) & ~cloud
     return cloud, shadow
 
 
 def _s2_scenes(
-    site: str, land: _Landscape, grid: _Grid, rng: np.random.Generator, n: int = 3
+    site: str, land: Landscape, grid: _Grid, rng: np.random.Generator, n: int = 3
 ) -> list[Scene]:
     sat = _saturation(land, grid)
     shape = grid.lon.shape
@@ -271,7 +271,7 @@ def _s2_scenes(
 
 
 def _landsat_scenes(
-    site: str, land: _Landscape, grid: _Grid, rng: np.random.Generator, n: int = 2
+    site: str, land: Landscape, grid: _Grid, rng: np.random.Generator, n: int = 2
 ) -> list[Scene]:
     sat = _saturation(land, grid)
     shape = grid.lon.shape
@@ -311,7 +311,7 @@ def _landsat_scenes(
 
 
 def _s1_scenes(
-    site: str, land: _Landscape, grid: _Grid, rng: np.random.Generator, n: int = 3
+    site: str, land: Landscape, grid: _Grid, rng: np.random.Generator, n: int = 3
 ) -> list[Scene]:
     sat = _saturation(land, grid)
     shape = grid.lon.shape
@@ -344,7 +344,7 @@ def _s1_scenes(
 
 
 def _static_scenes(
-    site: str, land: _Landscape, lon0: float, lat0: float, size_m: float, rng: np.random.Generator
+    site: str, land: Landscape, lon0: float, lat0: float, size_m: float, rng: np.random.Generator
 ) -> list[Scene]:
     """DEM (GLO-30-like, 1″), canopy height (uint8, 255 nodata) and two PALSAR-2 years."""
     dem_grid = _ll_grid(lon0, lat0, size_m, 1 / 3600)
@@ -397,17 +397,17 @@ def _demo_sites(directory: Path, catalogue: Path, size_px: int, seed: int) -> li
     rng = np.random.default_rng(seed)
     scenes: list[Scene] = []
     size_m = size_px * 40.0
-    for name, spec in _SITES.items():
+    for name, spec in SITES.items():
         lon0, lat0 = spec["lon0"], spec["lat0"]
-        land = _Landscape(
+        land = Landscape(
             lon0,
             lat0,
-            _Field.random(rng),
-            _Field.random(rng, min_m=600, max_m=3000),
-            _Field.random(rng, min_m=800, max_m=6000),
+            Field.random(rng),
+            Field.random(rng, min_m=600, max_m=3000),
+            Field.random(rng, min_m=800, max_m=6000),
             spec["scale"],
         )
-        lon, lat, transform = _grid(lon0, lat0, size_px)
+        lon, lat, transform = site_grid(lon0, lat0, size_px)
         agb, _ = land.agb(lon, lat)
         if name == "gamma":  # an irregular LiDAR footprint, 0 outside, as `agbcube demo`
             dx, dy = (lon - lon.mean()) / np.ptp(lon), (lat - lat.mean()) / np.ptp(lat)
@@ -432,7 +432,7 @@ def _demo_sites(directory: Path, catalogue: Path, size_px: int, seed: int) -> li
 
 def synthetic_scenes(
     site: str,
-    land: _Landscape,
+    land: Landscape,
     size_m: float,
     rng: np.random.Generator,
     *,

@@ -1,0 +1,49 @@
+"""The map layers: what each one is, for COG band metadata, quick looks and STAC Items."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agbcube._cf import AGB_UNITS
+
+LAYERS = ("agb_mean", "agb_std", "di", "aoa")
+# What each map layer is, for the COGs' band metadata, the quick looks and the STAC Item.
+LAYER_INFO: dict[str, dict[str, Any]] = {
+    "agb_mean": {
+        "title": "AGB, ensemble mean",
+        "description": "Above-ground biomass: mean of the run's fold models.",
+        "unit": AGB_UNITS,
+        "dtype": "float32",
+        "nodata": float("nan"),
+        "cmap": "YlGn",
+    },
+    "agb_std": {
+        "title": "AGB, ensemble standard deviation",
+        "description": "Standard deviation of the fold models' AGB (their disagreement).",
+        "unit": AGB_UNITS,
+        "dtype": "float32",
+        "nodata": float("nan"),
+        "cmap": "magma",
+    },
+    "di": {
+        "title": "dissimilarity index",
+        "description": "Distance to the nearest training pixel in standardised feature space, "
+        "over the mean distance between training pixels (Meyer & Pebesma 2021); unitless.",
+        "unit": "1",
+        "dtype": "float32",
+        "nodata": float("nan"),
+        "cmap": "viridis",
+    },
+    "aoa": {
+        "title": "area of applicability",
+        "description": "1 where the dissimilarity index is within the training data's "
+        "threshold (inside the area of applicability), 0 outside, 255 no data.",
+        "unit": None,
+        "dtype": "uint8",
+        "nodata": 255,
+        "cmap": "RdYlGn",
+        # a palette in the COG (GIS tools draw the classes), and the classes' names in its tags
+        "colormap": {0: (215, 48, 39, 255), 1: (26, 152, 80, 255), 255: (0, 0, 0, 0)},
+        "classes": {0: "outside", 1: "inside"},
+    },
+}

@@ -1,0 +1,123 @@
+"""The predict stage: a run and a site of its cube → the site's maps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import xarray as xr
+
+from agbcube._io import (
+    digest,
+)
+from agbcube.predict.aoa import run_aoa
+from agbcube.predict.models import EnsembleFile, device_here
+from agbcube.predict.tiles import predict_site
+from agbcube.predict.windows import check_window
+
+# --------------------------------------------------------------------------------------------
+# the stage
+
+
+def predict_run(
+    run_dir: str | Path,
+    ds: xr.Dataset,
+    *,
+    device: str = "cpu",
+    window_px: int | None = None,
+    stride_px: int | None = None,
+    aoa: bool = True,
+    block_px: int | None = None,
+) -> xr.Dataset:
+    """Predict a site's cube with the fold ensemble of a training run (lazily).
+
+    Parameters
+    ----------
+    run_dir : str or Path
+        A run directory written by ``agbcube train``.
+    ds : xr.Dataset
+        A site's cube, from the training cube or built the same way for a new area.
+    device : str
+        Torch device; ``auto`` is resolved by each process that computes tiles (on a cluster,
+        each worker loads the ensemble once, on its own device).
+    window_px : int, optional
+        Window side; default the chip size (chip head) or 4 chips (dense head).
+    stride_px : int, optional
+        Window stride; default half a window (chip head: each pixel blends ~4 chip values) or
+        a quarter window (dense head).
+    aoa : bool
+        Compute the dissimilarity index and the AOA mask.
+    block_px : int, optional
+        Tile side (see `predict_site`).
+
+    Returns
+    -------
+    xr.Dataset
+        As `predict_site`, with ``attrs["key"]``: a digest of the ensemble, the site's
+        cube and the settings, with which `write_maps` resumes an interrupted write.
+    """
+    run_dir = Path(run_dir)
+    store = run_cube(run_dir)
+    ensemble_file = run_dir / "ensemble.pt"
+    # the settings and the margin, from the models as this process loads them (the tiles of a
+    # threaded run share them; a cluster's workers load their own)
+    models, spec, _ = EnsembleFile.of(ensemble_file).load(device_here(device))
+    tcfg = spec["train"]
+    size = int(spec["chip_px"])  # the chips, not windows
+    dense = tcfg["head"] == "dense"
+    default = 4 * size if dense else size
+    window = window_px or default
+    stride = stride_px or max(1, window // (4 if dense else 2))
+    check_window(window, stride, (ds.sizes["y"], ds.sizes["x"]), default)
+    reference = run_aoa(run_dir, store, spec["bands"], size) if aoa else None
+    maps = predict_site(
+        ds,
+        ensemble_file,
+        window_px=window,
+        stride_px=stride,
+        coordinates=tcfg["coordinates"] == "geographic",
+        log_target=bool(tcfg["log_target"]),
+        tta=int(tcfg["tta_rotations"]) if tcfg["tta"] else 1,
+        device=device,
+        aoa=reference,
+        bands=spec["bands"],
+        block_px=block_px,
+        margin_px=int(getattr(models[0][0], "margin", 0)),
+    )
+    maps.attrs["key"] = _maps_key(run_dir, ds, maps, window=window, stride=stride, aoa=aoa)
+    maps.attrs["run"] = run_dir.resolve().name
+    maps.attrs.update(window_px=window, stride_px=stride)
+    return maps
+
+
+def _maps_key(
+    run_dir: Path, ds: xr.Dataset, maps: xr.Dataset, *, window: int, stride: int, aoa: bool
+) -> str:
+    """What the maps depend on: an interrupted write resumes only into maps made the same way."""
+    ensemble = (run_dir / "ensemble.pt").stat()
+    return digest(
+        {
+            "ensemble": [str((run_dir / "ensemble.pt").resolve()), ensemble.st_size],
+            "ensemble_mtime_ns": ensemble.st_mtime_ns,
+            "site": ds.attrs.get("site"),
+            "cube": ds.attrs.get("provenance"),
+            "shape": [ds.sizes["y"], ds.sizes["x"]],
+            "window": window,
+            "stride": stride,
+            "tiles": [list(c) for c in maps["agb_mean"].chunks],
+            "aoa": aoa,
+        }
+    )
+
+
+def run_cube(run_dir: str | Path) -> Path:
+    """The cube a training run was trained on, from its config.yaml (read back through the
+    same validation as a fresh config).
+
+    Raises
+    ------
+    ConfigError
+        ``run_dir`` holds no readable, valid config.yaml.
+    """
+    from agbcube.config import load_run_config
+
+    return load_run_config(run_dir).cube.output
