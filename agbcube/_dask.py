@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator
 from typing import Any
 
 import dask
 
-__all__ = ["check_scheduler", "compute", "dask_scheduler"]
+__all__ = ["IN_PROCESS", "check_scheduler", "compute", "dask_scheduler", "probe_worker"]
 
 SCHEDULERS = ("threads", "processes", "synchronous", "local")
+#: schedulers under which a run's torch fits share this process: one after another
+IN_PROCESS = ("threads", "synchronous")
 
 log = logging.getLogger(__name__)
 
@@ -97,3 +100,15 @@ def compute(*objs: Any, client: Any = None, progress: bool = True, label: str = 
     from agbcube._progress import dask_progress
 
     return dask_progress(objs, client=client, label=label, enabled=progress)
+
+
+def probe_worker() -> dict[str, Any]:
+    """What a worker offers a fit: torch, CUDA devices and usable cores (runs on the worker)."""
+    cpus = len(os.sched_getaffinity(0))
+    trim = os.environ.get("MALLOC_TRIM_THRESHOLD_")
+    try:
+        import torch
+    except ImportError:  # a worker for build-cube and folds only
+        return {"cuda": 0, "cpus": cpus, "torch": None, "trim": trim}
+    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return {"cuda": cuda, "cpus": cpus, "torch": torch.__version__, "trim": trim}

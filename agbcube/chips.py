@@ -9,6 +9,7 @@ share one table). Windows are slices of the cube, never copies.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import geopandas as gpd
@@ -20,10 +21,12 @@ from pyproj import CRS, Transformer
 
 __all__ = [
     "CHIP_COLUMNS",
+    "ChipGeometry",
     "chip_origins",
     "local_metric_crs",
     "make_chips",
     "no_chip_reason",
+    "stride_of",
     "to_local_metric",
 ]
 
@@ -31,12 +34,60 @@ CHIP_COLUMNS = ("chip_id", "site", "row", "col", "agb_mean", "valid_fraction", "
 CHIP_CRS = "EPSG:4326"
 
 
+def stride_of(size_px: int, overlap: float) -> int:
+    """Pixels between neighbouring chips: ``round(size_px * (1 - overlap))``, at least 1."""
+    return max(1, round(size_px * (1.0 - overlap)))
+
+
+@dataclass(frozen=True)
+class ChipGeometry:
+    """The chip geometry of a run, as training, assembly and prediction all use it.
+
+    A chip is ``size_px`` square, ``stride_px`` from its neighbours. Training reads it with
+    ``context_px`` pixels around it (``read_px``; AGB there is never a label); the model sees
+    ``reach_px`` of that context on each side (``window_px``), which its unpadded convolutions
+    consume, and predicts the chip. ``crop_px`` is what is cut from the read window first.
+    """
+
+    size_px: int
+    stride_px: int
+    context_px: int = 0
+    reach_px: int = 0
+
+    @classmethod
+    def of(cls, chips: Any, train: Any) -> ChipGeometry:
+        """From a config's ``chips`` and ``train`` sections."""
+        stride = stride_of(chips.size, chips.overlap)
+        return cls(chips.size, stride, int(train.context_px), train.reach_px)
+
+    @property
+    def read_px(self) -> int:
+        return self.size_px + 2 * self.context_px
+
+    @property
+    def window_px(self) -> int:
+        return self.size_px + 2 * self.reach_px
+
+    @property
+    def crop_px(self) -> int:
+        return self.context_px - self.reach_px
+
+    def to_dict(self) -> dict[str, int]:
+        return {
+            k: int(getattr(self, k)) for k in ("size_px", "stride_px", "context_px", "reach_px")
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ChipGeometry:
+        return cls(**{k: int(d[k]) for k in ("size_px", "stride_px", "context_px", "reach_px")})
+
+
 def chip_origins(n_y: int, n_x: int, *, size_px: int, overlap: float) -> tuple[np.ndarray, ...]:
     """Pixel offsets (rows, cols) of every chip that fits in an ``n_y × n_x`` grid.
 
-    The stride is ``round(size_px * (1 - overlap))`` pixels (at least 1).
+    The stride is `stride_of` the chips.
     """
-    stride = max(1, round(size_px * (1.0 - overlap)))
+    stride = stride_of(size_px, overlap)
     rows = np.arange(0, n_y - size_px + 1, stride)
     cols = np.arange(0, n_x - size_px + 1, stride)
     rr, cc = np.meshgrid(rows, cols, indexing="ij")

@@ -312,7 +312,7 @@ def demo_cmd(
     from agbcube.cube import build_cube, cube_sites
     from agbcube.demo import write_demo
     from agbcube.folds import make_folds, write_folds
-    from agbcube.train.loop import resolve_device
+    from agbcube.train.plan import resolve_device
 
     prepare_output_dir(output, kind="demo", what="demo --output")
     writer = write_demo
@@ -580,7 +580,7 @@ def predict_cmd(
     from agbcube.config import check_device, load_config
     from agbcube.cube import build_cube, cube_sites
     from agbcube.predict import run_cube
-    from agbcube.train.loop import resolve_device
+    from agbcube.train.plan import resolve_device
 
     device = check_device(device, "--device")
     # on a cluster each worker resolves the device itself (a CPU client may drive GPU workers)

@@ -375,6 +375,12 @@ _MODEL, _OPTIM, _AUGMENT, _EVAL, _DATA = (
 )
 
 
+def conv_reach(model: str, head: str, conv_channels: list[int]) -> int:
+    """The convolutions' reach: the dense head's unpadded convolutions take one pixel of
+    context per block on each side; a chip head pads (no reach), ``hgb-pixel`` has none."""
+    return len(conv_channels) if model == "cnn-coordinate" and head == "dense" else 0
+
+
 class TrainConfig(_Section):
     """Model training under the folds.
 
@@ -605,12 +611,19 @@ class TrainConfig(_Section):
     def _auto_context(cls, data: Any) -> Any:
         # 'auto' is resolved on load, so a run's saved settings hold the number it used
         if isinstance(data, dict) and data.get("context_px", "auto") == "auto":
-            dense = data.get("head", "dense") == "dense"
-            cnn = data.get("model", "cnn-coordinate") == "cnn-coordinate"
             blocks = data.get("conv_channels", [32, 64, 128])
-            reach = len(blocks) if isinstance(blocks, list) else 0
-            data = {**data, "context_px": reach if dense and cnn else 0}
+            reach = conv_reach(
+                data.get("model", "cnn-coordinate"),
+                data.get("head", "dense"),
+                blocks if isinstance(blocks, list) else [],
+            )
+            data = {**data, "context_px": reach}
         return data
+
+    @property
+    def reach_px(self) -> int:
+        """Pixels the model's convolutions consume on each side of a chip (`conv_reach`)."""
+        return conv_reach(self.model, self.head, self.conv_channels)
 
     @model_validator(mode="after")
     def _context_needs_dense(self) -> TrainConfig:

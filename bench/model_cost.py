@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_cv import model_rate, original_rate
 
 from agbcube.config import TrainConfig
-from agbcube.train.loop import build_model, resolve_device
+from agbcube.train.loop import build_model
+from agbcube.train.plan import resolve_device
 
 #: train settings of each candidate: the conv blocks' widths, the 1×1 input bottleneck and
 #: depthwise-separable blocks

@@ -202,13 +202,14 @@ def chip_grid(store: Path, size: int, stride: int) -> pd.DataFrame:
 
 
 def agbcube_chunks(store: Path, chips: pd.DataFrame, size: int, batch: int, seed: int) -> dict:
+    from agbcube.chips import ChipGeometry
     from agbcube.train.batches import Preparation, StreamBatches
     from agbcube.train.model import draw_augmentation
     from agbcube.train.readers import ChunkReader, resolve_bands
 
     bands = resolve_bands(store, [SITE], None)
     src = ChunkReader(store, chips, size_px=size, bands=bands)
-    kw = dict(coordinates=False, per_chip=False, log_target=True, size_px=size, margin=0)
+    kw = dict(coordinates=False, per_chip=False, log_target=True, geometry=ChipGeometry(size, size))
     prep = Preparation.fit(src.blocks(np.arange(64)), lambda rows: None, **kw)
     source = StreamBatches(src, np.arange(len(chips)), None, prep, "cpu")
     n_bands = len(bands)

@@ -29,7 +29,8 @@ import torch
 
 from agbcube.config import TrainConfig, load_config, with_overrides
 from agbcube.train import run_cv
-from agbcube.train.loop import build_model, resolve_device
+from agbcube.train.loop import build_model
+from agbcube.train.plan import resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]
 ORIGINAL_CPU_S, ORIGINAL_RATE = 482.0, 420.0  # its CV and its CNN's samples/s, same machine

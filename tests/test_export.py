@@ -36,7 +36,7 @@ def window(cluster_reference, tmp_path_factory):
 
     cfg, run = cluster_reference
     _, spec = load_ensemble(run)
-    w, m = spec["chip_px"], (spec["size_px"] - spec["chip_px"]) // 2
+    w, m = spec["geometry"].size_px, spec["geometry"].reach_px
     site = open_cube(cfg.cube.output, "beta", chunks=None)
     ds = site.isel(y=slice(8, 8 + w), x=slice(8, 8 + w)).load()
     ds.features.values[:, 3, 5] = np.nan  # a pixel with no input at all: no value
@@ -65,7 +65,8 @@ def test_torchscript_export_runs_in_plain_torch_and_matches_predict(window, tmp_
     )
     meta = json.loads(done.stdout)
     assert meta["inputs"] == spec["bands"] and meta["units"] == "Mg ha-1"
-    assert meta["window_px"] == spec["chip_px"] and meta["input_px"] == spec["size_px"]
+    assert meta["window_px"] == spec["geometry"].size_px
+    assert meta["input_px"] == spec["geometry"].window_px
     assert meta == json.loads((tmp_path / "export" / "model.json").read_text())
     assert meta == exported_metadata(model)
     got = np.load(out)[0]

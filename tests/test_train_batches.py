@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from agbcube.chips import ChipGeometry
 from agbcube.train.batches import (
     DeviceBatches,
     Preparation,
@@ -76,9 +77,7 @@ def test_preparation_fits_on_training_chips_masks_labels_and_adds_coordinates(rn
         coordinates=True,
         per_chip=False,
         log_target=False,
-        size_px=6,
-        margin=1,
-        model_margin=1,
+        geometry=ChipGeometry(6, 6, context_px=1, reach_px=1),
     )
     assert prep.n_channels == 6
     inputs = np.concatenate([x, lonlat], axis=1)
@@ -132,7 +131,7 @@ def test_inputs_carry_the_models_margin_and_targets_the_chip(rng):
     std = Standardiser(np.zeros(2, np.float32), np.ones(2, np.float32))
     target = TargetTransform(log=False)
     for model_margin, side in ((3, 12), (2, 10), (1, 8)):  # padded, as read, cropped
-        prep = Preparation(std, target, False, False, 6, 2, model_margin)
+        prep = Preparation(std, target, False, False, ChipGeometry(6, 6, 2, model_margin))
         xi = prep.inputs(block)
         assert xi.shape == (4, 2, side, side)
         d = abs(model_margin - 2)
@@ -172,7 +171,8 @@ def test_readers_give_identical_preparations_and_batches(
     common = dict(size_px=size, bands=demo_bands, margin=2, lonlat=True)
     memory = MemoryReader(demo_config.cube.output, demo_folds, **common)
     chunks = ChunkReader(small_chunk_cube, demo_folds, **common)
-    kw = dict(coordinates=True, per_chip=False, log_target=True, size_px=size, margin=2)
+    geometry = ChipGeometry(size, size, context_px=2)
+    kw = dict(coordinates=True, per_chip=False, log_target=True, geometry=geometry)
     prep = Preparation.fit(memory.blocks(train), mask_of, **kw)
     # the chunk reader delivers the chips in storage order: the same statistics to float32
     other = Preparation.fit(chunks.blocks(train), mask_of, **kw)
@@ -212,8 +212,7 @@ def test_stream_batches_surface_reader_errors(demo_config, demo_folds, demo_band
         coordinates=False,
         per_chip=True,
         log_target=False,
-        size_px=16,
-        margin=0,
+        geometry=ChipGeometry(16, 16),
     )
     stream = StreamBatches(reader, np.arange(8), None, prep, "cpu", shuffle_chips=2)
     with pytest.raises(OSError, match="disk gone"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -19,15 +20,13 @@ import yaml
 
 from agbcube.errors import ConfigError, TrainingError
 from agbcube.train import cluster as cluster_mod
+from agbcube.train import data as data_mod
+from agbcube.train import execute as execute_mod
 from agbcube.train import run_cv
-from agbcube.train.cluster import (
-    default_threads,
-    describe,
-    gpu_worker_specs,
-    placement,
-    worker_run,
-)
-from agbcube.train.tasks import Task
+from agbcube.train.cluster import default_threads, gpu_worker_specs, placement
+from agbcube.train.data import run_data
+from agbcube.train.execute import describe
+from agbcube.train.plan import Task
 
 distributed = pytest.importorskip("distributed")
 
@@ -159,9 +158,11 @@ def test_failures_name_fold_and_member_and_say_what_was_not_run():
     failures = {
         Task(1, "select"): TrainingError("fold 1: the loss was not finite for 20 steps"),
         Task(1, "member", 0): TrainingError("fold 1: the loss was not finite for 20 steps"),
-        Task(2, "member", 1): distributed.KilledWorker("fold_2/member_1-x", "tcp://w", 3),
+        Task(2, "member", 1): cluster_mod._killed(
+            distributed.KilledWorker("fold_2/member_1-x", "tcp://w", 3)
+        ),
     }
-    err = cluster_mod._failure(failures, tcfg, Path("/runs/r"), 12)
+    err = execute_mod._failure(failures, tcfg, Path("/runs/r"), 12)
     assert isinstance(err, TrainingError)
     text = str(err)
     assert text.startswith("3 of 12 tasks failed; the other tasks' results are kept in /runs/r")
@@ -169,7 +170,7 @@ def test_failures_name_fold_and_member_and_say_what_was_not_run():
     assert "fold 1 member 0: not run, fold 1 select failed" in text
     assert "fold 2 member 1: its worker died each time it ran it" in text
     assert "--resume" in text
-    bug = cluster_mod._failure({Task(0, "baseline"): ZeroDivisionError("x")}, tcfg, Path("r"), 4)
+    bug = execute_mod._failure({Task(0, "baseline"): ZeroDivisionError("x")}, tcfg, Path("r"), 4)
     assert type(bug) is RuntimeError and "fold 0 baseline: ZeroDivisionError: x" in str(bug)
     assert describe(Task(3, "random")) == "random-CV fold 3"
 
@@ -186,16 +187,18 @@ def test_a_worker_rebuilds_its_run_data_only_for_another_run(cluster_reference, 
     run_dir = tmp_path / "r"
     shutil.copytree(ref, run_dir)
     cpu = torch.device("cpu")
-    first = worker_run(run_dir, cpu, "device")
-    assert worker_run(run_dir, cpu, "device") is first
-    assert worker_run(run_dir, cpu, "chunks") is not first
+    first = run_data(run_dir, cpu)
+    assert run_data(run_dir, cpu) is first
+    assert (
+        first.plan.data_path == json.loads((run_dir / "run.json").read_text())["plan"]["data_path"]
+    )
     (run_dir / "run.json").write_text((run_dir / "run.json").read_text() + "\n")  # a new run
-    again = worker_run(run_dir, cpu, "chunks")
-    assert again.folds is not first.folds and worker_run(run_dir, cpu, "chunks") is again
+    again = run_data(run_dir, cpu)
+    assert again.folds is not first.folds and run_data(run_dir, cpu) is again
     with pytest.raises(TrainingError, match="cannot read the run directory .*shared file system"):
-        worker_run(tmp_path / "elsewhere", cpu, "device")
-    assert cluster_mod.release_run(str(run_dir)) == 1  # the run's end frees its chips
-    assert worker_run(run_dir, cpu, "chunks") is not again
+        run_data(tmp_path / "elsewhere", cpu)
+    assert data_mod.release_run(str(run_dir)) == 1  # the run's end frees its chips
+    assert run_data(run_dir, cpu) is not again
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,7 +303,7 @@ def test_a_killed_client_resumes_with_only_the_missing_tasks(
         client_proc.send_signal(signal.SIGKILL)
         client_proc.wait()
     with distributed.Client(local_cluster) as client:  # the fits it had started end
-        while any(client.run(lambda: cluster_mod._ONE_FIT.locked()).values()):
+        while any(client.run(lambda: data_mod.ONE_FIT.locked()).values()):
             time.sleep(0.1)
     done = {p: p.stat().st_mtime_ns for p in out.glob("fold_*/*.npz")}
     n_tasks = 3 * 3  # select and two members per fold

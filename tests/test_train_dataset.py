@@ -12,10 +12,12 @@ from agbcube.train import ChipDataset
 
 
 def test_the_dataset_holds_what_training_trains_on(demo_config, demo_folds):
-    from agbcube.train.tasks import RunData
+    from agbcube.train.data import RunData
+    from agbcube.train.plan import make_plan
 
     ds = ChipDataset(demo_config, fold=1, role="train")
-    run = RunData(demo_config, None, torch.device("cpu"), "device", folds=demo_folds)
+    plan = make_plan(demo_config, demo_folds, device="cpu", data_path="device")
+    run = RunData(demo_config, None, plan, torch.device("cpu"), folds=demo_folds)
     source = run.fold(1).source("train")  # what the training loop draws its batches from
     np.testing.assert_array_equal(ds.x, source.x.contiguous().numpy())
     np.testing.assert_array_equal(ds.y, source.y.numpy())

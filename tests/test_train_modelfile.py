@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from agbcube.chips import ChipGeometry
 from agbcube.config import TrainConfig
 from agbcube.errors import TrainingError
 from agbcube.train.batches import Preparation, Standardiser, TargetTransform
@@ -28,9 +29,8 @@ def _record(**train):
         TargetTransform(log=False, mean=100.0, std=20.0),
         coordinates=False,
         per_chip=False,
-        size_px=8,
-        margin=2,
-        model_margin=model.margin,  # two unpadded 3x3 convolutions: 2 px each side
+        # two unpadded 3x3 convolutions: 2 px each side
+        geometry=ChipGeometry(8, 8, context_px=2, reach_px=model.margin),
     )
     bands = ["a", "b", "c", "d", "e"]
     return model, model_record(model, prep, cfg, bands=bands, fold=1, member=2)
@@ -44,7 +44,8 @@ def test_a_model_file_round_trips(tmp_path, settings):
     save_model(tmp_path / "m.pt", record)
     back = load_model(tmp_path / "m.pt")
     assert back.bands == ["a", "b", "c", "d", "e"] and (back.fold, back.member) == (1, 2)
-    assert back.size_px == 12 and back.context_px == 2 and back.target.mean == 100.0
+    assert back.geometry == ChipGeometry(8, 8, context_px=2, reach_px=2)
+    assert back.geometry.window_px == 12 and back.target.mean == 100.0
     x = torch.randn(3, 5, 12, 12)
     model.eval()
     torch.testing.assert_close(back.model(x), model(x))

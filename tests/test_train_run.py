@@ -67,8 +67,8 @@ def test_run_writes_every_output_and_maps_a_site(demo_config, demo_folds, tmp_pa
     models, spec = load_ensemble(out)
     assert len(models) == 2 * n
     # the window a model sees: the chip and one pixel a side per (unpadded) conv block
-    assert spec["size_px"] == demo_config.chips.size + 2 * 1
-    assert spec["chip_px"] == demo_config.chips.size
+    assert spec["geometry"].window_px == demo_config.chips.size + 2 * 1
+    assert spec["geometry"].size_px == demo_config.chips.size
     with pytest.raises(TrainingError, match="already holds a run"):
         run_cv(_small(demo_config), output=out, device="cpu")
 
@@ -104,7 +104,7 @@ def test_the_ensemble_is_the_mean_of_its_members_in_mg_ha(demo_config, demo_fold
     for m in range(2):
         member = load_model(tmp_path / "e" / "fold_0" / f"model_{m}.pt")
         reader = MemoryReader(cfg.cube.output, demo_folds, size_px=16, bands=member.bands, margin=1)
-        prep = Preparation(member.standardiser, member.target, False, False, 16, 1, 1)
+        prep = Preparation(member.standardiser, member.target, False, False, member.geometry)
         block = next(reader.blocks(test, block=len(test)))
         x = torch.from_numpy(prep.inputs(block))
         maps.append(member.target.decode(predict(member.model, x).numpy()))

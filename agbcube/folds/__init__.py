@@ -31,7 +31,7 @@ audit), `~agbcube.folds.stage` (cube → folds), `~agbcube.folds.io` (the folds 
 from __future__ import annotations
 
 from agbcube.folds.audit import leakage_audit
-from agbcube.folds.io import check_folds_cube, read_folds, write_folds
+from agbcube.folds.io import check_folds_cube, n_folds_of, read_folds, write_folds
 from agbcube.folds.labels import label_mask, label_masks, training_pool
 from agbcube.folds.plots import plot_fold_map
 from agbcube.folds.splitter import ROLES, HybridSiteSpatialKFold
@@ -47,6 +47,7 @@ __all__ = [
     "label_masks",
     "leakage_audit",
     "make_folds",
+    "n_folds_of",
     "plot_fold_map",
     "read_folds",
     "training_pool",

@@ -49,7 +49,7 @@ def write_folds(folds: gpd.GeoDataFrame, path: str | Path, *, maps: bool = True)
             table.to_parquet(tmp, index=False, schema_version="1.0.0", write_covering_bbox=False)
             _add_parquet_metadata(tmp, {"agbcube": json.dumps(meta, default=str)})
         write_json_atomic(audit_path, {"written_by": written_by(), **meta}, what="folds audit")
-        n_folds = int(meta.get("n_folds", _n_folds(folds)))
+        n_folds = int(meta.get("n_folds", n_folds_of(folds)))
         for site, png in pngs.items():
             with atomic_path(png, what="folds map") as tmp:
                 plot_fold_map(folds, site, n_folds, tmp, buffer_m=meta.get("buffer_m", {}))
@@ -65,7 +65,8 @@ def _add_parquet_metadata(path: Path, extra: dict[str, str]) -> None:
     pq.write_table(table.replace_schema_metadata(meta), path)
 
 
-def _n_folds(folds: pd.DataFrame) -> int:
+def n_folds_of(folds: pd.DataFrame) -> int:
+    """The number of folds of a folds table (its ``role_k`` columns)."""
     return sum(1 for c in folds.columns if c.startswith("role_"))
 
 

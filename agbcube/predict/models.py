@@ -28,7 +28,7 @@ class EnsembleFile:
 
     def load(self, device: str) -> tuple[list[tuple[Any, ...]], dict[str, Any], Any]:
         """The members on ``device`` (``auto`` resolved here), their spec and the device."""
-        from agbcube.train.loop import resolve_device
+        from agbcube.train.plan import resolve_device
 
         dev = resolve_device(device)
         key = (self, str(dev))
@@ -70,7 +70,7 @@ _KEEP_MODELS = 2  # ensembles a process keeps (a long-lived worker maps for seve
 def device_here(device: str) -> str:
     """``device`` when this process has it, else the CPU (a client without the GPUs its
     cluster's workers have)."""
-    from agbcube.train.loop import resolve_device
+    from agbcube.train.plan import resolve_device
 
     try:
         return str(resolve_device(device))

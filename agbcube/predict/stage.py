@@ -60,9 +60,9 @@ def predict_run(
     ensemble_file = run_dir / "ensemble.pt"
     # the settings and the margin, from the models as this process loads them (the tiles of a
     # threaded run share them; a cluster's workers load their own)
-    models, spec, _ = EnsembleFile.of(ensemble_file).load(device_here(device))
-    tcfg = spec["train"]
-    size = int(spec["chip_px"])  # the chips, not windows
+    _, spec, _ = EnsembleFile.of(ensemble_file).load(device_here(device))
+    tcfg, geometry = spec["train"], spec["geometry"]
+    size = geometry.size_px  # the chips, not windows
     dense = tcfg["head"] == "dense"
     default = 4 * size if dense else size
     window = window_px or default
@@ -81,7 +81,7 @@ def predict_run(
         aoa=reference,
         bands=spec["bands"],
         block_px=block_px,
-        margin_px=int(getattr(models[0][0], "margin", 0)),
+        margin_px=geometry.reach_px,
     )
     maps.attrs["key"] = _maps_key(run_dir, ds, maps, window=window, stride=stride, aoa=aoa)
     maps.attrs["run"] = run_dir.resolve().name

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from agbcube.chips import ChipGeometry
 from agbcube.train.readers import ChipReader, RawBlock
 
 __all__ = [
@@ -208,21 +209,18 @@ class Preparation:
         Append each pixel's longitude and latitude as two input channels.
     per_chip : bool
         One target per chip (its mean AGB: the chip head), else a map of the chip's pixels.
-    size_px, margin : int
-        The chips' side and the context read around them on each side.
-    model_margin : int
-        The context the model takes on each side (a dense model's reach: its output is the
-        chip). Inputs read with more are cropped, with less padded with 0 (the imputed mean,
-        as beyond a site's edge).
+    geometry : agbcube.chips.ChipGeometry
+        The chips' side, the context read around them (``context_px``) and the context the
+        model takes on each side (``reach_px``: a dense model's output is the chip). Inputs
+        read with more context are cropped, with less padded with 0 (the imputed mean, as
+        beyond a site's edge).
     """
 
     standardiser: Standardiser
     target: TargetTransform
     coordinates: bool
     per_chip: bool
-    size_px: int
-    margin: int
-    model_margin: int = 0
+    geometry: ChipGeometry
 
     @classmethod
     def fit(
@@ -233,9 +231,7 @@ class Preparation:
         coordinates: bool,
         per_chip: bool,
         log_target: bool,
-        size_px: int,
-        margin: int,
-        model_margin: int = 0,
+        geometry: ChipGeometry,
     ) -> Preparation:
         """Fit the standardisation and the target transform in one pass over the training
         chips' ``blocks``; ``mask_of(positions)`` gives their label masks."""
@@ -243,29 +239,29 @@ class Preparation:
 
         def inputs() -> Iterator[np.ndarray]:
             for block in blocks:
-                agb = masked_labels(block.agb, mask_of(block.positions), margin, size_px)
+                agb = masked_labels(block.agb, mask_of(block.positions), geometry)
                 targets.append(make_target(agb, log=log_target, per_chip=per_chip))
                 yield _with_coordinates(block, coordinates)
 
         std = Standardiser.fit_blocks(inputs())
         target = TargetTransform.fit(np.concatenate(targets), log=log_target)
-        return cls(std, target, coordinates, per_chip, size_px, margin, model_margin)
+        return cls(std, target, coordinates, per_chip, geometry)
 
     def inputs(self, block: RawBlock) -> np.ndarray:
         """Standardised, imputed model inputs ``(n, channel, w, w)`` float32, ``w`` the chip
-        plus ``model_margin`` on each side."""
+        plus the model's reach on each side."""
         x = self.standardiser.apply(_with_coordinates(block, self.coordinates))
-        return _fit_margin(x, self.margin, self.model_margin)
+        return _fit_margin(x, self.geometry.context_px, self.geometry.reach_px)
 
     def targets(self, block: RawBlock, mask: np.ndarray | None) -> np.ndarray:
         """Network targets: ``(n,)``, or the chips' maps ``(n, size, size)``; NaN where no
         label may be used."""
-        agb = self.core(masked_labels(block.agb, mask, self.margin, self.size_px))
+        agb = self.core(masked_labels(block.agb, mask, self.geometry))
         return self.target.encode(make_target(agb, log=self.target.log, per_chip=self.per_chip))
 
     def core(self, windows: np.ndarray) -> np.ndarray:
-        """The chips' own pixels of ``(..., w, w)`` windows read with ``margin``."""
-        m, s = self.margin, self.size_px
+        """The chips' own pixels of ``(..., w, w)`` windows read with the context."""
+        m, s = self.geometry.context_px, self.geometry.size_px
         return windows[..., m : m + s, m : m + s]
 
     @property
@@ -293,13 +289,12 @@ def _with_coordinates(block: RawBlock, coordinates: bool) -> np.ndarray:
     return np.concatenate([block.x, block.lonlat], axis=1)
 
 
-def masked_labels(
-    agb: np.ndarray, mask: np.ndarray | None, margin: int, size_px: int
-) -> np.ndarray:
+def masked_labels(agb: np.ndarray, mask: np.ndarray | None, geometry: ChipGeometry) -> np.ndarray:
     """AGB windows with the labels ``mask`` (``(n, size, size)``) hides set to NaN."""
     if mask is None:
         return agb
-    return np.where(context_mask(mask, margin, size_px), agb, np.float32(np.nan))
+    where = context_mask(mask, geometry.context_px, geometry.size_px)
+    return np.where(where, agb, np.float32(np.nan))
 
 
 # --------------------------------------------------------------------------------------------

@@ -34,20 +34,34 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import threading
 import uuid
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from agbcube.errors import AgbcubeError, ConfigError, TrainingError
+import dask
+import torch
+from distributed import (
+    Client,
+    KilledWorker,
+    Nanny,
+    Scheduler,
+    SpecCluster,
+    as_completed,
+    get_worker,
+)
+
+from agbcube._dask import IN_PROCESS, check_scheduler, dask_scheduler, probe_worker
+from agbcube.errors import ConfigError, MissingDependencyError, TrainingError
+from agbcube.train.data import ONE_FIT, release_run, run_data
+from agbcube.train.plan import auto_data_path, deterministic, resolve_device
+from agbcube.train.tasks import run_task
 
 __all__ = ["ClusterTasks", "cluster_tasks", "gpu_worker_specs", "placement"]
 
 log = logging.getLogger(__name__)
 
-IN_PROCESS = ("threads", "synchronous")  # torch fits share one process: one after another
 LOCAL = ("local", "processes")  # a LocalCluster of worker processes
 WORKER_WAIT_S = 300.0  # how long a run waits for the first worker to join
 #: dask's nanny sets it (to 65536) in every worker it starts: any value turns off glibc's
@@ -80,8 +94,6 @@ def cluster_tasks(
         Torch threads of each task (default: the smallest share of a machine's cores per worker
         process, over the cluster's machines).
     """
-    from agbcube._dask import check_scheduler
-
     if scheduler is None or scheduler in IN_PROCESS:
         yield None
         return
@@ -92,8 +104,6 @@ def cluster_tasks(
 
 @contextlib.contextmanager
 def _client(scheduler: str, device: str) -> Iterator[Any]:
-    from agbcube._dask import dask_scheduler
-
     if scheduler not in LOCAL:
         with dask_scheduler(scheduler) as client:
             yield client
@@ -104,8 +114,6 @@ def _client(scheduler: str, device: str) -> Iterator[Any]:
             with dask_scheduler("local") as client:
                 yield client
             return
-        from distributed import Client
-
         with _local_gpu_cluster(n_gpus) as cluster, Client(cluster) as client:
             log.info("Dask dashboard: %s (one worker per GPU, %d)", client.dashboard_link, n_gpus)
             yield client
@@ -121,8 +129,6 @@ def untrimmed_workers() -> Iterator[None]:
     its speed in such workers (BENCHMARKS.md, "Training and folds on a Dask cluster"). A value
     this process's environment holds other than dask's own is kept (it is the user's).
     """
-    import dask
-
     leaked = os.environ.get(TRIM_ENV) == DASK_TRIM  # an earlier nanny in this process set it
     saved = os.environ.pop(TRIM_ENV) if leaked else None
     try:
@@ -134,18 +140,12 @@ def untrimmed_workers() -> Iterator[None]:
 
 
 def _local_gpus() -> int:
-    try:
-        import torch
-    except ImportError:
-        return 0
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def gpu_worker_specs(n_gpus: int) -> dict[str, dict[str, Any]]:
     """SpecCluster worker specs: one single-threaded worker process per GPU, seeing only its
     own (``CUDA_VISIBLE_DEVICES``) and offering one ``GPU`` resource."""
-    from distributed import Nanny
-
     return {
         f"gpu-{i}": {
             "cls": Nanny,
@@ -167,8 +167,6 @@ def _local_gpu_cluster(n_gpus: int) -> Iterator[Any]:
     try:
         from dask_cuda import LocalCUDACluster
     except ImportError:
-        from distributed import Scheduler, SpecCluster
-
         scheduler = {"cls": Scheduler, "options": {"dashboard_address": ":0"}}
         cluster = SpecCluster(workers=gpu_worker_specs(n_gpus), scheduler=scheduler)
     else:
@@ -181,20 +179,9 @@ def _local_gpu_cluster(n_gpus: int) -> Iterator[Any]:
 # where the tasks run
 
 
-def _probe() -> dict[str, Any]:
-    """What a worker offers a fit: torch, CUDA devices and usable cores (runs on the worker)."""
-    cpus = len(os.sched_getaffinity(0))
-    trim = os.environ.get(TRIM_ENV)
-    try:
-        import torch
-    except ImportError:  # a worker for build-cube and folds only
-        return {"cuda": 0, "cpus": cpus, "torch": None, "trim": trim}
-    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return {"cuda": cuda, "cpus": cpus, "torch": torch.__version__, "trim": trim}
-
-
 def _workers(client: Any) -> dict[str, dict[str, Any]]:
-    """Every worker's host, threads, resources and `_probe`, once one has joined."""
+    """Every worker's host, threads, resources and what it offers a fit (`probe_worker`), once
+    one has joined."""
     if not client.scheduler_info()["workers"]:
         log.info("waiting for a worker to join the cluster (up to %.0f s)", WORKER_WAIT_S)
         try:
@@ -205,7 +192,7 @@ def _workers(client: Any) -> dict[str, dict[str, Any]]:
                 f"{WORKER_WAIT_S:.0f} s; start workers (dask-jobqueue: cluster.scale(...)) or "
                 "check the address"
             ) from err
-    probes = client.run(_probe)
+    probes = client.run(probe_worker)
     info = client.scheduler_info()["workers"]
     return {
         addr: {
@@ -240,8 +227,6 @@ def placement(workers: dict[str, dict[str, Any]], device: str) -> tuple[Any, dic
         The run's device (its type is what the run records).
     resources : dict or None
     """
-    import torch
-
     gpu = sorted(a for a, w in workers.items() if w["cuda"])
     if device == "cpu" or (device == "auto" and not gpu):
         return torch.device("cpu"), None
@@ -270,8 +255,6 @@ def placement(workers: dict[str, dict[str, Any]], device: str) -> tuple[Any, dic
 
 def _check_torch(workers: dict[str, dict[str, Any]], resources: dict | None) -> None:
     """Every worker a fit may land on can import torch (GPU tasks go to GPU workers only)."""
-    from agbcube.errors import MissingDependencyError
-
     eligible = {
         a: w for a, w in workers.items() if resources is None or w["resources"].get("GPU", 0) >= 1
     }
@@ -352,65 +335,73 @@ class ClusterTasks:
             ", one GPU per task" if self.resources else "",
         )
 
-    def data_path(self, config: Any, folds_path: Path) -> str:
-        """``train.data_path``, with ``auto`` decided on a worker, for its device and memory."""
-        if config.train.data_path != "auto":
-            return config.train.data_path
+    def data_path(self, geometry: Any, n_chips: int, n_bands: int) -> str:
+        """``data_path: auto`` decided on a worker, for its device and memory."""
         future = self.client.submit(
             _data_path_on_worker,
-            config,
-            str(folds_path),
-            self.spec,
+            geometry,
+            n_chips,
+            n_bands,
+            self.device.type,
             self.copies,
             key=f"train/data_path-{self.token}",
             resources=self.resources,
         )
         return future.result()
 
-    def run(self, tasks: list[Any], run: Any, *, resume: bool, bar: Any = None) -> None:
-        """Run every task without a result file on the cluster; raise once all have ended
-        when some failed (`TrainingError` naming each one's fold and member). ``bar`` (an
-        `agbcube._progress.Bar`) advances as each task ends."""
-        from agbcube.train.run import remove_temporaries
-        from agbcube.train.tasks import is_refit, selection
+    # -- the executor (agbcube.train.execute) -----------------------------------------------
 
-        out = run.run_dir
-        pending = [t for t in tasks if not t.is_done(out)]
-        log.info(
-            "%d of %d tasks done and kept; submitting %d to the cluster",
-            len(tasks) - len(pending),
-            len(tasks),
-            len(pending),
-        )
-        level = logging.getLogger("agbcube.train").getEffectiveLevel()
-        futures: dict[Any, Any] = {}
-        with _forwarded_logs(self.client, level):
-            for task in pending:
-                sel = selection(run.tcfg, task.fold)
-                after = [futures[sel]] if is_refit(run.tcfg, task) and sel in futures else []
-                futures[task] = self.client.submit(
-                    _run_on_worker,
-                    task,
-                    str(out),
-                    self.spec,
-                    run.data_path,
-                    self.threads,
-                    level,
-                    *after,
-                    key=f"{task.name}-{self.token}",
-                    resources=self.resources,
-                    priority=1 if task == sel else 0,  # selections first: refits wait on them
-                )
-            if bar is not None:
-                bar.advance(len(tasks) - len(pending))  # done before: kept
-            failures = _gather(
-                futures, n_done=len(tasks) - len(pending), n_tasks=len(tasks), bar=bar
-            )
+    keep_going = True
+
+    @contextlib.contextmanager
+    def running(self, run_dir: Path) -> Iterator[None]:
+        """The workers' ``agbcube.train`` log records forwarded here while the tasks run; each
+        worker releases the run's chips afterwards."""
+        self._run_dir, self._futures = run_dir, {}
+        self._level = logging.getLogger("agbcube.train").getEffectiveLevel()
+        with _forwarded_logs(self.client, self._level):
+            yield
         with contextlib.suppress(Exception):  # a worker that is gone holds nothing
-            self.client.run(release_run, str(out))
-        remove_temporaries(out)  # what killed workers left half-written
-        if failures:
-            raise _failure(failures, run.tcfg, out, len(tasks))
+            self.client.run(release_run, str(run_dir))
+
+    def submit(self, task: Any, *, after: list[Any], first: bool) -> None:
+        """One Dask task per fit, keyed by fold and member (the dashboard groups them)."""
+        waits = [self._futures[t] for t in after if t in self._futures]
+        self._futures[task] = self.client.submit(
+            _run_on_worker,
+            task,
+            str(self._run_dir),
+            self.device.type,
+            self.threads,
+            self._level,
+            *waits,
+            key=f"{task.name}-{self.token}",
+            resources=self.resources,
+            priority=1 if first else 0,  # selections first: refits wait on them
+        )
+
+    def outcomes(self) -> Iterator[tuple[Any, Any]]:
+        """Each task as it ends on the cluster: its summary, or its exception."""
+        task_of = {f.key: t for t, f in self._futures.items()}
+        for future in as_completed(list(self._futures.values())):
+            task = task_of[future.key]
+            if future.status == "finished":
+                yield task, future.result()
+                continue
+            try:
+                err = future.exception()
+            except Exception as gone:  # cancelled: the scheduler forgot it
+                err = gone
+            yield task, _killed(err) if isinstance(err, KilledWorker) else err
+
+
+def _killed(err: BaseException) -> TrainingError:
+    killed = TrainingError(
+        "its worker died each time it ran it (out of memory? see the worker's log; a smaller "
+        "train.batch_size or train.data_path: chunks needs less)"
+    )
+    killed.__cause__ = err
+    return killed
 
 
 @contextlib.contextmanager
@@ -425,115 +416,21 @@ def _forwarded_logs(client: Any, level: int) -> Iterator[None]:
             client.unforward_logging("agbcube.train")
 
 
-def _gather(
-    futures: dict[Any, Any], *, n_done: int, n_tasks: int, bar: Any = None
-) -> dict[Any, BaseException]:
-    """Wait for every task, logging each as it ends; the failed ones' exceptions."""
-    from distributed import as_completed
-
-    task_of = {f.key: t for t, f in futures.items()}
-    failures: dict[Any, BaseException] = {}
-    for future in as_completed(list(futures.values())):
-        task = task_of[future.key]
-        if bar is not None:
-            bar.advance()
-        if future.status == "finished":
-            n_done += 1
-            s = future.result()
-            log.info(
-                "[%d/%d] %s: done in %.1f s on %s (%s)",
-                n_done,
-                n_tasks,
-                task.name,
-                s["seconds"],
-                s["worker"],
-                s["device"],
-            )
-            continue
-        try:
-            failures[task] = future.exception()
-        except Exception as err:  # cancelled: the scheduler forgot it
-            failures[task] = err
-        log.warning("%s: failed (%s)", describe(task), _cause(failures[task]))
-    return failures
-
-
-def describe(task: Any) -> str:
-    """A task in words: ``fold 2 member 1``, ``fold 2 select``, ``random-CV fold 2``."""
-    if task.kind == "random":
-        return f"random-CV fold {task.fold}"
-    if task.kind == "member":
-        return f"fold {task.fold} member {task.member}"
-    return f"fold {task.fold} {task.kind}"
-
-
-def _cause(err: BaseException) -> str:
-    from distributed import KilledWorker
-
-    if isinstance(err, KilledWorker):
-        return (
-            "its worker died each time it ran it (out of memory? see the worker's log; a "
-            "smaller train.batch_size or train.data_path: chunks needs less)"
-        )
-    if isinstance(err, AgbcubeError):
-        return str(err)
-    return f"{type(err).__name__}: {err}" if str(err) else repr(err)
-
-
-def _failure(failures: dict[Any, BaseException], tcfg: Any, out: Path, n_tasks: int) -> Exception:
-    """One error naming every failed task and its cause; a bug's stays a bug (exit 1)."""
-    from distributed import KilledWorker
-
-    from agbcube.train.tasks import is_refit, selection
-
-    parts = []
-    for task in sorted(failures):
-        sel = selection(tcfg, task.fold)
-        if is_refit(tcfg, task) and sel in failures:
-            parts.append(f"{describe(task)}: not run, {describe(sel)} failed")
-        else:
-            parts.append(f"{describe(task)}: {_cause(failures[task])}")
-    message = (
-        f"{len(failures)} of {n_tasks} tasks failed; the other tasks' results are kept in "
-        f"{out} (fix the cause, then run again with --resume). " + "; ".join(parts)
-    )
-    first = failures[min(failures)]
-    known = (AgbcubeError, OSError, MemoryError, KilledWorker)
-    if all(isinstance(e, known) for e in failures.values()):
-        error: Exception = TrainingError(message)
-    else:
-        error = RuntimeError(message)
-    error.__cause__ = first
-    return error
-
-
 # --------------------------------------------------------------------------------------------
 # the workers' side
 
-_ONE_FIT = threading.Lock()  # a process trains one model at a time (see the module docstring)
-_RUNS: OrderedDict[tuple[str, str], tuple[Any, Any]] = OrderedDict()
-_KEEP_RUNS = 2  # run directories whose chips a worker keeps (a long-lived worker serves many)
-
 
 def _run_on_worker(
-    task: Any, run_dir: str, device: str, data_path: str, threads: int, level: int, *after: Any
+    task: Any, run_dir: str, device: str, threads: int, level: int, *after: Any
 ) -> dict[str, Any]:
     """Run one task on this worker (``after``: the results of the tasks it waits for)."""
-    import dask
-    import torch
-    from distributed import get_worker
-
-    from agbcube.train.loop import resolve_device
-    from agbcube.train.run import _deterministic
-    from agbcube.train.tasks import run_task
-
     logging.getLogger("agbcube.train").setLevel(level)
-    with _ONE_FIT:
+    with ONE_FIT:
         torch.set_num_threads(threads)
         dev = resolve_device(device)
-        run = worker_run(Path(run_dir), dev, data_path)
+        run = run_data(Path(run_dir), dev)
         # a resumed fit is the fit: a rerun after a lost worker continues from its checkpoint
-        with _deterministic(dev), dask.config.set(scheduler="synchronous"):
+        with deterministic(dev), dask.config.set(scheduler="synchronous"):
             summary = run_task(task, run, resume=True)
     keep = ("task", "seconds", "best_epoch", "epochs_run", "stopped", "n_chips")
     return {
@@ -543,51 +440,7 @@ def _run_on_worker(
     }
 
 
-def worker_run(run_dir: Path, device: Any, data_path: str) -> Any:
-    """This process's `RunData` of a run directory on ``device``:
-    built once (from the run's ``config.yaml`` and ``folds.parquet``), and again only when the
-    run directory holds another run (its ``run.json`` or ``config.yaml`` changed)."""
-    from agbcube.config import load_run_config
-    from agbcube.train.tasks import RunData
-
-    try:
-        stamp = ((run_dir / "run.json").read_bytes(), (run_dir / "config.yaml").read_bytes())
-    except OSError as err:
-        raise TrainingError(
-            f"this worker cannot read the run directory {run_dir} ({err.strerror or err}); the "
-            "workers need the run directory, the cube and the folds at the same paths as the "
-            "client (a shared file system)"
-        ) from err
-    key = (str(run_dir.resolve()), str(device))
-    hit = _RUNS.get(key)
-    if hit is not None and hit[0] == (stamp, data_path):
-        _RUNS.move_to_end(key)
-        return hit[1]
-    _RUNS.pop(key, None)  # release the old run's chips first
-    run = RunData(load_run_config(run_dir), run_dir, device, data_path)
-    _RUNS[key] = ((stamp, data_path), run)
-    while len(_RUNS) > _KEEP_RUNS:
-        _RUNS.popitem(last=False)
-    return run
-
-
-def release_run(run_dir: str) -> int:
-    """Drop this process's chips and fold preparations of a run (its device memory too), as
-    the run's client does on every worker when the run has ended; the entries dropped."""
-    key = str(Path(run_dir).resolve())
-    with _ONE_FIT:
-        drop = [k for k in _RUNS if k[0] == key]
-        for k in drop:
-            del _RUNS[k]
-    if drop and any(k[1].startswith("cuda") for k in drop):
-        import torch
-
-        torch.cuda.empty_cache()
-    return len(drop)
-
-
-def _data_path_on_worker(config: Any, folds_path: str, device: str, copies: int) -> str:
-    from agbcube.train.loop import resolve_device
-    from agbcube.train.run import _data_path
-
-    return _data_path(config, Path(folds_path), resolve_device(device), copies=copies)
+def _data_path_on_worker(
+    geometry: Any, n_chips: int, n_bands: int, device: str, copies: int
+) -> str:
+    return auto_data_path(geometry, n_chips, n_bands, resolve_device(device), copies=copies)

@@ -23,6 +23,9 @@ import torch
 from torch.utils.data import Dataset
 
 from agbcube.errors import ConfigError
+from agbcube.folds import read_folds
+from agbcube.train.data import RunData
+from agbcube.train.plan import make_plan
 
 __all__ = ["ROLES", "ChipDataset"]
 
@@ -60,13 +63,11 @@ class ChipDataset(Dataset):
     def __init__(
         self, config: Any, *, fold: int, role: str = "train", folds: str | Path | None = None
     ) -> None:
-        from agbcube.folds import read_folds
-        from agbcube.train.tasks import RunData
-
         if role not in ROLES:
             raise ConfigError(f"role {role!r}: use one of {', '.join(ROLES)}")
         table = read_folds(folds or config.folds.output, cube=config.cube.output)
-        run = RunData(config, None, torch.device("cpu"), "device", folds=table)
+        plan = make_plan(config, table, device="cpu", data_path="device")
+        run = RunData(config, None, plan, torch.device("cpu"), folds=table)
         if not 0 <= fold < run.n_folds:
             raise ConfigError(f"fold {fold}: the folds file has folds 0 to {run.n_folds - 1}")
         data = run.fold(fold)

@@ -15,25 +15,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from agbcube.train.batches import TargetTransform, make_target
-from agbcube.train.tasks import CNN, HGB, RunData, Task, load_result
+from agbcube.train.baseline import core_chips
+from agbcube.train.batches import make_target
+from agbcube.train.data import RunData
+from agbcube.train.metrics import r2_difference, summarise
+from agbcube.train.plan import CNN, HGB, Task, selection
+from agbcube.train.tasks import load_result, test_agb
 
-__all__ = ["assemble", "baseline_sample", "random_cv_fold"]
+__all__ = ["assemble"]
 
 log = logging.getLogger(__name__)
-
-
-def baseline_sample(
-    n_chips: int, size_px: int, max_pixels: int, rng: np.random.Generator, data_path: str
-) -> np.ndarray:
-    """Sorted positions of the chips, of ``n_chips``, that the ``hgb-pixel`` model draws its
-    ``max_pixels`` training pixels from. In memory, every chip; streamed, enough chips for that
-    many labelled pixels (1.5× for missing ones), so the baseline reads no more than that. The
-    honest baseline and ``random_cv`` both sample through here, so only their splits differ."""
-    if data_path == "device":
-        return np.arange(n_chips)
-    n = min(n_chips, int(np.ceil(1.5 * max_pixels / size_px**2)))
-    return np.sort(rng.choice(n_chips, size=n, replace=False))
 
 
 def scored_pixels(pred: np.ndarray, agb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -64,43 +55,6 @@ def pixel_frame(
     )
 
 
-def random_cv_fold(run: RunData, k: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Fold ``k`` of a random K-fold of the chips (no buffer, no validation): the ``hgb-pixel``
-    model's test predictions (Mg/ha, the chips' own pixels).
-
-    Every chip not in the test fold may train, its neighbours included, which is how a random
-    split flatters a map. The model, the target and the pixel sampling are the honest
-    baseline's, so the split is the only difference between the two figures.
-    """
-    from sklearn.model_selection import KFold
-
-    from agbcube.train.baseline import fit_hgb_pixels, predict_hgb_pixels
-
-    tcfg, n = run.tcfg, len(run.folds)
-    train, test = list(
-        KFold(run.n_folds, shuffle=True, random_state=tcfg.seed).split(np.arange(n))
-    )[k]
-    rng = np.random.default_rng([tcfg.seed, k])
-    pick = train[baseline_sample(train.size, run.size_px, tcfg.hgb_max_pixels, rng, run.data_path)]
-    x, agb = _core_chips(run, pick)
-    model = fit_hgb_pixels(
-        x,
-        make_target(agb, log=tcfg.log_target, per_chip=False),
-        max_pixels=tcfg.hgb_max_pixels,
-        random_state=tcfg.seed + k,
-    )
-    tx, _ = _core_chips(run, test)
-    pred = TargetTransform(log=tcfg.log_target).decode(predict_hgb_pixels(model, tx))
-    return {"pred": pred, "test": test}, {"fold": k, "kind": "random", "n_chips": int(pick.size)}
-
-
-def _core_chips(run: RunData, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Raw features and AGB of the chips' own pixels (no context), in ``positions`` order."""
-    m, s = run.margin, run.size_px
-    x, agb = run.raw(positions)
-    return x[:, :, m : m + s, m : m + s], agb[:, m : m + s, m : m + s]
-
-
 # --------------------------------------------------------------------------------------------
 # assembling a run
 
@@ -109,8 +63,6 @@ def _fold_tables(
     run: RunData, k: int, tasks: list[Task]
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
     """Fold ``k``'s chip and pixel rows (every model) and its summary."""
-    from agbcube.train.tasks import test_agb
-
     data = run.fold(k)
     roles = data.roles
     agb = test_agb(data)
@@ -168,8 +120,6 @@ def _cnn_info(
     run: RunData, k: int, tasks: list[Task], results: list[tuple], info: dict[str, Any]
 ) -> None:
     """The CNN's part of a fold's summary: its early-stopped fit's history and the members."""
-    from agbcube.train.tasks import selection
-
     tcfg = run.tcfg
     chosen = results[0][0]
     seconds = sum(s["seconds"] for s, _ in results)
@@ -209,8 +159,6 @@ def assemble(run: RunData, tasks: list[Task]) -> tuple[pd.DataFrame, pd.DataFram
 def _metrics(
     predictions: pd.DataFrame, pixels: pd.DataFrame, fold_info: dict, primary: str
 ) -> dict[str, Any]:
-    from agbcube.train.metrics import summarise
-
     out: dict[str, Any] = {"models": {}}
     for name, chip in predictions.groupby("model"):
         pix = pixels[pixels["model"] == name].assign(
@@ -239,13 +187,11 @@ def _metrics(
 
 
 def _random_cv_metrics(run: RunData) -> dict[str, Any]:
-    from agbcube.train.metrics import summarise
-
     frames, pixel_frames = [], []
     for k in range(run.n_folds):
         _, arrays = load_result(Task(k, "random").result_path(run.run_dir))
         test = arrays["test"]
-        agb = _core_chips(run, test)[1].astype(np.float64)
+        agb = core_chips(run, test)[1].astype(np.float64)
         chip_pred, pix = scored_pixels(arrays["pred"], agb)
         meta = run.folds[["chip_id", "site"]].iloc[test].reset_index(drop=True)
         frames.append(
@@ -268,8 +214,6 @@ def _random_cv_metrics(run: RunData) -> dict[str, Any]:
 
 def _difference(predictions: pd.DataFrame, pixels: pd.DataFrame, a: str, b: str) -> dict:
     """Per-site R² of model ``a`` minus model ``b``, chip and pixel level, paired intervals."""
-    from agbcube.train.metrics import r2_difference
-
     out: dict[str, Any] = {"models": [a, b]}
     for level, frame in (("chip", predictions), ("pixel", pixels)):
         fa = frame[frame["model"] == a].reset_index(drop=True)

@@ -132,14 +132,15 @@ def _ensemble(members: list[Any], run_dir: Path) -> tuple[ExportedEnsemble, dict
     tcfg = first.train
     tta = int(tcfg.tta_rotations) if tcfg.tta else 1
     bands = list(first.bands) + (["lon", "lat"] if tcfg.coordinates == "geographic" else [])
-    margin = first.context_px  # the model file's: the convolutions' reach
+    geometry = first.geometry
+    margin = geometry.reach_px
     model = ExportedEnsemble(members, tta, len(first.bands), margin).eval()
     meta = {
         "written_by": written_by(),
         "run": run_dir.resolve().name,
         "inputs": bands,
-        "input_px": first.size_px,
-        "window_px": first.size_px - 2 * margin,
+        "input_px": geometry.window_px,
+        "window_px": geometry.size_px,
         "margin_px": margin,
         "outputs": ["agb_mean", "agb_std"],
         "units": AGB_UNITS,

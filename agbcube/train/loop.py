@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from agbcube.config import check_device
 from agbcube.errors import TrainingError
 from agbcube.train.model import (
     Augmentation,
@@ -26,31 +25,9 @@ from agbcube.train.model import (
     per_sample_loss,
 )
 
-__all__ = ["FitResult", "build_model", "fit", "predict", "resolve_device"]
+__all__ = ["FitResult", "build_model", "fit", "predict"]
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(spec: str = "auto") -> torch.device:
-    """``"auto"`` → the first CUDA device when present, else the CPU; ``gpu`` is ``cuda``.
-
-    Raises
-    ------
-    ConfigError
-        For a name that is not a device (listing those accepted).
-    TrainingError
-        For a CUDA device where torch has no CUDA.
-    """
-    spec = check_device(spec)
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(spec)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingError(
-            f"device {spec!r} was requested but CUDA is not available; use --device cpu or "
-            "install a CUDA build of torch (docs: Getting started, 'PyTorch builds')"
-        )
-    return device
 
 
 def build_model(

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from agbcube._io import atomic_path
+from agbcube.chips import ChipGeometry
 from agbcube.errors import TrainingError
 from agbcube.train.batches import Preparation, Standardiser, TargetTransform
 
@@ -37,8 +38,7 @@ class LoadedModel:
     target: TargetTransform
     train: Any  # the TrainConfig it was trained with
     bands: list[str]
-    size_px: int  # the window the model sees: chip plus context
-    context_px: int
+    geometry: ChipGeometry  # the chip it predicts, the window it sees (chip plus its reach)
     fold: int | None
     member: int | None
 
@@ -59,8 +59,8 @@ def model_record(
         "standardiser": prep.standardiser.to_dict(),
         "target": prep.target.to_dict(),
         "in_channels": prep.n_channels,
-        "size_px": prep.size_px + 2 * prep.model_margin,  # the window the model sees
-        "context_px": prep.model_margin,
+        "size_px": prep.geometry.window_px,  # the window the model sees: it is built for it
+        "geometry": prep.geometry.to_dict(),
         "padding": "valid",
         "bands": list(bands),
         "train": train.model_dump(mode="json"),
@@ -138,11 +138,20 @@ def _member(record: Any, path: Path, device: Any) -> LoadedModel:
         TargetTransform.from_dict(record["target"]),
         tcfg,
         list(record["bands"]),
-        int(record["size_px"]),
-        int(record.get("context_px", 0)),
+        _geometry(record),
         record.get("fold"),
         record.get("member"),
     )
+
+
+def _geometry(record: dict[str, Any]) -> ChipGeometry:
+    """The record's chip geometry; files before it was saved held the model's window
+    (``size_px``) and reach (``context_px``) only."""
+    if "geometry" in record:
+        return ChipGeometry.from_dict(record["geometry"])
+    reach = int(record.get("context_px", 0))
+    size = int(record["size_px"]) - 2 * reach
+    return ChipGeometry(size, size, context_px=reach, reach_px=reach)
 
 
 def load_model(path: str | Path, device: Any = "cpu") -> LoadedModel:

@@ -24,6 +24,7 @@ Run directory::
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import shutil
 import time
@@ -32,11 +33,35 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+import torch
 import yaml
 
-from agbcube._io import atomic_path, output_lock, remove_path, write_json_atomic
-from agbcube._progress import Bar, progress_bar
-from agbcube.errors import TrainingError
+import agbcube
+from agbcube._dask import IN_PROCESS
+from agbcube._io import (
+    MARKER,
+    atomic_path,
+    digest,
+    output_kind,
+    output_lock,
+    prepare_output_dir,
+    remove_path,
+    write_json_atomic,
+)
+from agbcube._progress import progress_bar
+from agbcube._store import open_cube
+from agbcube.chips import ChipGeometry
+from agbcube.config import ChipsConfig, TrainConfig, with_overrides
+from agbcube.errors import OutputExistsError, TrainingError
+from agbcube.folds import make_folds, read_folds, write_folds
+from agbcube.train.data import RunData, release_run, run_data
+from agbcube.train.evaluate import assemble
+from agbcube.train.execute import InProcess, execute, remove_temporaries
+from agbcube.train.modelfile import load_bundle, read_record, save_bundle
+from agbcube.train.plan import RunPlan, auto_data_path, make_plan, resolve_device
+from agbcube.train.plots import write_plots
+from agbcube.train.tasks import load_result
 
 __all__ = ["load_ensemble", "run_cv", "training_history"]
 
@@ -93,81 +118,76 @@ def run_cv(
     dict
         The content of ``metrics.json``.
     """
-    import torch
-
-    from agbcube.config import with_overrides
-    from agbcube.train.cluster import cluster_tasks
-    from agbcube.train.loop import resolve_device
-    from agbcube.train.tasks import RunData, plan_tasks
-
     t_start = time.perf_counter()
     tcfg = with_overrides(config.train, "train", device=device, epochs=epochs)
     config = config.model_copy(update={"train": tcfg})
     out = Path(output or tcfg.output)
     with (
         output_lock(out, what="run directory"),
-        cluster_tasks(scheduler, tcfg.device, threads_per_task=threads_per_task) as cluster,
+        _cluster(scheduler, tcfg.device, threads_per_task) as cluster,
     ):
         dev = cluster.device if cluster else resolve_device(tcfg.device)
         _prepare_output(out, resume=resume, overwrite=overwrite)
         folds_path = _ensure_folds(config)
-        path = _data_path_of(cluster, config, folds_path, dev)
-        _record_run(config, folds_path, out, data_path=path, device=dev, resume=resume)
-        run = RunData(config, out, torch.device("cpu") if cluster else dev, path)  # (*)
-        tasks = plan_tasks(tcfg, run.n_folds)
-        log.info("%d tasks over %d folds; training on %s (%s)", len(tasks), run.n_folds, dev, path)
-        bar = progress_bar("training", total=len(tasks), enabled=progress)
-        with _deterministic(dev), bar as advance:
-            _run_tasks(tasks, run, resume=resume, cluster=cluster, bar=advance)
-        metrics = _finish(run, tasks, plots=plots)
-    # (*) on a cluster this process only assembles the workers' results: on its CPU
-    metrics["run"] = _how_it_ran(scheduler, dev, t_start, len(run.folds), path)
+        plan = _plan(config, folds_path, dev, cluster)
+        _record_run(config, folds_path, out, plan=plan, resume=resume)
+        log.info(
+            "%d tasks over %d folds; training on %s (%s)",
+            len(plan.tasks),
+            plan.n_folds,
+            dev,
+            plan.data_path,
+        )
+        executor = cluster or InProcess(out, dev, resume=resume)
+        with progress_bar("training", total=len(plan.tasks), enabled=progress) as advance:
+            execute(list(plan.tasks), out, executor, tcfg=tcfg, bar=advance)
+        # on a cluster this process only assembles the workers' results: on its CPU
+        run = run_data(out, torch.device("cpu") if cluster else dev)
+        metrics = _finish(run, plots=plots)
+    release_run(out)
+    metrics["run"] = _how_it_ran(scheduler, dev, t_start, len(run.folds), plan)
     write_json_atomic(out / "metrics.json", metrics)
     return metrics
 
 
-def _how_it_ran(scheduler: str | None, dev: Any, t0: float, n_chips: int, path: str) -> dict:
+@contextmanager
+def _cluster(scheduler: str | None, device: str, threads: int | None) -> Iterator[Any]:
+    """The Dask cluster a run's tasks go to, or None to run them here (the cluster extra,
+    distributed, is imported only for a cluster)."""
+    if scheduler is None or scheduler in IN_PROCESS:
+        yield None
+        return
+    from agbcube.train.cluster import cluster_tasks
+
+    with cluster_tasks(scheduler, device, threads_per_task=threads) as cluster:
+        yield cluster
+
+
+def _plan(config: Any, folds_path: Path, dev: Any, cluster: Any) -> RunPlan:
+    """The run's plan; ``data_path: auto`` is decided here or, on a cluster, on a worker."""
+
+    def decide(geometry: ChipGeometry, n_chips: int, n_bands: int) -> str:
+        if cluster is not None:
+            return cluster.data_path(geometry, n_chips, n_bands)
+        return auto_data_path(geometry, n_chips, n_bands, dev)
+
+    return make_plan(config, read_folds(folds_path), device=dev, data_path=decide)
+
+
+def _how_it_ran(scheduler: str | None, dev: Any, t0: float, n_chips: int, plan: RunPlan) -> dict:
     """metrics.json's ``run``: where and how the fits ran, and the run's wall time."""
     return {
         "scheduler": scheduler or "in-process",
         "device": str(dev),
         "wall_s": time.perf_counter() - t0,
         "n_chips": n_chips,
-        "data_path": path,
+        "data_path": plan.data_path,
     }
 
 
-def _data_path_of(cluster: Any, config: Any, folds_path: Path, dev: Any) -> str:
-    """The data path the fits use: as the cluster's workers resolve it, or for ``dev`` here."""
-    if cluster is not None:
-        return cluster.data_path(config, folds_path)
-    return _data_path(config, folds_path, dev)
-
-
-def _run_tasks(
-    tasks: list[Any], run: Any, *, resume: bool, cluster: Any = None, bar: Bar | None = None
-) -> None:
-    """One after another, in plan order (each after the tasks it needs), or on ``cluster``;
-    ``bar`` advances as each task ends."""
-    from agbcube.train.tasks import run_task
-
-    bar = bar or Bar(None, None)
-    if cluster is not None:
-        cluster.run(tasks, run, resume=resume, bar=bar)
-        return
-    for i, task in enumerate(tasks, 1):
-        if task.is_done(run.run_dir):
-            log.info("[%d/%d] %s: done, kept", i, len(tasks), task.name)
-        else:
-            summary = run_task(task, run, resume=resume)
-            log.info("[%d/%d] %s: done in %.1f s", i, len(tasks), task.name, summary["seconds"])
-        bar.advance()
-
-
-def _finish(run: Any, tasks: list[Any], *, plots: bool) -> dict[str, Any]:
+def _finish(run: RunData, *, plots: bool) -> dict[str, Any]:
     """Assemble the tasks' results into the run's tables, metrics, ensemble and plots."""
-    from agbcube.train.evaluate import assemble
-
+    tasks = list(run.plan.tasks)
     predictions, pixels, fold_info, metrics = assemble(run, tasks)
     out = run.run_dir
     with atomic_path(out / "predictions.parquet") as tmp:
@@ -177,30 +197,13 @@ def _finish(run: Any, tasks: list[Any], *, plots: bool) -> dict[str, Any]:
     if any(t.kind == "member" for t in tasks):
         _write_ensemble(run, tasks)
     if plots:
-        from agbcube.train.plots import write_plots
-
         write_plots(out / "plots", predictions, pixels, fold_info, run.folds, metrics)
     return metrics
-
-
-@contextmanager
-def _deterministic(dev: Any) -> Iterator[None]:
-    """Deterministic kernels on the CPU (bit-identical resume and reruns), restored after."""
-    import torch
-
-    before = torch.are_deterministic_algorithms_enabled()
-    if dev.type == "cpu":
-        torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before)
 
 
 def _ensure_folds(config: Any) -> Path:
     """The folds file the run uses (made first when missing), checked against the chips
     settings."""
-    from agbcube.folds import make_folds, read_folds, write_folds
 
     path = Path(config.folds.output)
     if not path.exists():
@@ -218,40 +221,12 @@ def _ensure_folds(config: Any) -> Path:
     return path
 
 
-def _data_path(config: Any, folds_path: Path, dev: Any, *, copies: int = 1) -> str:
-    """``data_path: auto``: device-resident when every chip fits in half the free memory
-    (``copies``: processes of this machine that each hold them, e.g. its Dask workers)."""
-    import os
-
-    import pyarrow.parquet as pq
-
-    tcfg = config.train
-    if tcfg.data_path != "auto":
-        return tcfg.data_path
-    from agbcube.train.readers import resolve_bands
-
-    n_chips = pq.read_metadata(folds_path).num_rows
-    sites = pq.read_table(folds_path, columns=["site"]).column("site").to_pylist()
-    n_bands = len(resolve_bands(config.cube.output, sites, tcfg.bands))
-    window = config.chips.size + 2 * tcfg.context_px
-    need = n_chips * (n_bands + 3) * window**2 * 4 * 2 * copies  # host + device copies
-    if dev.type == "cuda":
-        import torch
-
-        free, _ = torch.cuda.mem_get_info(dev)
-    else:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return "chunks" if need > 0.5 * free else "device"
-
-
 # --------------------------------------------------------------------------------------------
 # the run directory: ours, and tied to what made it
 
 
 def _prepare_output(out: Path, *, resume: bool, overwrite: bool) -> None:
     """Make ``out`` a run directory; only an agbcube run (its marker) is continued or replaced."""
-    from agbcube._io import MARKER, output_kind, prepare_output_dir
-    from agbcube.errors import OutputExistsError
 
     is_run = output_kind(out) == "run"
     if out.is_dir() and not is_run and any(not c.name.startswith(".") for c in out.iterdir()):
@@ -273,13 +248,6 @@ def _prepare_output(out: Path, *, resume: bool, overwrite: bool) -> None:
     remove_temporaries(out)
 
 
-def remove_temporaries(out: Path) -> None:
-    """What killed fits left half-written in a run directory (their temporary siblings); call
-    only when none of the run's tasks is running."""
-    for stale in [*out.glob("fold_*/.*.tmp-*"), *out.glob("random_cv/.*.tmp-*")]:
-        remove_path(stale)
-
-
 def _file_digest(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -289,8 +257,6 @@ def _file_digest(path: Path) -> str:
 
 
 def _cube_digest(config: Any, sites: list[str]) -> str:
-    from agbcube._io import digest
-    from agbcube._store import open_cube
 
     store = config.cube.output
     return digest({s: open_cube(store, s, chunks=None).attrs.get("provenance") for s in sites})
@@ -301,26 +267,20 @@ def _train_settings(tcfg: Any) -> dict[str, Any]:
     return {k: v for k, v in tcfg.model_dump(mode="json").items() if k not in _NEUTRAL}
 
 
-def _settings(config: Any, data_path: str, device: Any) -> dict[str, Any]:
+def _settings(config: Any, data_path: str, device: str) -> dict[str, Any]:
     """What the results depend on besides the cube and the folds."""
     return {
         "train": _train_settings(config.train),
         "chips": config.chips.model_dump(mode="json"),
         "data_path": data_path,
-        "device": device.type,
+        "device": device,
     }
 
 
-def _record_run(
-    config: Any, folds_path: Path, out: Path, *, data_path: str, device: Any, resume: bool
-) -> None:
-    """Write ``config.yaml``, the folds' copy and ``run.json``; on ``resume``, first check that
-    nothing the finished tasks depend on has changed."""
-    import json
-
-    import agbcube
-    from agbcube.folds import read_folds
-
+def _record_run(config: Any, folds_path: Path, out: Path, *, plan: RunPlan, resume: bool) -> None:
+    """Write ``config.yaml``, the folds' copy and ``run.json`` (with the plan, which the
+    workers read); on ``resume``, first check that nothing the finished tasks depend on has
+    changed."""
     sites = sorted(set(read_folds(folds_path)["site"].astype(str)))
     record = {
         "version": agbcube.__version__,
@@ -328,7 +288,8 @@ def _record_run(
             "cube": _cube_digest(config, sites),
             "folds": _file_digest(folds_path),
         },
-        "settings": _settings(config, data_path, device),
+        "settings": _settings(config, plan.data_path, plan.device),
+        "plan": plan.to_dict(),
     }
     if resume and (out / "run.json").exists():
         _check_resumable(json.loads((out / "run.json").read_text()), record, out)
@@ -342,7 +303,6 @@ def _record_run(
 
 
 def _section_defaults() -> dict[str, dict[str, Any]]:
-    from agbcube.config import ChipsConfig, TrainConfig
 
     return {
         "train": TrainConfig().model_dump(mode="json"),
@@ -383,7 +343,6 @@ def _check_resumable(before: dict[str, Any], now: dict[str, Any], out: Path) -> 
 
 def _write_ensemble(run: Any, tasks: list[Any]) -> None:
     """Every member's model file into ``ensemble.pt``, each checked to be this run's."""
-    from agbcube.train.modelfile import save_bundle
 
     members = sorted((t for t in tasks if t.kind == "member"), key=lambda t: (t.fold, t.member))
     ours = _train_settings(run.tcfg)
@@ -394,7 +353,6 @@ def _write_ensemble(run: Any, tasks: list[Any]) -> None:
 def _own_record(run: Any, path: Path, ours: dict[str, Any]) -> dict[str, Any]:
     """A member's model record, refused (naming the file) unless this run's settings (``ours``)
     and bands made it: a model file copied in from another run never enters the ensemble."""
-    from agbcube.train.modelfile import read_record
 
     record = read_record(path)
     theirs = record["train"]
@@ -417,18 +375,15 @@ def load_ensemble(run_dir: str | Path, device: str = "cpu") -> tuple[list[Any], 
     -------
     models : list of (torch.nn.Module, Standardiser, TargetTransform)
     spec : dict
-        ``bands``, ``size_px`` (the window a model sees), ``chip_px`` (the chip it predicts:
-        the window less the convolutions' reach on each side, whatever the reader's
-        ``context_px`` was) and ``train`` (the settings, as a dict).
+        ``bands``, ``geometry`` (`agbcube.chips.ChipGeometry`: the chip a model predicts,
+        the window it sees) and ``train`` (the settings, as a dict).
     """
-    from agbcube.train.modelfile import load_bundle
 
     members = load_bundle(Path(run_dir) / "ensemble.pt", device)
     first = members[0]
     spec = {
         "bands": first.bands,
-        "size_px": first.size_px,
-        "chip_px": first.size_px - 2 * first.context_px,  # the file's context_px: the reach
+        "geometry": first.geometry,
         "train": first.train.model_dump(mode="json"),
     }
     return [(m.model, m.standardiser, m.target) for m in members], spec
@@ -438,9 +393,6 @@ def training_history(run_dir: str | Path) -> Any:
     """Every fit's epochs in a run: a DataFrame with ``fold``, ``task`` (``select``,
     ``member_m``), ``refit``, ``epoch``, ``train_loss``, ``val_loss``, ``lr`` and
     ``seconds`` (a refit has no validation chips: its ``val_loss`` is its training loss)."""
-    import pandas as pd
-
-    from agbcube.train.tasks import load_result
 
     frames = []
     for path in sorted(Path(run_dir).glob("fold_*/*.npz")):
