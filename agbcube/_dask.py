@@ -10,6 +10,9 @@ from typing import Any
 
 import dask
 
+from agbcube._progress import dask_progress
+from agbcube.errors import ConfigError, MissingDependencyError
+
 __all__ = ["IN_PROCESS", "check_scheduler", "compute", "dask_scheduler", "probe_worker"]
 
 SCHEDULERS = ("threads", "processes", "synchronous", "local")
@@ -22,8 +25,6 @@ log = logging.getLogger(__name__)
 def check_scheduler(spec: str) -> None:
     """Raise ConfigError for a scheduler that is neither known nor a cluster address."""
     if spec not in SCHEDULERS and "://" not in spec:
-        from agbcube.errors import ConfigError
-
         raise ConfigError(
             f"unknown scheduler {spec!r}: use one of {list(SCHEDULERS)} or a cluster address "
             "such as tcp://10.0.0.5:8786"
@@ -60,8 +61,6 @@ def dask_scheduler(
     try:
         from distributed import Client, LocalCluster
     except ImportError as err:
-        from agbcube.errors import MissingDependencyError
-
         raise MissingDependencyError(
             f"--scheduler {spec} needs dask.distributed, which is not installed: "
             "pip install 'agbcube[cluster]' (or use threads, processes or synchronous)"
@@ -79,8 +78,6 @@ def dask_scheduler(
         try:
             client = Client(spec)
         except OSError as err:  # distributed's connection timeout
-            from agbcube.errors import ConfigError
-
             raise ConfigError(
                 f"cannot reach the Dask scheduler at {spec} ({err}); check the address, and "
                 "that the scheduler is running and reachable from this machine"
@@ -97,7 +94,6 @@ def dask_scheduler(
 
 def compute(*objs: Any, client: Any = None, progress: bool = True, label: str = "") -> tuple:
     """``dask.compute`` with a progress bar (`agbcube._progress`), on ``client`` when given."""
-    from agbcube._progress import dask_progress
 
     return dask_progress(objs, client=client, label=label, enabled=progress)
 

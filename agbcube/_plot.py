@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from agbcube._io import atomic_path
+
 
 def new_figure(figsize: tuple[float, float]) -> Any:
     """An empty ``Figure`` that belongs to no pyplot figure manager."""
@@ -22,7 +24,6 @@ def new_figure(figsize: tuple[float, float]) -> Any:
 
 def save_figure(fig: Any, path: str | Path, *, dpi: int = 90, tight: bool = False) -> Path:
     """Write ``fig`` as a PNG atomically (a temporary sibling, then a rename)."""
-    from agbcube._io import atomic_path
 
     path = Path(path)
     with atomic_path(path) as tmp:

@@ -29,7 +29,10 @@ from rich.console import Console
 from rich.table import Table
 
 from agbcube import __version__
+from agbcube._dask import dask_scheduler
+from agbcube._io import WRITE_HINTS, prepare_output_dir, write_failure
 from agbcube._progress import console, log_width
+from agbcube.config import check_device, config_reference, load_config
 from agbcube.errors import AgbcubeError, missing_dependency
 
 EXIT_CODES = (
@@ -165,7 +168,6 @@ def _fail(kind: str, message: str, code: int, err: BaseException) -> None:
 
 
 def _os_error_message(err: OSError) -> str:
-    from agbcube._io import WRITE_HINTS, write_failure
 
     if err.errno in WRITE_HINTS:
         return write_failure(Path(err.filename or "."), err, what="output")
@@ -265,7 +267,6 @@ def build_cube_cmd(
     verbose: VerboseOpt = False,
 ) -> None:
     """Align each site's satellite stack and AGB map and write the Zarr cube."""
-    from agbcube.config import load_config
     from agbcube.cube import build_cube
 
     cfg = load_config(config)
@@ -307,8 +308,6 @@ def demo_cmd(
     verbose: VerboseOpt = False,
 ) -> None:
     """Generate three synthetic sites and run the pipeline on them end to end."""
-    from agbcube._io import prepare_output_dir
-    from agbcube.config import load_config
     from agbcube.cube import build_cube, cube_sites
     from agbcube.demo import write_demo
     from agbcube.folds import make_folds, write_folds
@@ -401,8 +400,6 @@ def folds_cmd(
     verbose: VerboseOpt = False,
 ) -> None:
     """Cut the cube into chips, split them into honest spatial folds, audit for leakage."""
-    from agbcube._dask import dask_scheduler
-    from agbcube.config import load_config
     from agbcube.folds import make_folds, write_folds
 
     cfg = load_config(config)
@@ -467,7 +464,6 @@ def train_cmd(
     verbose: VerboseOpt = False,
 ) -> None:
     """Cross-validate the model over the folds (making them if missing); write the run."""
-    from agbcube.config import check_device, load_config
 
     device = None if device is None else check_device(device, "--device")
     cfg = load_config(config)
@@ -577,7 +573,6 @@ def predict_cmd(
     verbose: VerboseOpt = False,
 ) -> None:
     """Map AGB (ensemble mean and s.d.) and its area of applicability, as COGs, Zarr and PNGs."""
-    from agbcube.config import check_device, load_config
     from agbcube.cube import build_cube, cube_sites
     from agbcube.predict import run_cube
     from agbcube.train.plan import resolve_device
@@ -627,7 +622,6 @@ def _predict_sites(
     scheduler: str = "threads",
     quiet: bool = False,
 ) -> None:
-    from agbcube._dask import dask_scheduler
     from agbcube.cube import open_cube
     from agbcube.predict import predict_run, write_maps
     from agbcube.stac.items import update_map_collection
@@ -680,7 +674,6 @@ def export_cmd(
 @_command
 def config_reference_cmd() -> None:
     """Print the reference of every configuration key (Markdown)."""
-    from agbcube.config import config_reference
 
     sys.stdout.write(config_reference())
 

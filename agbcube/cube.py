@@ -45,6 +45,7 @@ from agbcube._io import (
     temporary_sibling,
     write_errors,
 )
+from agbcube._log import reporter
 from agbcube._store import (
     ZARR_FORMAT,
     cube_sites,
@@ -63,7 +64,9 @@ from agbcube.errors import (
     NoOverlapError,
 )
 from agbcube.indices import compute_indices, plan_indices
+from agbcube.stac import composites as stac
 from agbcube.stac.composites import clear_fraction_checks, warn_no_clear
+from agbcube.stac.items import write_cube_item
 
 __all__ = [
     "RasterInfo",
@@ -518,7 +521,6 @@ def _stac_satellite(
     The catalogue is searched and checked here, before any pixel is read; the extra attrs carry
     the provenance facts (item ids) and the layers whose clear share is checked after writing.
     """
-    from agbcube.stac import composites as stac
 
     assert isinstance(site.satellite, StacSource)
     if cube.grid == "satellite":
@@ -623,8 +625,6 @@ def write_site(
     """
     import zarr
 
-    from agbcube.stac.items import write_cube_item
-
     store = Path(store)
     site = ds.attrs["site"]
     tmp = temporary_sibling(store / site, "tmp")
@@ -728,7 +728,6 @@ def build_cube(
     CubeError
         ``cube.output`` is not an agbcube cube, or a site would replace another (see above).
     """
-    from agbcube._log import reporter
 
     store = Path(cube.output)
     say = reporter(log, echo)

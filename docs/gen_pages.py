@@ -23,6 +23,8 @@ API_MODULES = {
     "agbcube.chips": "Cutting cubes into chips.",
     "agbcube.folds": "Honest spatial folds and the leakage audit.",
     "agbcube.train": "Cross-validated training.",
+    "agbcube.train.plan": "A run's plan: its settings resolved once, and its tasks.",
+    "agbcube.train.execute": "Running a run's tasks, here or on a Dask cluster.",
     "agbcube.train.cluster": "Training on a Dask cluster: fits as tasks, GPU workers, faults.",
     "agbcube.predict": "Maps, uncertainty and the area of applicability.",
     "agbcube.stac.composites": "STAC in: seasonal multi-sensor composites from a catalogue.",

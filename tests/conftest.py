@@ -141,25 +141,24 @@ def local_cluster():
         yield cluster
 
 
-class _StartedTasks:
-    """A scheduler plugin: every task that started, with the resources it asked for."""
-
-    name = "agbcube-test-started-tasks"
-
-    def __init__(self, scheduler):
-        self.scheduler, self.seen = scheduler, []
-
-    def transition(self, key, start, finish, *args, **kwargs):
-        if finish == "processing":
-            resources = self.scheduler.tasks[key].resource_restrictions
-            self.seen.append((str(key), dict(resources or {})))
-
-
 @pytest.fixture
 def started_tasks(local_cluster):
     """``[(key, resources)]`` of the tasks :func:`local_cluster` starts during a test, in
     order (a task run again is there twice)."""
-    plugin = _StartedTasks(local_cluster.scheduler)
+    from distributed.diagnostics.plugin import SchedulerPlugin
+
+    class StartedTasks(SchedulerPlugin):  # the other hooks: the base class's no-ops
+        name = "agbcube-test-started-tasks"
+
+        def __init__(self, scheduler):
+            self.scheduler, self.seen = scheduler, []
+
+        def transition(self, key, start, finish, *args, **kwargs):
+            if finish == "processing":
+                resources = self.scheduler.tasks[key].resource_restrictions
+                self.seen.append((str(key), dict(resources or {})))
+
+    plugin = StartedTasks(local_cluster.scheduler)
     local_cluster.scheduler.add_plugin(plugin, name=plugin.name)
     try:
         yield plugin.seen

@@ -97,7 +97,7 @@ def test_a_model_with_a_margin_reads_real_context_and_tiles_exactly():
             stride_px=8,
             log_target=False,
             block_px=block,
-            margin_px=model.margin,
+            reach_px=model.reach_px,
         )
         np.testing.assert_allclose(maps.agb_mean.values, truth, rtol=1e-5, atol=1e-5)
 

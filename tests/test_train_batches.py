@@ -168,7 +168,7 @@ def test_readers_give_identical_preparations_and_batches(
     def mask_of(rows):
         return mask[[local[int(r)] for r in rows]]
 
-    common = dict(size_px=size, bands=demo_bands, margin=2, lonlat=True)
+    common = dict(size_px=size, bands=demo_bands, context_px=2, lonlat=True)
     memory = MemoryReader(demo_config.cube.output, demo_folds, **common)
     chunks = ChunkReader(small_chunk_cube, demo_folds, **common)
     geometry = ChipGeometry(size, size, context_px=2)

@@ -312,7 +312,7 @@ def test_a_killed_client_resumes_with_only_the_missing_tasks(
     run_cv(cfg, output=out, device="cpu", plots=False, resume=True, scheduler=address)
     ran = [r.getMessage() for r in caplog.records if ": done in " in r.getMessage()]
     assert len(ran) == n_tasks - len(done), ran
-    assert f"{len(done)} of {n_tasks} tasks done and kept; submitting" in caplog.text
+    assert f"{len(done)} of {n_tasks} tasks done and kept; {len(ran)} to run" in caplog.text
     assert {p: p.stat().st_mtime_ns for p in done} == done  # never run again
     _same_predictions(ref, out)
 

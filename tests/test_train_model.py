@@ -22,7 +22,7 @@ def test_model_shapes(head, norm):
     model = CNNCoordinateModel(7, 16, head=head, norm=norm, conv_channels=(8, 16), fc_units=(12,))
     out = model(torch.randn(5, 7, 16, 16))
     # the dense head's unpadded convolutions trim one pixel a side per block
-    assert model.margin == (2 if head == "dense" else 0)
+    assert model.reach_px == (2 if head == "dense" else 0)
     assert out.shape == ((5,) if head == "chip" else (5, 12, 12))
     assert torch.isfinite(out).all()
     # odd sizes work too
@@ -54,7 +54,7 @@ def test_input_bottleneck_mixes_bands_per_pixel_and_adds_no_reach():
     first, block = model.features[0], model.features[3]
     assert first.kernel_size == (1, 1) and first.out_channels == 4
     assert block.kernel_size == (3, 3) and block.in_channels == 4
-    assert model.margin == 2
+    assert model.reach_px == 2
     model.eval()
     x = torch.randn(2, 9, 14, 14)
     out = model(x)
@@ -81,7 +81,7 @@ def test_separable_blocks_keep_the_reach_with_fewer_weights(bottleneck):
         (6, (3, 3)),
     ]
     assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in full.parameters())
-    assert model.margin == full.margin == 2
+    assert model.reach_px == full.reach_px == 2
     model.eval()
     x = torch.randn(2, 9, 14, 14)
     out = model(x)

@@ -30,7 +30,7 @@ def _record(**train):
         coordinates=False,
         per_chip=False,
         # two unpadded 3x3 convolutions: 2 px each side
-        geometry=ChipGeometry(8, 8, context_px=2, reach_px=model.margin),
+        geometry=ChipGeometry(8, 8, context_px=2, reach_px=model.reach_px),
     )
     bands = ["a", "b", "c", "d", "e"]
     return model, model_record(model, prep, cfg, bands=bands, fold=1, member=2)

@@ -38,7 +38,12 @@ def test_memory_reader_cuts_the_cube_windows_with_context_and_no_margin_labels(
 
     size, m = demo_config.chips.size, 5
     reader = MemoryReader(
-        demo_config.cube.output, demo_folds, size_px=size, bands=demo_bands, margin=m, lonlat=True
+        demo_config.cube.output,
+        demo_folds,
+        size_px=size,
+        bands=demo_bands,
+        context_px=m,
+        lonlat=True,
     )
     x, agb, lonlat, pos = _all(reader)
     np.testing.assert_array_equal(pos, np.arange(len(demo_folds)))
@@ -61,7 +66,7 @@ def test_memory_reader_cuts_the_cube_windows_with_context_and_no_margin_labels(
 
 
 def test_memory_reader_reads_a_site_in_strips_when_it_is_large(demo_config, demo_folds, demo_bands):
-    common = dict(size_px=demo_config.chips.size, bands=demo_bands, margin=3)
+    common = dict(size_px=demo_config.chips.size, bands=demo_bands, context_px=3)
     whole = MemoryReader(demo_config.cube.output, demo_folds, **common)
     strips = MemoryReader(demo_config.cube.output, demo_folds, load_limit_bytes=1, **common)
     np.testing.assert_array_equal(whole.x, strips.x)
@@ -73,7 +78,7 @@ def test_every_reader_yields_the_same_chips(
     demo_config, demo_folds, demo_bands, small_chunk_cube, margin
 ):
     """The reference (xbatcher, one chip at a time), the in-memory and the chunked reader."""
-    common = dict(size_px=demo_config.chips.size, bands=demo_bands, margin=margin, lonlat=True)
+    common = dict(size_px=demo_config.chips.size, bands=demo_bands, context_px=margin, lonlat=True)
     stride = max(1, round(demo_config.chips.size * (1 - demo_config.chips.overlap)))
     memory = _all(MemoryReader(demo_config.cube.output, demo_folds, **common))
     rng = np.random.default_rng(4)

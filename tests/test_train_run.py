@@ -103,7 +103,9 @@ def test_the_ensemble_is_the_mean_of_its_members_in_mg_ha(demo_config, demo_fold
     maps, agb = [], None
     for m in range(2):
         member = load_model(tmp_path / "e" / "fold_0" / f"model_{m}.pt")
-        reader = MemoryReader(cfg.cube.output, demo_folds, size_px=16, bands=member.bands, margin=1)
+        reader = MemoryReader(
+            cfg.cube.output, demo_folds, size_px=16, bands=member.bands, context_px=1
+        )
         prep = Preparation(member.standardiser, member.target, False, False, member.geometry)
         block = next(reader.blocks(test, block=len(test)))
         x = torch.from_numpy(prep.inputs(block))

@@ -9,6 +9,14 @@ import geopandas as gpd
 import numpy as np
 import pandas as pd
 
+from agbcube._io import (
+    atomic_path,
+    check_replaceable,
+    output_lock,
+    write_json_atomic,
+    written_by,
+)
+from agbcube._store import cube_site_keys
 from agbcube.errors import FoldError
 from agbcube.folds.plots import plot_fold_map
 from agbcube.folds.splitter import ROLES
@@ -25,13 +33,6 @@ def write_folds(folds: gpd.GeoDataFrame, path: str | Path, *, maps: bool = True)
     write, at any of them raises `OutputExistsError` and nothing is
     written. Returns the paths written.
     """
-    from agbcube._io import (
-        atomic_path,
-        check_replaceable,
-        output_lock,
-        write_json_atomic,
-        written_by,
-    )
 
     path = Path(path)
     meta = folds.attrs.get("agbcube", {})
@@ -181,7 +182,6 @@ def check_folds_cube(
     CubeError
         ``store`` is not a complete cube.
     """
-    from agbcube._store import cube_site_keys
 
     record = folds.attrs.get("agbcube", {}).get("cube")
     if not record:

@@ -7,6 +7,9 @@ from pathlib import Path
 
 import geopandas as gpd
 
+from agbcube._io import written_by
+from agbcube._plot import label_projected, new_figure
+
 _ROLE_COLOURS = {"train": "#4c72b0", "val": "#dd8452", "test": "#c44e52", "buffer": "#cccccc"}
 
 
@@ -23,8 +26,6 @@ def plot_fold_map(
     Chips are drawn in the site's UTM zone, with its coordinates (km) on the axes.
     """
     from matplotlib.patches import Patch
-
-    from agbcube._plot import label_projected, new_figure
 
     sub = folds[folds["site"] == site]
     sub = sub.to_crs(sub.estimate_utm_crs())
@@ -48,7 +49,6 @@ def plot_fold_map(
     fig.suptitle(title)
     fig.legend(handles=handles, loc="lower center", ncol=4, frameon=False)
     fig.tight_layout(rect=(0, 0.12, 1, 0.95))
-    from agbcube._io import written_by
 
     # the caller writes through a temporary path; the metadata marks the PNG as agbcube's
     fig.savefig(path, dpi=90, format="png", metadata={"agbcube": written_by()})

@@ -12,6 +12,8 @@ from typing import Any
 import geopandas as gpd
 import pandas as pd
 
+from agbcube._log import reporter
+from agbcube._store import cube_site_keys, open_cube, site_read_errors
 from agbcube.chips import make_chips, no_chip_reason
 from agbcube.errors import CubeError, FoldError
 from agbcube.folds.audit import leakage_audit
@@ -52,7 +54,6 @@ def make_folds(config: Any, *, echo: Any = None, client: Any = None) -> gpd.GeoD
         No site gives a usable chip (the message gives each site's cause), or the chips cannot
         be split.
     """
-    from agbcube._log import reporter
 
     say = reporter(log, echo)
     store = config.cube.output
@@ -98,7 +99,6 @@ def make_folds(config: Any, *, echo: Any = None, client: Any = None) -> gpd.GeoD
 
 def _config_site_keys(config: Any) -> dict[str, str]:
     """The build key of each of the config's sites in its cube; a site not built is an error."""
-    from agbcube._store import cube_site_keys
 
     keys = cube_site_keys(config.cube.output)
     missing = [site.name for site in config.sites if site.name not in keys]
@@ -194,7 +194,6 @@ def _site_folds_task(config: Any, site: str) -> tuple[_SiteFolds, list[tuple[typ
 def _cut_site(config: Any, site: str) -> tuple[gpd.GeoDataFrame | None, dict, dict | None]:
     """A site's chips (None, with a warning naming the cause, when it has none), their summary
     and, with ``buffer_m: auto``, its variogram; a damaged store is named with the site."""
-    from agbcube._store import open_cube, site_read_errors
 
     store, chips_cfg = config.cube.output, config.chips
     with site_read_errors(store, site):

@@ -9,7 +9,7 @@ import numpy as np
 import shapely
 import xarray as xr
 
-from agbcube.chips import pixel_centres_m
+from agbcube.chips import local_metric_crs, pixel_centres_m
 from agbcube.errors import FoldError
 
 # --------------------------------------------------------------------------------------------
@@ -47,7 +47,6 @@ def estimate_range_m(
         ``range_m`` (practical range of the fitted exponential part), ``nugget``, ``psill``,
         ``drift_per_m``, ``model``, and the empirical ``bins_m`` / ``gamma`` / ``n_pairs``.
     """
-    from agbcube.chips import local_metric_crs
 
     agb = ds["agb"].values
     rows, cols = np.nonzero(np.isfinite(agb))

@@ -9,8 +9,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
+from agbcube._store import open_cube, site_read_errors
 from agbcube.errors import FoldError
+from agbcube.folds import read_folds
 
 # --------------------------------------------------------------------------------------------
 # area of applicability
@@ -40,7 +43,6 @@ def standardise(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
 
 def nearest(query: np.ndarray, points: np.ndarray, block: int = 8192) -> np.ndarray:
     """Euclidean distance of each query row to its nearest point (matmul-based, blocked)."""
-    import torch
 
     pts = torch.from_numpy(np.ascontiguousarray(points))
     out = np.empty(len(query), dtype=np.float32)
@@ -73,7 +75,6 @@ def aoa_reference(
     mean = np.where(np.isfinite(mean), mean, 0.0)
     std = np.where(np.isfinite(std) & (std > 1e-12), std, 1.0)
     pts = standardise(pixels, mean, std)
-    import torch
 
     d = torch.cdist(torch.from_numpy(pts), torch.from_numpy(pts)).numpy()
     n = len(pts)
@@ -109,7 +110,6 @@ def _labelled_pixels(
     random_state: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A sample of labelled pixels' features from every chip, with the chip's test fold."""
-    from agbcube._store import open_cube, site_read_errors
 
     rng = np.random.default_rng(random_state)
     feats, fold_of = [], []
@@ -130,7 +130,6 @@ def _labelled_pixels(
 
 def run_aoa(run_dir: Path, store: Path, bands: list[str], size: int) -> AOAReference:
     """The AOA reference of a run: its training chips' labelled pixels, by fold."""
-    from agbcube.folds import read_folds
 
     try:
         folds = read_folds(run_dir / "folds.parquet", cube=store)

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from agbcube.errors import InputFileError, TrainingError
+from agbcube.train import load_ensemble
+from agbcube.train.plan import resolve_device
 
 
 @dataclass(frozen=True)
@@ -28,7 +30,6 @@ class EnsembleFile:
 
     def load(self, device: str) -> tuple[list[tuple[Any, ...]], dict[str, Any], Any]:
         """The members on ``device`` (``auto`` resolved here), their spec and the device."""
-        from agbcube.train.plan import resolve_device
 
         dev = resolve_device(device)
         key = (self, str(dev))
@@ -37,7 +38,6 @@ class EnsembleFile:
                 _MODELS.move_to_end(key)
                 return (*_MODELS[key], dev)
             self._check()
-            from agbcube.train import load_ensemble
 
             _MODELS[key] = load_ensemble(Path(self.path).parent, device=str(dev))
             _LOADS[key] += 1
@@ -70,7 +70,6 @@ _KEEP_MODELS = 2  # ensembles a process keeps (a long-lived worker maps for seve
 def device_here(device: str) -> str:
     """``device`` when this process has it, else the CPU (a client without the GPUs its
     cluster's workers have)."""
-    from agbcube.train.plan import resolve_device
 
     try:
         return str(resolve_device(device))

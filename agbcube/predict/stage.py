@@ -9,6 +9,7 @@ import xarray as xr
 from agbcube._io import (
     digest,
 )
+from agbcube.config import load_run_config
 from agbcube.predict.aoa import run_aoa
 from agbcube.predict.models import EnsembleFile, device_here
 from agbcube.predict.tiles import predict_site
@@ -81,7 +82,7 @@ def predict_run(
         aoa=reference,
         bands=spec["bands"],
         block_px=block_px,
-        margin_px=geometry.reach_px,
+        reach_px=geometry.reach_px,
     )
     maps.attrs["key"] = _maps_key(run_dir, ds, maps, window=window, stride=stride, aoa=aoa)
     maps.attrs["run"] = run_dir.resolve().name
@@ -118,6 +119,5 @@ def run_cube(run_dir: str | Path) -> Path:
     ConfigError
         ``run_dir`` holds no readable, valid config.yaml.
     """
-    from agbcube.config import load_run_config
 
     return load_run_config(run_dir).cube.output

@@ -11,6 +11,7 @@ import numpy as np
 import xarray as xr
 
 from agbcube._cf import AGB_UNITS, cf_dataset, linear_units
+from agbcube._store import site_read_errors
 from agbcube.errors import BandError
 from agbcube.predict.aoa import AOAReference, nearest, standardise
 from agbcube.predict.layers import LAYERS
@@ -24,6 +25,7 @@ from agbcube.predict.windows import (
     default_block,
     windows_touching,
 )
+from agbcube.train.readers import lonlat_of
 
 # --------------------------------------------------------------------------------------------
 # tiled prediction of one block
@@ -46,8 +48,6 @@ class _Window:
 
     def read(self) -> np.ndarray:
         import dask
-
-        from agbcube._store import site_read_errors
 
         # a Dask-backed input is computed here, in this task, never on a cluster from inside it
         with dask.config.set(scheduler="synchronous"), site_read_errors(None, self.site):
@@ -95,15 +95,13 @@ def _predict_tile(
     ys = windows_touching(spec.shape[0], spec.window, spec.stride, r0, ny)
     xs = windows_touching(spec.shape[1], spec.window, spec.stride, c0, nx)
     if spec.crs is not None and xy is not None:
-        from agbcube.train.readers import lonlat_of
-
         feats = np.concatenate([feats, lonlat_of(*xy, spec.crs)])
     feats = canvas(feats, (top, left), ys, xs, spec)
     per_model = np.stack([blend(m, feats, ys, xs, offset, core, spec) for m in members])
     out = np.full((4, ny, nx), np.nan, np.float32)
     out[0] = per_model.mean(axis=0)
     out[1] = per_model.std(axis=0) if len(members) > 1 else 0.0
-    oy, ox = int(ys[0]) - spec.margin, int(xs[0]) - spec.margin
+    oy, ox = int(ys[0]) - spec.reach_px, int(xs[0]) - spec.reach_px
     core_feats = feats[: spec.n_features, r0 - oy : r0 - oy + ny, c0 - ox : c0 - ox + nx]
     if aoa is not None:
         flat = np.moveaxis(core_feats, 0, -1).reshape(-1, spec.n_features)
@@ -137,7 +135,7 @@ def predict_site(
     aoa: AOAReference | None = None,
     bands: Sequence[str] | None = None,
     block_px: int | None = None,
-    margin_px: int = 0,
+    reach_px: int = 0,
 ) -> xr.Dataset:
     """Lazily predict every pixel of a site's cube.
 
@@ -170,8 +168,9 @@ def predict_site(
     block_px : int, optional
         Tile (Dask block and output chunk) side; a task holds ``bands × (block + 2 window)² × 4``
         bytes of input. Default 512, less for a small site, to split it into 2 × 2 tiles.
-    margin_px : int
-        Context the models read around each window (their ``margin``); NaN beyond the site.
+    reach_px : int
+        Context the models consume around each window (their convolutions' reach); NaN
+        beyond the site.
 
     Returns
     -------
@@ -191,7 +190,7 @@ def predict_site(
         device=device,
         n_features=feats.sizes["band"],
         crs=ds.rio.crs.to_wkt() if coordinates else None,
-        margin=margin_px,
+        reach_px=reach_px,
     )
     if isinstance(models, str | Path):
         members_d: Any = EnsembleFile.of(models)  # a few bytes in every tile's task
@@ -228,17 +227,17 @@ def _tiles(
     # a cube already in memory is sliced here; a lazy one is read by each tile's task
     loaded = feats.chunks is None and getattr(feats.variable, "_in_memory", False)
     x, y = feats["x"].values, feats["y"].values
-    (ny_all, nx_all), window, margin = spec.shape, spec.window, spec.margin
+    (ny_all, nx_all), window, reach_px = spec.shape, spec.window, spec.reach_px
     ychunks, xchunks = axis_chunks(ny_all, block_px), axis_chunks(nx_all, block_px)
     rows = []
     for r0, ny in zip(chunk_offsets(ychunks), ychunks, strict=True):
         ys = windows_touching(ny_all, window, spec.stride, int(r0), ny)
-        top, bottom = max(0, int(ys[0]) - margin), min(ny_all, int(ys[-1]) + window + margin)
+        top, bottom = max(0, int(ys[0]) - reach_px), min(ny_all, int(ys[-1]) + window + reach_px)
         row = []
         for c0, nx in zip(chunk_offsets(xchunks), xchunks, strict=True):
             xs = windows_touching(nx_all, window, spec.stride, int(c0), nx)
-            left = max(0, int(xs[0]) - margin)
-            right = min(nx_all, int(xs[-1]) + window + margin)
+            left = max(0, int(xs[0]) - reach_px)
+            right = min(nx_all, int(xs[-1]) + window + reach_px)
             region = feats.isel(y=slice(top, bottom), x=slice(left, right))
             source = region.values if loaded else _Window(_without_cache(region), site)
             tile = dask.delayed(_predict_tile, pure=False)(

@@ -7,8 +7,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from agbcube.errors import ConfigError
+from agbcube.train.loop import predict
 
 
 @dataclass(frozen=True)
@@ -22,7 +24,7 @@ class TileSpec:
     device: str
     n_features: int
     crs: str | None  # WKT, when the models take lon/lat channels
-    margin: int = 0  # context pixels a model reads around each window (unpadded convolutions)
+    reach_px: int = 0  # context pixels a model reads around each window (unpadded convolutions)
 
 
 def cosine_weights(size: int) -> np.ndarray:
@@ -60,7 +62,7 @@ def canvas(
 ) -> np.ndarray:
     """``feats`` (read from global pixel ``at``) placed on the region every window of ``ys``
     × ``xs`` reads with its margin, NaN beyond the site (also a site smaller than a window)."""
-    m, window = spec.margin, spec.window
+    m, window = spec.reach_px, spec.window
     oy, ox = int(ys[0]) - m, int(xs[0]) - m
     need = (int(ys[-1]) + window + m - oy, int(xs[-1]) + window + m - ox)
     if (oy, ox) == at and need == feats.shape[1:]:
@@ -82,14 +84,11 @@ def blend(
     spec: TileSpec,
 ) -> np.ndarray:
     """One member's map of the tile core: the cosine-tapered mean of every window over it."""
-    import torch
-
-    from agbcube.train.loop import predict
 
     model, std, *rest = member
     target = rest[0] if rest else None
     (r0, c0), (ny, nx), window = offset, core, spec.window
-    side = window + 2 * spec.margin  # each window's input: the window and its margin
+    side = window + 2 * spec.reach_px  # each window's input: the window and its margin
     taper = cosine_weights(window)
     acc = np.zeros((ny, nx), np.float64)
     wsum = np.zeros((ny, nx), np.float64)

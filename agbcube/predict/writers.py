@@ -12,6 +12,7 @@ import numpy as np
 import xarray as xr
 
 from agbcube._cf import AGB_UNITS
+from agbcube._dask import compute
 from agbcube._io import (
     atomic_path,
     output_lock,
@@ -22,9 +23,11 @@ from agbcube._io import (
     write_json_atomic,
     written_by,
 )
+from agbcube._log import reporter
 from agbcube._plot import label_projected, new_figure, raster_extent, save_figure
 from agbcube.predict.layers import LAYER_INFO
 from agbcube.predict.windows import chunk_offsets
+from agbcube.stac.items import map_item, write_map_item
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +65,6 @@ def write_maps(
     OutputExistsError
         ``output`` is a file, or a folder holding files agbcube did not write.
     """
-    from agbcube._log import reporter
-    from agbcube.stac.items import map_item, write_map_item
 
     output = Path(output)
     say = reporter(log, echo)
@@ -136,8 +137,6 @@ def _write_tiles(
     import dask
     import dask.array as dsa
     import zarr
-
-    from agbcube._dask import compute
 
     layers = _layers_of(maps)
     partial = zpath.with_name(zpath.name + ".partial")

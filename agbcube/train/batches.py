@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from agbcube.chips import ChipGeometry
+from agbcube.train.model import Augmentation, dihedral_index
 from agbcube.train.readers import ChipReader, RawBlock
 
 __all__ = [
@@ -312,7 +313,6 @@ def gather_batch(
     contiguous floats per index); the spectral gain then scales the first channels. Returns
     ``x`` ``(n, c, h, w)`` (a channels-last view) and ``y``.
     """
-    from agbcube.train.model import dihedral_index
 
     h, w = hw
     n = idx.numel()
@@ -413,7 +413,6 @@ def _joined(augs: list[Any] | None) -> Any:
     """Per-batch augmentations as one, for a whole pass's gather."""
     if not augs:
         return None
-    from agbcube.train.model import Augmentation
 
     gains = [a.gain for a in augs]
     gain = None if gains[0] is None else torch.cat(gains)

@@ -342,7 +342,7 @@ class ClusterTasks:
             geometry,
             n_chips,
             n_bands,
-            self.device.type,
+            self.spec,  # `auto` resolved on the worker, as its tasks will
             self.copies,
             key=f"train/data_path-{self.token}",
             resources=self.resources,
@@ -371,7 +371,7 @@ class ClusterTasks:
             _run_on_worker,
             task,
             str(self._run_dir),
-            self.device.type,
+            self.spec,
             self.threads,
             self._level,
             *waits,

@@ -88,7 +88,7 @@ class RunData:
             size_px=g.size_px,
             stride_px=g.stride_px,
             bands=self.bands,
-            margin=g.context_px,
+            context_px=g.context_px,
             lonlat=self.tcfg.coordinates == "geographic",
         )
         if self.data_path == "device":

@@ -92,7 +92,7 @@ def execute(tasks: list[Task], run_dir: Path, executor: Any, *, tcfg: Any, bar: 
     pending = [t for t in tasks if not t.is_done(run_dir)]
     n_done, n_tasks = len(tasks) - len(pending), len(tasks)
     if n_done:
-        log.info("%d of %d tasks done and kept", n_done, n_tasks)
+        log.info("%d of %d tasks done and kept; %d to run", n_done, n_tasks, len(pending))
     bar.advance(n_done)
     failures: dict[Task, BaseException] = {}
     with executor.running(run_dir):

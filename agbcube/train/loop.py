@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from agbcube._io import write_errors
 from agbcube.errors import TrainingError
 from agbcube.train.model import (
     Augmentation,
@@ -387,7 +388,6 @@ def _log_epoch(fit_: _Fit, record: dict[str, float], label: str, *, validated: b
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
-    from agbcube._io import write_errors
 
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:

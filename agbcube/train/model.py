@@ -90,7 +90,7 @@ class CNNCoordinateModel(nn.Module):
         self.head = head
         valid = head == "dense" and padding == "valid"
         #: context pixels each side of the input that the output does not cover
-        self.margin = len(conv_channels) if valid else 0
+        self.reach_px = len(conv_channels) if valid else 0
         layers: list[nn.Module] = []
         c_in, side = in_channels, size_px
         if bottleneck:

@@ -20,8 +20,10 @@ import torch
 
 from agbcube._io import atomic_path
 from agbcube.chips import ChipGeometry
+from agbcube.config import TrainConfig
 from agbcube.errors import TrainingError
 from agbcube.train.batches import Preparation, Standardiser, TargetTransform
+from agbcube.train.loop import build_model
 
 __all__ = ["LoadedModel", "load_bundle", "load_model", "model_record", "save_bundle", "save_model"]
 
@@ -106,9 +108,6 @@ def _load(path: Path, device: Any) -> Any:
 def _member(record: Any, path: Path, device: Any) -> LoadedModel:
     """Validate a record read back, then build its model."""
     from pydantic import ValidationError
-
-    from agbcube.config import TrainConfig
-    from agbcube.train.loop import build_model
 
     missing = [k for k in _KEYS if not isinstance(record, dict) or k not in record]
     if missing:

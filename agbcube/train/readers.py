@@ -2,7 +2,7 @@
 
 A reader knows a table of chips (``site``, ``row``, ``col``: the pixel offset of each chip's
 corner in its site's cube) and yields them as `RawBlock` s: unstandardised features of
-each chip's *window* (the chip and ``margin`` context pixels on each side, NaN beyond the
+each chip's *window* (the chip and ``context_px`` pixels of context on each side, NaN beyond the
 site's edge), its AGB in Mg/ha (NaN where missing and in the margin: context is input, never
 label) and, when asked, the longitude and latitude of every window pixel.
 
@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from agbcube._store import cube_crs, open_cube, site_read_errors
 from agbcube.errors import BandError
 
 __all__ = [
@@ -73,7 +74,7 @@ class ChipReader(Protocol):
 
     bands: list[str]
     size_px: int
-    margin: int
+    context_px: int
 
     def __len__(self) -> int:
         """Chips in the reader's table."""
@@ -109,7 +110,6 @@ def resolve_bands(
 
     Sites are aligned by band name; a site lacking one of them is an error naming it.
     """
-    from agbcube._store import open_cube
 
     want = list(bands) if bands is not None else None
     for site in pd.unique(np.asarray(sites)):
@@ -145,14 +145,12 @@ def lonlat_of(x: np.ndarray, y: np.ndarray, crs: Any) -> np.ndarray:
 
 def _site_lonlat(ds: xr.Dataset) -> np.ndarray:
     """(2, y, x) longitude/latitude of every pixel centre of a site's cube."""
-    from agbcube._store import cube_crs
 
     return lonlat_of(ds["x"].values, ds["y"].values, cube_crs(ds))
 
 
 def chip_lonlat(store: str | Path, chips: pd.DataFrame, *, size_px: int) -> np.ndarray:
     """(n, 2, size, size) longitude/latitude of the chips' pixel centres (no data is read)."""
-    from agbcube._store import open_cube
 
     table = _Table.of(chips)
     out = np.empty((len(chips), 2, size_px, size_px), np.float32)
@@ -170,32 +168,33 @@ def _windows(a: np.ndarray, rows: np.ndarray, cols: np.ndarray, size: int) -> np
     return np.moveaxis(view[..., rows, cols, :, :], -3, 0)
 
 
-def _padded(a: np.ndarray, margin: int) -> np.ndarray:
-    if not margin:
+def _padded(a: np.ndarray, context_px: int) -> np.ndarray:
+    if not context_px:
         return a
-    pad = [(0, 0)] * (a.ndim - 2) + [(margin, margin), (margin, margin)]
+    pad = [(0, 0)] * (a.ndim - 2) + [(context_px, context_px), (context_px, context_px)]
     return np.pad(a, pad, constant_values=np.nan)
 
 
-def _rows(a: xr.DataArray | np.ndarray, top: int, bottom: int, margin: int) -> np.ndarray:
-    """Rows ``top - margin`` to ``bottom + margin`` and every column of ``a`` (``(..., y, x)``),
-    ``margin`` columns more on each side, as float32: NaN where that leaves the site."""
+def _rows(a: xr.DataArray | np.ndarray, top: int, bottom: int, context_px: int) -> np.ndarray:
+    """Rows ``top - context_px`` to ``bottom + context_px`` and every column of ``a``
+    (``(..., y, x)``), ``context_px`` columns more on each side, as float32: NaN where that
+    leaves the site."""
     n_y = a.shape[-2]
-    y0, y1 = max(0, top - margin), min(n_y, bottom + margin)
+    y0, y1 = max(0, top - context_px), min(n_y, bottom + context_px)
     part = a.isel(y=slice(y0, y1)).values if isinstance(a, xr.DataArray) else a[..., y0:y1, :]
     values = np.asarray(part, dtype=np.float32)
-    if not margin:
+    if not context_px:
         return values
     pad = [(0, 0)] * (values.ndim - 2)
-    pad += [(y0 - (top - margin), (bottom + margin) - y1), (margin, margin)]
+    pad += [(y0 - (top - context_px), (bottom + context_px) - y1), (context_px, context_px)]
     return np.pad(values, pad, constant_values=np.nan)
 
 
-def _label_core(agb: np.ndarray, margin: int) -> np.ndarray:
+def _label_core(agb: np.ndarray, context_px: int) -> np.ndarray:
     """``agb`` windows ``(n, w, w)`` with the margin set to NaN (context is never a label)."""
-    if margin:
-        agb[:, :margin] = agb[:, -margin:] = np.nan
-        agb[:, :, :margin] = agb[:, :, -margin:] = np.nan
+    if context_px:
+        agb[:, :context_px] = agb[:, -context_px:] = np.nan
+        agb[:, :, :context_px] = agb[:, :, -context_px:] = np.nan
     return agb
 
 
@@ -209,11 +208,11 @@ class _TableReader:
         *,
         size_px: int,
         bands: Sequence[str],
-        margin: int = 0,
+        context_px: int = 0,
         lonlat: bool = False,
     ) -> None:
         self.store, self.bands = str(store), list(bands)
-        self.size_px, self.margin = size_px, margin
+        self.size_px, self.context_px = size_px, context_px
         self.table = _Table.of(chips)
         self.with_lonlat = lonlat
 
@@ -237,7 +236,7 @@ class MemoryReader(_TableReader):
         Chip side.
     bands : list of str
         Feature bands, in order (see `resolve_bands`).
-    margin : int
+    context_px : int
         Context pixels read around every chip on each side.
     lonlat : bool
         Also hold every window pixel's longitude and latitude.
@@ -252,33 +251,33 @@ class MemoryReader(_TableReader):
         *,
         size_px: int,
         bands: Sequence[str],
-        margin: int = 0,
+        context_px: int = 0,
         lonlat: bool = False,
         load_limit_bytes: float = 2e9,
     ) -> None:
-        super().__init__(store, chips, size_px=size_px, bands=bands, margin=margin, lonlat=lonlat)
+        super().__init__(
+            store, chips, size_px=size_px, bands=bands, context_px=context_px, lonlat=lonlat
+        )
         table = self.table
-        w = size_px + 2 * margin
+        w = size_px + 2 * context_px
         n = len(table.sites)
         self.x = np.empty((n, len(self.bands), w, w), np.float32)
         self.agb = np.empty((n, w, w), np.float32)
         self.lonlat = np.empty((n, 2, w, w), np.float32) if lonlat else None
-        from agbcube._store import site_read_errors
 
         for site in pd.unique(table.sites):
             at = np.flatnonzero(table.sites == site)
             with site_read_errors(store, site):
                 self._read_site(store, site, at, table, load_limit_bytes)
-        _label_core(self.agb, margin)
+        _label_core(self.agb, context_px)
 
     def _read_site(
         self, store: str | Path, site: str, at: np.ndarray, table: _Table, limit: float
     ) -> None:
-        from agbcube._store import open_cube
 
         ds = open_cube(store, site, chunks=None)[["features", "agb"]].sel(band=self.bands)
         grid = _site_lonlat(ds) if self.lonlat is not None else None
-        size, w = self.size_px, self.size_px + 2 * self.margin
+        size, w = self.size_px, self.size_px + 2 * self.context_px
         row_bytes = ds.sizes["x"] * (len(self.bands) + 1) * 4
         strip_rows = max(w, int(limit // max(row_bytes, 1)))
         order = at[np.argsort(table.rows[at], kind="stable")]
@@ -287,12 +286,12 @@ class MemoryReader(_TableReader):
             take = order[table.rows[order] + size <= top + strip_rows]
             order = order[take.size :]
             bottom = int(table.rows[take].max()) + size
-            fx, fa = (_rows(ds[v], top, bottom, self.margin) for v in ("features", "agb"))
+            fx, fa = (_rows(ds[v], top, bottom, self.context_px) for v in ("features", "agb"))
             r, c = table.rows[take] - top, table.cols[take]
             self.x[take] = _windows(fx, r, c, w)
             self.agb[take] = _windows(fa, r, c, w)
             if grid is not None:
-                self.lonlat[take] = _windows(_rows(grid, top, bottom, self.margin), r, c, w)
+                self.lonlat[take] = _windows(_rows(grid, top, bottom, self.context_px), r, c, w)
 
     def blocks(self, positions: np.ndarray | None = None, block: int = 256) -> Iterator[RawBlock]:
         """The chips at ``positions`` (default all), in that order, ``block`` at a time."""
@@ -321,10 +320,12 @@ class XbatcherReader(_TableReader):
         size_px: int,
         stride_px: int,
         bands: Sequence[str],
-        margin: int = 0,
+        context_px: int = 0,
         lonlat: bool = False,
     ) -> None:
-        super().__init__(store, chips, size_px=size_px, bands=bands, margin=margin, lonlat=lonlat)
+        super().__init__(
+            store, chips, size_px=size_px, bands=bands, context_px=context_px, lonlat=lonlat
+        )
         self.stride_px = stride_px
         self._sites: dict[str, tuple[Any, int, np.ndarray | None]] = {}
 
@@ -333,12 +334,10 @@ class XbatcherReader(_TableReader):
         if site not in self._sites:
             import xbatcher
 
-            from agbcube._store import open_cube
-
             ds = open_cube(self.store, site)[["features", "agb"]].sel(band=self.bands)
-            grid = _padded(_site_lonlat(ds), self.margin) if self.with_lonlat else None
-            ds = _with_margin(ds, self.margin)
-            w = self.size_px + 2 * self.margin
+            grid = _padded(_site_lonlat(ds), self.context_px) if self.with_lonlat else None
+            ds = _with_margin(ds, self.context_px)
+            w = self.size_px + 2 * self.context_px
             gen = xbatcher.BatchGenerator(
                 ds,
                 input_dims={"y": w, "x": w},
@@ -360,14 +359,13 @@ class XbatcherReader(_TableReader):
                 f"chip at pixel offset {(r, c)} is not on the chip grid; were the folds made "
                 "with other chips settings than this config's?"
             )
-        from agbcube._store import site_read_errors
 
         site = self.table.sites[i]
         with dask.config.set(scheduler="synchronous"), site_read_errors(self.store, site):
             patch = gen[(r // self.stride_px) * per_row + c // self.stride_px]
-        w = self.size_px + 2 * self.margin
+        w = self.size_px + 2 * self.context_px
         ll = grid[:, r : r + w, c : c + w] if grid is not None else None
-        agb = _label_core(np.asarray(patch["agb"].values, np.float32)[None], self.margin)[0]
+        agb = _label_core(np.asarray(patch["agb"].values, np.float32)[None], self.context_px)[0]
         return np.asarray(patch["features"].values, np.float32), agb, ll
 
     def blocks(self, positions: np.ndarray | None = None, block: int = 64) -> Iterator[RawBlock]:
@@ -380,13 +378,13 @@ class XbatcherReader(_TableReader):
             yield RawBlock(np.stack([p[0] for p in parts]), np.stack([p[1] for p in parts]), ll, at)
 
 
-def _with_margin(ds: xr.Dataset, margin: int) -> xr.Dataset:
+def _with_margin(ds: xr.Dataset, context_px: int) -> xr.Dataset:
     """A site's cube with ``margin`` NaN pixels around it, its x/y coordinates extended on the
     grid's own spacing (windows of the padded cube then start where the chips do)."""
-    if not margin:
+    if not context_px:
         return ds
-    out = ds.pad(x=margin, y=margin, constant_values=np.nan)
-    ramp = np.arange(1, margin + 1)
+    out = ds.pad(x=context_px, y=context_px, constant_values=np.nan)
+    ramp = np.arange(1, context_px + 1)
     for dim in ("x", "y"):
         v = ds[dim].values.astype(np.float64)
         step = v[1] - v[0] if v.size > 1 else 1.0
@@ -415,7 +413,6 @@ class ChunkReader(_TableReader):
         Bands are picked from each decompressed tile: a band selection on the lazy array
         would make Zarr gather orthogonally, 2-3x slower than reading the whole chunk.
         """
-        from agbcube._store import open_cube
 
         ds = open_cube(self.store, site, chunks=None)[["features", "agb"]]
         have = [str(b) for b in ds["band"].values]
@@ -431,7 +428,6 @@ class ChunkReader(_TableReader):
             yield from self._site_blocks(site, positions[sites == site])
 
     def _site_blocks(self, site: str, positions: np.ndarray) -> Iterator[RawBlock]:
-        from agbcube._store import cube_crs, site_read_errors
 
         ds, band_index = self._open(site)
         plan = _SitePlan.make(ds, self, positions)
@@ -476,7 +472,7 @@ class ChunkReader(_TableReader):
                 plan.users[key] -= 1
                 if plan.users[key] == 0:
                     del tiles[key]
-        _label_core(out[1], self.margin)
+        _label_core(out[1], self.context_px)
         return RawBlock(out[0], out[1], out[2] if len(out) > 2 else None, plan.positions[chips])
 
 
@@ -503,9 +499,9 @@ class _SitePlan:
         th, tw = int(chunks[-2]), int(chunks[-1])
         n_y, n_x = ds.sizes["y"], ds.sizes["x"]
         n_tj = -(-n_x // tw)
-        s = reader.size_px + 2 * reader.margin
-        rows = reader.table.rows[positions] - reader.margin
-        cols = reader.table.cols[positions] - reader.margin
+        s = reader.size_px + 2 * reader.context_px
+        rows = reader.table.rows[positions] - reader.context_px
+        cols = reader.table.cols[positions] - reader.context_px
         ti0, tj0, ti1, tj1 = _tile_range(rows, cols, s, th, tw, n_y, n_x)
         keys = []
         for di in range(int((ti1 - ti0).max()) + 1):
@@ -549,11 +545,11 @@ def make_reader(
     size_px: int,
     stride_px: int,
     bands: Sequence[str],
-    margin: int = 0,
+    context_px: int = 0,
     lonlat: bool = False,
 ) -> MemoryReader | ChunkReader | XbatcherReader:
     """The reader of a ``train.data_path`` (``device``, ``chunks`` or ``stream``)."""
-    common = {"size_px": size_px, "bands": bands, "margin": margin, "lonlat": lonlat}
+    common = {"size_px": size_px, "bands": bands, "context_px": context_px, "lonlat": lonlat}
     if kind == "device":
         return MemoryReader(store, chips, **common)
     if kind == "chunks":

@@ -3,7 +3,8 @@
 Run directory::
 
     run.json               what made the run: digests of the cube, the folds
-                           and the training settings (``--resume`` refuses when one changed)
+                           and the training settings (``--resume`` refuses when one changed),
+                           and its plan (`agbcube.train.plan.RunPlan`), which workers read
     config.yaml            the configuration, as the run used it
     folds.parquet          the folds used (a copy)
     fold_k/select.npz      the early-stopped fit whose epoch count the refits train for
