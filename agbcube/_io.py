@@ -494,6 +494,23 @@ def output_lock(path: str | Path, *, what: str = "output", wait_s: float = 0.0) 
         os.close(fd)
 
 
+def writer_of(path: str | Path, *, what: str = "output") -> str | None:
+    """Who holds `output_lock` on ``path`` now, in words (`None`: nobody). How a reader tells
+    an output being written from one whose writer was interrupted."""
+    path = Path(path)
+    lock = path.with_name(f".{path.name}.lock")
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:  # no lock file: no writer
+        return None
+    try:
+        if _try_lock(fd):
+            return None  # closing the file frees the lock we just took
+        return _locked_message(what, path, _holder(fd))
+    finally:
+        os.close(fd)
+
+
 def _acquire(lock: Path, path: Path, what: str, wait_s: float = 0.0) -> int:
     me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
     deadline = time.monotonic() + wait_s

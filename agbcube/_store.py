@@ -16,7 +16,7 @@ from typing import Any
 
 import xarray as xr
 
-from agbcube._io import digest
+from agbcube._io import digest, writer_of
 from agbcube.errors import AgbcubeError, CubeError
 
 __all__ = [
@@ -97,6 +97,8 @@ def cube_sites(store: str | Path) -> list[str]:
     if meta is None:
         raise CubeError(f"{store} is not an agbcube cube (no 'agbcube' attribute in its root)")
     if not meta.get("complete"):
+        if building := writer_of(store, what="cube"):
+            raise CubeError(f"{building} Run this again once `agbcube build-cube` has finished.")
         raise CubeError(
             f"cube {store} is incomplete (its build was interrupted); re-run "
             "`agbcube build-cube <config>` to finish it"

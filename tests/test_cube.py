@@ -273,6 +273,30 @@ def test_resume_skips_unchanged_sites_and_rebuilds_changed(simple_site, tmp_path
     assert build_cube([site], cube2, progress=False)["simple"]["status"] == "built"
 
 
+def test_a_cube_being_built_is_named_as_such_not_as_interrupted(
+    simple_site, tmp_path, monkeypatch
+):
+    """`folds` or `train` started while `build-cube` still writes: the message names the
+    writer and says to wait, not to rebuild."""
+    import agbcube.cube as cube_mod
+
+    cube = _cube(tmp_path)
+    real, seen = cube_mod.compute, []
+
+    def compute_then_look(*args, **kwargs):
+        with pytest.raises(CubeError) as caught:
+            cube_sites(cube.output)
+        seen.append(str(caught.value))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cube_mod, "compute", compute_then_look)
+    build_cube([_site(simple_site)], cube, progress=False)
+    assert seen and all(f"is being written by process {os.getpid()}" in m for m in seen)
+    assert all("once `agbcube build-cube` has finished" in m for m in seen)
+    monkeypatch.undo()
+    assert cube_sites(cube.output) == ["simple"]
+
+
 def test_interrupted_build_never_looks_complete(simple_site, tmp_path, monkeypatch):
     import agbcube.cube as cube_mod
 

@@ -633,3 +633,35 @@ def test_write_folds_never_replaces_what_agbcube_did_not_write(folds_file, tmp_p
             write_folds(folds, tmp_path / "ok" / "folds.parquet", maps=False)
     else:
         assert victim.read_text() == "the user's own"
+
+
+def test_an_interrupted_folds_write_leaves_the_previous_folds_and_maps(
+    folds_file, tmp_path, monkeypatch
+):
+    import agbcube.folds.io as folds_io
+    from agbcube.folds import read_folds, write_folds
+
+    folds = read_folds(folds_file.folds.output)
+    out = tmp_path / "out" / "folds.parquet"
+    write_folds(folds, out)
+    before = {p.name: p.read_bytes() for p in out.parent.iterdir()}
+    assert {"folds.parquet", "folds_audit.json", "folds_map_a.png", "folds_map_b.png"} <= set(
+        before
+    )
+    real, drawn = folds_io.plot_fold_map, []
+
+    def interrupted(folds, site, *args, **kwargs):  # Ctrl-C while the second map is drawn
+        if drawn:
+            raise KeyboardInterrupt
+        drawn.append(site)
+        return real(folds, site, *args, **kwargs)
+
+    monkeypatch.setattr(folds_io, "plot_fold_map", interrupted)
+    newer = folds.assign(cluster=folds["cluster"] + 1)
+    newer.attrs = folds.attrs
+    with pytest.raises(KeyboardInterrupt):
+        write_folds(newer, out)
+    assert {p.name: p.read_bytes() for p in out.parent.iterdir()} == before  # no temporaries
+    monkeypatch.undo()
+    write_folds(folds, out, maps=False)  # the earlier maps would not be of these folds
+    assert sorted(p.name for p in out.parent.iterdir()) == ["folds.parquet", "folds_audit.json"]

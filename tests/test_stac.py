@@ -336,9 +336,19 @@ def test_unreachable_catalogue_is_an_error_naming_it(tmp_path):
     url = "http://127.0.0.1:9/stac/v1"  # nothing listens on the discard port
     with pytest.raises(CatalogueUnreachableError, match="127.0.0.1:9"):
         build_site_cube(_site(tmp_path, url), _cube(tmp_path))
-    (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(CatalogueUnreachableError, match="bad.json"):
+    static = "http://127.0.0.1:9/stac/catalog.json"  # a static catalogue over HTTP
+    with pytest.raises(CatalogueUnreachableError, match="127.0.0.1:9/stac/catalog.json"):
+        build_site_cube(_site(tmp_path, static), _cube(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "text", ["{not json", '{"hello": 1}', '{"type": "Catalog"}', "[1, 2]", '{"type": "Feature"}']
+)
+def test_a_catalogue_that_is_not_stac_is_one_error_naming_it(tmp_path, text):
+    (tmp_path / "bad.json").write_text(text)
+    with pytest.raises(StacError, match=r"site 's': \S*bad.json is not a STAC catalogue") as err:
         build_site_cube(_site(tmp_path, tmp_path / "bad.json"), _cube(tmp_path))
+    assert "\n" not in str(err.value)
 
 
 def test_sensor_without_items_is_an_error_before_any_pixel_is_read(tmp_path, s2_catalogue):

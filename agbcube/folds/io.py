@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from agbcube._io import (
     atomic_path,
     check_replaceable,
     output_lock,
-    write_json_atomic,
+    owned,
     written_by,
 )
 from agbcube._store import cube_site_keys
@@ -30,8 +31,11 @@ def write_folds(folds: gpd.GeoDataFrame, path: str | Path, *, maps: bool = True)
     """Write the folds GeoParquet, its leakage audit (JSON) and a PNG map per site, atomically.
 
     Every path is checked before anything is written: a folder, or a file agbcube did not
-    write, at any of them raises `OutputExistsError` and nothing is
-    written. Returns the paths written.
+    write, at any of them raises `OutputExistsError` and nothing is written. Everything is
+    written to temporaries first and the table is renamed into place last, so an interrupted
+    write leaves the previous folds and their maps as they were; maps agbcube wrote for an
+    earlier folds file at this path of sites these folds do not map (or all of them, with
+    ``maps=False``) are removed. Returns the paths written.
     """
 
     path = Path(path)
@@ -43,17 +47,28 @@ def write_folds(folds: gpd.GeoDataFrame, path: str | Path, *, maps: bool = True)
         (png, "folds map") for png in pngs.values()
     ]:
         check_replaceable(target, what=what)
+    n_folds = int(meta.get("n_folds", n_folds_of(folds)))
+    stale = [  # an earlier folds' maps of sites these folds do not map
+        p for p in path.parent.glob(f"{path.stem}_map_*.png") if p not in pngs.values() and owned(p)
+    ]
     with output_lock(path, what="folds"):
-        with atomic_path(path, what="folds.output") as tmp:
+        with contextlib.ExitStack() as renames:
+            # all written to temporaries, then renamed in reverse order, the table last: an
+            # interrupted `folds` leaves the previous folds and their maps as they were
+            tmp = renames.enter_context(atomic_path(path, what="folds.output"))
             table = folds.copy()
             table.attrs = {}
             table.to_parquet(tmp, index=False, schema_version="1.0.0", write_covering_bbox=False)
             _add_parquet_metadata(tmp, {"agbcube": json.dumps(meta, default=str)})
-        write_json_atomic(audit_path, {"written_by": written_by(), **meta}, what="folds audit")
-        n_folds = int(meta.get("n_folds", n_folds_of(folds)))
-        for site, png in pngs.items():
-            with atomic_path(png, what="folds map") as tmp:
+            tmp = renames.enter_context(atomic_path(audit_path, what="folds audit"))
+            tmp.write_text(
+                json.dumps({"written_by": written_by(), **meta}, indent=2, default=str) + "\n"
+            )
+            for site, png in pngs.items():
+                tmp = renames.enter_context(atomic_path(png, what="folds map"))
                 plot_fold_map(folds, site, n_folds, tmp, buffer_m=meta.get("buffer_m", {}))
+        for old in stale:
+            old.unlink(missing_ok=True)
     return [path, audit_path, *pngs.values()]
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib
+import json
 import math
 import warnings
 from collections.abc import Callable, Iterable
@@ -250,6 +251,8 @@ class _Catalogue:
     """Items of a static catalogue (walked once) or of a STAC API (searched)."""
 
     def __init__(self, href: str, *, site: str) -> None:
+        from urllib3.exceptions import HTTPError  # pystac reads http(s) through urllib3
+
         self.href, self.site = href, site
         self._client: Any = None
         self._by_collection: dict[str, list[Any]] | None = None
@@ -258,7 +261,12 @@ class _Catalogue:
                 self._by_collection = _walk_static(href)
             else:
                 self._open_api(href)
-        except (OSError, ValueError, KeyError, TypeError) as err:
+        except NotStacError as err:
+            raise StacError(
+                f"site '{site}': {href} is not a STAC catalogue, collection, item or item "
+                f"collection ({err.__cause__}); stac.catalog must name one (a URL: its API's root)"
+            ) from err
+        except (OSError, ValueError, KeyError, TypeError, HTTPError) as err:
             raise CatalogueUnreachableError(
                 f"site '{site}': the STAC catalogue {href} cannot be opened ({err}); check the "
                 "path or URL and the network"
@@ -320,12 +328,19 @@ def _walk_static(href: str) -> dict[str, list[Any]]:
     if "://" not in href and not Path(href).is_file():
         raise FileNotFoundError(f"no such file: {href}")
     try:
-        root = pystac.read_file(href)
-    except pystac.STACTypeError:
-        return _group_items(pystac.ItemCollection.from_file(href))
-    if isinstance(root, pystac.Item):
-        return _group_items([root])
-    return _group_items(root.get_items(recursive=True))  # type: ignore[attr-defined]
+        try:
+            root = pystac.read_file(href)
+        except pystac.STACTypeError:
+            return _group_items(pystac.ItemCollection.from_file(href))
+        if isinstance(root, pystac.Item):
+            return _group_items([root])
+        return _group_items(root.get_items(recursive=True))  # type: ignore[attr-defined]
+    except (pystac.STACError, pystac.STACTypeError, AttributeError, json.JSONDecodeError) as err:
+        raise NotStacError(err) from err  # not JSON, or JSON that is not STAC
+
+
+class NotStacError(Exception):
+    """JSON that is not a STAC catalogue, collection, item or item collection."""
 
 
 def _group_items(items: Iterable[Any]) -> dict[str, list[Any]]:
