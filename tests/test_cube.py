@@ -273,9 +273,7 @@ def test_resume_skips_unchanged_sites_and_rebuilds_changed(simple_site, tmp_path
     assert build_cube([site], cube2, progress=False)["simple"]["status"] == "built"
 
 
-def test_a_cube_being_built_is_named_as_such_not_as_interrupted(
-    simple_site, tmp_path, monkeypatch
-):
+def test_a_cube_being_built_is_named_as_such_not_as_interrupted(simple_site, tmp_path, monkeypatch):
     """`folds` or `train` started while `build-cube` still writes: the message names the
     writer and says to wait, not to rebuild."""
     import agbcube.cube as cube_mod
