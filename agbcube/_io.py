@@ -67,6 +67,17 @@ def digest(obj: object) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def file_digest(path: str | Path) -> str:
+    """A short key of a file's bytes (what a run records of the files it reads)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
 def written_by() -> str:
     """The ``written_by`` value that marks a file as agbcube's."""
     return f"agbcube {__version__}"

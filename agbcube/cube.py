@@ -649,16 +649,7 @@ def write_site(
                 label=f"building site '{site}'",
             )
         except RasterioError as err:
-            inputs = json.loads(ds.attrs["provenance"])
-            sources = [
-                str(inputs.get(role, {}).get("path", f"its {role} input"))
-                for role in ("satellite", "biomass")
-            ]
-            raise InputFileError(
-                f"site '{site}': reading its rasters failed after their headers were read "
-                f"({err}); a file is probably truncated or damaged: check "
-                f"{' and '.join(sources)} with `gdalinfo -checksum`"
-            ) from err
+            raise _read_failure(site, json.loads(ds.attrs["provenance"]), err) from err
         stats = {k: _jsonable(v) for k, v in zip([*stats, *checks], values, strict=True)}
         if checks:
             clear = {k: stats.pop(k) for k in checks}
@@ -673,6 +664,37 @@ def write_site(
     finally:
         remove_path(tmp)
     return stats
+
+
+def _read_failure(site: str, inputs: dict, err: Exception) -> InputFileError:
+    """The error for rasters whose pixels failed to read: the file at fault, found by reading
+    every block of each (a truncated or damaged file), or else all of them."""
+    paths = [inputs.get(role, {}).get("path") for role in ("satellite", "biomass")]
+    files = [str(p) for p in paths if p and Path(p).is_file()]
+    culprit = next((f for f in files if not _every_block_reads(f)), None)
+    if culprit is not None:
+        return InputFileError(
+            f"site '{site}': {culprit} is truncated or damaged (its header reads but some of "
+            f"its pixel blocks do not: {err}); write or download it again, and check it with "
+            "`gdalinfo -checksum`"
+        )
+    roles = ("satellite", "biomass")
+    sources = [str(p or f"its {role} input") for p, role in zip(paths, roles, strict=True)]
+    return InputFileError(
+        f"site '{site}': reading its rasters failed after their headers were read ({err}); a "
+        f"file is probably truncated or damaged: check {' and '.join(sources)} with "
+        "`gdalinfo -checksum`"
+    )
+
+
+def _every_block_reads(path: str) -> bool:
+    try:
+        with rasterio.open(path) as src:
+            for _, window in src.block_windows(1):
+                src.read(window=window)
+    except RasterioError:
+        return False
+    return True
 
 
 def _jsonable(value: Any) -> Any:

@@ -699,3 +699,26 @@ def test_each_band_carries_its_unit_where_the_file_states_one(simple_site, tmp_p
     units = dict(zip(ds.band.values, ds.band_units.values, strict=True))
     assert [units[b] for b in ("B4_T1", "B8_T1", "VV_T1", "VH_T1")] == ["", "", "dB", "dB"]
     assert units["S2_NDVI_T1"] == units["S1_RVI_T1"] == "1"
+
+
+@pytest.mark.parametrize("role", ["satellite", "biomass"])
+def test_a_truncated_raster_is_named_not_its_partner(simple_site, tmp_path, role):
+    """A COG cut short after its header (a download that stopped): the header reads, a pixel
+    block does not, and the error names that file alone."""
+    from rasterio.shutil import copy as copy_raster
+
+    site = dict(simple_site)
+    for r in ("satellite", "biomass"):
+        cog = tmp_path / f"{r}_cog.tif"
+        copy_raster(site[r], cog, driver="COG", BLOCKSIZE=16, COMPRESS="NONE")
+        site[r] = cog
+    data = site[role].read_bytes()
+    site[role].write_bytes(data[: int(len(data) * 0.6)])
+    cube = _cube(tmp_path)
+    with pytest.raises(InputFileError) as caught:
+        build_cube([_site(site)], cube, progress=False)
+    message = str(caught.value)
+    assert f"{site[role]} is truncated or damaged" in message
+    other = "biomass" if role == "satellite" else "satellite"
+    assert str(site[other]) not in message and "\n" not in message
+    assert not (cube.output / "simple").exists()

@@ -11,7 +11,8 @@ import rasterio
 import torch
 import xarray as xr
 
-from agbcube.errors import ConfigError, OutputExistsError, TrainingError
+from agbcube._store import open_cube
+from agbcube.errors import ConfigError, FoldError, OutputExistsError, TrainingError
 from agbcube.train import load_ensemble, run_cv
 
 pytestmark = pytest.mark.slow
@@ -177,6 +178,11 @@ def test_resume_is_refused_when_what_made_the_run_changed(demo_config, demo_fold
     write_folds(folds, copy, maps=False)
     with pytest.raises(TrainingError, match=r"folds.parquet \(the run's copy of the folds"):
         run_cv(cfg, output=tmp_path / "r", device="cpu", plots=False, resume=True)
+    from agbcube.predict import predict_run  # nor is it mapped with that copy's AOA
+
+    not_its = r"r/folds.parquet is not the folds file run .*r was trained on .*--no-aoa"
+    with pytest.raises(FoldError, match=not_its):
+        predict_run(tmp_path / "r", open_cube(cfg.cube.output, "alpha"), device="cpu")
     copy.write_bytes(original)
     run_cv(cfg, output=tmp_path / "r", device="cpu", plots=False, resume=True)
     # a run made before a setting existed resumes while it is at its default, not otherwise

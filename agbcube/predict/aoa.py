@@ -13,7 +13,7 @@ import torch
 
 from agbcube._store import open_cube, site_read_errors
 from agbcube.errors import FoldError
-from agbcube.folds import read_folds
+from agbcube.train.plan import run_folds
 
 # --------------------------------------------------------------------------------------------
 # area of applicability
@@ -132,11 +132,11 @@ def run_aoa(run_dir: Path, store: Path, bands: list[str], size: int) -> AOARefer
     """The AOA reference of a run: its training chips' labelled pixels, by fold."""
 
     try:
-        folds = read_folds(run_dir / "folds.parquet", cube=store)
+        folds = run_folds(run_dir, cube=store)
     except FoldError as err:
         raise FoldError(
-            f"run {run_dir}: {err}. The run's area of applicability needs the cube it was "
-            "trained on: train the run again, or map without it (--no-aoa)"
+            f"{err}. The area of applicability of run {run_dir} needs the folds and the cube it "
+            "was trained on; without them map with --no-aoa"
         ) from err
     pixels, fold_of = _labelled_pixels(store, folds, bands, size)
     return aoa_reference(pixels, fold_of)

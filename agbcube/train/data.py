@@ -25,9 +25,9 @@ import torch
 
 from agbcube.config import load_run_config
 from agbcube.errors import TrainingError
-from agbcube.folds import label_masks, read_folds, training_pool
+from agbcube.folds import label_masks, training_pool
 from agbcube.train.batches import DeviceBatches, Preparation, StreamBatches
-from agbcube.train.plan import RunPlan
+from agbcube.train.plan import RunPlan, run_folds
 from agbcube.train.readers import chip_lonlat, make_reader
 
 __all__ = ["FoldData", "FoldRoles", "RunData", "release_run", "run_data"]
@@ -71,7 +71,7 @@ class RunData:
     ) -> None:
         self.config, self.run_dir, self.plan, self.device = config, run_dir, plan, device
         self.tcfg = config.train
-        self.folds = read_folds(run_dir / "folds.parquet") if folds is None else folds
+        self.folds = run_folds(run_dir) if folds is None else folds
         self.data_path, self.geometry = plan.data_path, plan.geometry
         self.bands, self.n_folds = list(plan.bands), plan.n_folds
         self._fold: FoldData | None = None

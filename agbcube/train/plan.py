@@ -11,6 +11,7 @@ setting again.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,14 +20,22 @@ from typing import Any
 
 import torch
 
-from agbcube._io import digest
+from agbcube._io import digest, file_digest
 from agbcube.chips import ChipGeometry
 from agbcube.config import check_device
-from agbcube.errors import TrainingError
-from agbcube.folds import n_folds_of
+from agbcube.errors import FoldError, TrainingError
+from agbcube.folds import n_folds_of, read_folds
 from agbcube.train.readers import resolve_bands
 
-__all__ = ["RunPlan", "Task", "auto_data_path", "make_plan", "plan_tasks", "resolve_device"]
+__all__ = [
+    "RunPlan",
+    "Task",
+    "auto_data_path",
+    "make_plan",
+    "plan_tasks",
+    "resolve_device",
+    "run_folds",
+]
 
 CNN = "cnn-coordinate"
 HGB = "hgb-pixel"
@@ -160,8 +169,6 @@ class RunPlan:
     @classmethod
     def read(cls, run_dir: Path) -> RunPlan:
         """The plan ``run.json`` records."""
-        import json
-
         path = Path(run_dir) / "run.json"
         try:
             return cls.from_dict(json.loads(path.read_text())["plan"])
@@ -176,6 +183,30 @@ class RunPlan:
                 f"{path} holds no readable run plan ({type(err).__name__}: {err}); start the "
                 "run again with --overwrite"
             ) from None
+
+
+def run_folds(run_dir: Path, *, cube: Any = None) -> Any:
+    """The run's own copy of its folds (``folds.parquet``), which its fits read, checked to be
+    the file ``run.json`` records: a copy replaced by other folds is refused, since a run's
+    predictions and its area of applicability hold only for the partition it was trained on.
+
+    Raises
+    ------
+    FoldError
+        The copy is not the file the run recorded, or is not a valid folds file
+        (`agbcube.folds.read_folds`, which ``cube`` is passed to).
+    """
+    copy = Path(run_dir) / "folds.parquet"
+    try:
+        recorded = json.loads((Path(run_dir) / "run.json").read_text())["digests"]["folds"]
+    except (OSError, ValueError, KeyError, TypeError):
+        recorded = None  # a run from before digests: read as it is
+    if recorded and copy.is_file() and file_digest(copy) != recorded:
+        raise FoldError(
+            f"{copy} is not the folds file run {run_dir} was trained on (run.json records "
+            "another); put back the folds the run was made with, or train the run again"
+        )
+    return read_folds(copy, cube=cube)
 
 
 def make_plan(

@@ -24,7 +24,6 @@ Run directory::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -44,6 +43,7 @@ from agbcube._io import (
     MARKER,
     atomic_path,
     digest,
+    file_digest,
     output_kind,
     output_lock,
     prepare_output_dir,
@@ -249,14 +249,6 @@ def _prepare_output(out: Path, *, resume: bool, overwrite: bool) -> None:
     remove_temporaries(out)
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
 def _cube_digest(config: Any, sites: list[str]) -> str:
 
     store = config.cube.output
@@ -287,7 +279,7 @@ def _record_run(config: Any, folds_path: Path, out: Path, *, plan: RunPlan, resu
         "version": agbcube.__version__,
         "digests": {
             "cube": _cube_digest(config, sites),
-            "folds": _file_digest(folds_path),
+            "folds": file_digest(folds_path),
         },
         "settings": _settings(config, plan.data_path, plan.device),
         "plan": plan.to_dict(),
@@ -315,7 +307,7 @@ def _check_resumable(before: dict[str, Any], now: dict[str, Any], out: Path) -> 
     recorded = before.get("digests", {})
     changed = [what for what in ("cube", "folds") if recorded.get(what) != now["digests"][what]]
     copy = out / "folds.parquet"  # what the fits read: the run's own copy, as recorded
-    if copy.exists() and _file_digest(copy) != recorded.get("folds"):
+    if copy.exists() and file_digest(copy) != recorded.get("folds"):
         changed.append(f"{copy} (the run's copy of the folds, which its fits read)")
     old, new = before.get("settings", {}), now["settings"]
     for section, defaults in _section_defaults().items():
