@@ -9,6 +9,8 @@ import sys
 import numpy as np
 import pytest
 
+from agbcube.errors import TrainingError
+
 pytestmark = pytest.mark.slow  # a trained run (shared with the cluster tests)
 
 # A user's script: plain torch (or onnxruntime), agbcube unimportable.
@@ -69,6 +71,10 @@ def test_torchscript_export_runs_in_plain_torch_and_matches_predict(window, tmp_
     assert meta["input_px"] == spec["geometry"].window_px
     assert meta == json.loads((tmp_path / "export" / "model.json").read_text())
     assert meta == exported_metadata(model)
+    with pytest.raises(
+        TrainingError, match=r"run/ensemble.pt is not a model `agbcube export` wrote"
+    ):
+        exported_metadata(run / "ensemble.pt")  # a torch.save file, not TorchScript
     got = np.load(out)[0]
     np.testing.assert_allclose(got, expect, rtol=2e-5, atol=2e-3)  # float32 against float64
     assert np.isnan(got[:, 3, 5]).all() and np.isfinite(got).sum() == got.size - 2

@@ -58,8 +58,11 @@ def test_unreadable_model_files_are_named(tmp_path):
     path = tmp_path / "m.pt"
     save_model(path, record)
     path.write_bytes(path.read_bytes()[:2000])  # truncated
-    with pytest.raises(TrainingError, match=r"m\.pt cannot be read .*retrain"):
+    with pytest.raises(TrainingError, match=r"m\.pt cannot be read \(it is truncated.*retrain"):
         load_model(path)
+    path.write_text("not a model at all")
+    with pytest.raises(TrainingError, match=r"m\.pt cannot be read \(it is truncated.*retrain"):
+        load_bundle(path)
     with pytest.raises(TrainingError, match="does not exist"):
         load_model(tmp_path / "none.pt")
 
@@ -71,8 +74,11 @@ def test_model_files_holding_code_are_refused(tmp_path):
 
     path = tmp_path / "evil.pt"
     torch.save({"state_dict": Evil()}, path)
-    with pytest.raises(TrainingError, match="cannot be read"):
-        load_model(path)
+    for load in (load_model, load_bundle):
+        with pytest.raises(TrainingError, match="holds pickled Python objects") as caught:
+            load(path)
+        message = str(caught.value)
+        assert "\n" not in message and "weights_only" not in message  # torch's advice is not ours
 
 
 def test_model_files_are_validated_like_a_config(tmp_path):

@@ -27,7 +27,7 @@ from torch import nn
 
 from agbcube._cf import AGB_UNITS
 from agbcube._io import atomic_path, output_lock, prepare_output_dir, write_json_atomic, written_by
-from agbcube.errors import ConfigError, MissingDependencyError
+from agbcube.errors import ConfigError, MissingDependencyError, TrainingError
 from agbcube.train.model import dihedral, dihedral_inverse
 from agbcube.train.modelfile import load_bundle
 
@@ -204,5 +204,11 @@ def _quiet_exporter() -> Iterator[None]:
 def exported_metadata(path: str | Path) -> dict[str, Any]:
     """The metadata of an exported TorchScript model (what `export_run` recorded)."""
     extra = {METADATA: ""}
-    torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-    return json.loads(extra[METADATA])
+    try:
+        torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+        return json.loads(extra[METADATA])
+    except (RuntimeError, ValueError, OSError) as err:
+        raise TrainingError(
+            f"{path} is not a model `agbcube export` wrote ({type(err).__name__}: "
+            f"{' '.join(str(err).split())[:120]}); export the run again"
+        ) from None

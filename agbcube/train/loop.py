@@ -6,7 +6,10 @@ import copy
 import logging
 import math
 import os
+import pickle
 import time
+import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +51,24 @@ def build_model(
         separable=cfg.separable,
         padding=padding,
     )
+
+
+def load_tensors(path: str | Path, device: Any = "cpu") -> Any:
+    """A file written by ``torch.save``, read with ``weights_only=True``: tensors and plain
+    values only, never pickled code (a run directory may come from someone else)."""
+    with warnings.catch_warnings():  # torch's advice on pickle protocols is not the user's
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.load(path, map_location=device, weights_only=True)
+
+
+def unreadable_because(err: BaseException, path: str | Path) -> str:
+    """Why `load_tensors` failed on ``path``, in one line (torch's own message suggests
+    loading the file with ``weights_only=False``, which agbcube never does)."""
+    if not zipfile.is_zipfile(path):  # what torch.save writes is a zip archive
+        return "it is truncated, or not a file torch.save wrote"
+    if isinstance(err, pickle.UnpicklingError):
+        return "it holds pickled Python objects, not only tensors: it was not written by agbcube"
+    return f"{type(err).__name__}: {' '.join(str(err).split())[:160]}"
 
 
 @dataclass
@@ -139,13 +160,12 @@ class _Fit:
         """Continue from a checkpoint; one that cannot be read, or is not this fit's, is named
         (`TrainingError`) with what to do."""
         try:
-            state = torch.load(path, map_location=device, weights_only=True)
-            self._apply(state, device)
+            self._apply(load_tensors(path, device), device)
         except Exception as err:  # truncated, foreign, or another model's: never a traceback
             raise TrainingError(
-                f"checkpoint {path} cannot be resumed from ({type(err).__name__}: "
-                f"{str(err)[:120]}); delete it and run again with --resume: that fit starts "
-                "over, the finished ones are kept"
+                f"checkpoint {path} cannot be resumed from ({unreadable_because(err, path)}); "
+                "delete it and run again with --resume: that fit starts over, the finished ones "
+                "are kept"
             ) from None
 
     def _apply(self, state: Any, device: torch.device) -> None:

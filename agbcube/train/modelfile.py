@@ -23,7 +23,7 @@ from agbcube.chips import ChipGeometry
 from agbcube.config import TrainConfig
 from agbcube.errors import TrainingError
 from agbcube.train.batches import Preparation, Standardiser, TargetTransform
-from agbcube.train.loop import build_model
+from agbcube.train.loop import build_model, load_tensors, unreadable_because
 
 __all__ = ["LoadedModel", "load_bundle", "load_model", "model_record", "save_bundle", "save_model"]
 
@@ -96,12 +96,11 @@ def _load(path: Path, device: Any) -> Any:
     if not path.exists():
         raise TrainingError(f"model file {path} does not exist: train with `agbcube train` first")
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        return load_tensors(path, device)
     except Exception as err:  # truncated, corrupt, or holding pickled objects
         raise TrainingError(
-            f"model file {path} cannot be read ({type(err).__name__}: {str(err)[:120]}); it is "
-            "truncated, corrupt or not an agbcube model file: retrain (`agbcube train … "
-            "--resume` rewrites missing and unreadable members)"
+            f"model file {path} cannot be read ({unreadable_because(err, path)}); retrain "
+            "(`agbcube train … --resume` rewrites missing and unreadable members)"
         ) from None
 
 
