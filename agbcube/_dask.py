@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import dask
@@ -13,7 +15,14 @@ import dask
 from agbcube._progress import dask_progress
 from agbcube.errors import ConfigError, MissingDependencyError
 
-__all__ = ["IN_PROCESS", "check_scheduler", "compute", "dask_scheduler", "probe_worker"]
+__all__ = [
+    "IN_PROCESS",
+    "check_scheduler",
+    "compute",
+    "dask_scheduler",
+    "own_cluster",
+    "probe_worker",
+]
 
 SCHEDULERS = ("threads", "processes", "synchronous", "local")
 #: schedulers under which a run's torch fits share this process: one after another
@@ -66,30 +75,103 @@ def dask_scheduler(
             "pip install 'agbcube[cluster]' (or use threads, processes or synchronous)"
         ) from err
 
-    cluster = None
     if spec == "local":
         # Processes, one thread each: GDAL reads and numpy chunk math both hold the GIL in
         # places, and a dying worker must not take the others with it.
-        cluster = LocalCluster(
-            n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0"
-        )
-        client = Client(cluster)
-    else:
-        try:
-            client = Client(spec)
-        except OSError as err:  # distributed's connection timeout
-            raise ConfigError(
-                f"cannot reach the Dask scheduler at {spec} ({err}); check the address, and "
-                "that the scheduler is running and reachable from this machine"
-            ) from err
+        def make() -> Any:
+            return LocalCluster(
+                n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0"
+            )
+
+        with own_cluster(make) as client:
+            if echo:
+                log.info("Dask dashboard: %s", client.dashboard_link)
+            yield client
+        return
     try:
+        client = Client(spec)
+    except OSError as err:  # distributed's connection timeout
+        raise ConfigError(
+            f"cannot reach the Dask scheduler at {spec} ({err}); check the address, and "
+            "that the scheduler is running and reachable from this machine"
+        ) from err
+    with client:
         if echo:
             log.info("Dask dashboard: %s", client.dashboard_link)
         yield client
+
+
+@contextlib.contextmanager
+def own_cluster(make: Callable[[], Any]) -> Iterator[Any]:
+    """A client of a cluster this process starts (``make()``), both closed on leaving.
+
+    The cluster's worker processes ignore SIGINT: Ctrl-C, which a terminal sends to the whole
+    process group, interrupts this process alone, which then stops the workers in order,
+    instead of each worker dying mid-task with its own traceback. Stopping them after an
+    interrupt is quiet: dask would warn about each task it cancels and each worker it stops.
+    """
+    from distributed import Client
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+    try:  # the worker processes start now, inheriting the ignored signal
+        with _environ(PYTHONWARNINGS=_TRACKER_QUIET):
+            cluster = make()
     finally:
-        client.close()
-        if cluster is not None:
+        if main:
+            signal.signal(signal.SIGINT, previous)
+    try:
+        with Client(cluster) as client:
+            client.run(_hush_cancelled_tasks)
+            yield client
+    except KeyboardInterrupt:
+        with _quiet("distributed"):
             cluster.close()
+        raise
+    cluster.close()
+
+
+# multiprocessing's resource tracker, started with the workers, warns at exit about the
+# semaphores of a worker stopped mid-task, which it then removes: nothing is left behind
+_TRACKER_QUIET = "ignore:resource_tracker:UserWarning"
+
+
+@contextlib.contextmanager
+def _environ(**values: str) -> Iterator[None]:
+    """Processes started in this context get ``values`` added to their environment (a
+    warnings filter is appended to the user's own)."""
+    saved = {k: os.environ.get(k) for k in values}
+    for k, v in values.items():
+        os.environ[k] = ",".join(filter(None, [saved[k], v]))
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+class _CancelledTasks(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Async instruction for")
+
+
+def _hush_cancelled_tasks() -> None:
+    """On a worker: no warning for a task cancelled because its client stopped."""
+    logging.getLogger("distributed.worker.state_machine").addFilter(_CancelledTasks())
+
+
+@contextlib.contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    target = logging.getLogger(logger)
+    level = target.level
+    target.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        target.setLevel(level)
 
 
 def compute(*objs: Any, client: Any = None, progress: bool = True, label: str = "") -> tuple:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -264,3 +265,31 @@ def test_training_killed_then_resumed_matches_an_uninterrupted_run(demo_config, 
         b = torch.load(out / f"fold_{k}" / "model_0.pt", weights_only=True)
         for name, t in a["state_dict"].items():
             assert torch.equal(t, b["state_dict"][name]), (k, name)
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_a_local_cluster_run_is_one_line_and_resumable(demo_config, demo_folds, tmp_path):
+    """Ctrl-C reaches the whole process group (the client and its LocalCluster's workers):
+    the client stops the workers in order and says so in one line, with no worker tracebacks
+    or dask warnings, and the run resumes."""
+    raw = demo_config.model_dump(mode="json")
+    raw.pop("source", None)
+    raw["train"].update(epochs=300, patience=300, baseline="none", conv_channels=[8], ensemble=1)
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "agbcube.cli", "train", str(cfg_path), "--output", str(out)]
+    argv += ["--device", "cpu", "--scheduler", "local", "-q"]
+    with open(tmp_path / "stderr", "wb") as err:
+        proc = subprocess.Popen(argv, stderr=err, start_new_session=True)  # a terminal's group
+        t0 = time.time()
+        while not list(out.glob("fold_*/checkpoint_*.pt")):  # fits are running on the workers
+            assert proc.poll() is None, (tmp_path / "stderr").read_text()[-3000:]
+            assert time.time() - t0 < 120, "no fit started"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+    text = (tmp_path / "stderr").read_text()
+    assert "interrupted: finished work is kept" in text
+    assert "Traceback" not in text and "WARNING" not in text and "warn" not in text, text
+    assert not list(out.glob("fold_*/.*.tmp-*")) and not (out / "metrics.json").exists()

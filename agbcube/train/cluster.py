@@ -43,7 +43,6 @@ from typing import Any
 import dask
 import torch
 from distributed import (
-    Client,
     KilledWorker,
     Nanny,
     Scheduler,
@@ -52,7 +51,7 @@ from distributed import (
     get_worker,
 )
 
-from agbcube._dask import IN_PROCESS, check_scheduler, dask_scheduler, probe_worker
+from agbcube._dask import IN_PROCESS, check_scheduler, dask_scheduler, own_cluster, probe_worker
 from agbcube.errors import ConfigError, MissingDependencyError, TrainingError
 from agbcube.train.data import ONE_FIT, release_run, run_data
 from agbcube.train.plan import auto_data_path, deterministic, resolve_device
@@ -114,7 +113,7 @@ def _client(scheduler: str, device: str) -> Iterator[Any]:
             with dask_scheduler("local") as client:
                 yield client
             return
-        with _local_gpu_cluster(n_gpus) as cluster, Client(cluster) as client:
+        with _local_gpu_cluster(n_gpus) as client:
             log.info("Dask dashboard: %s (one worker per GPU, %d)", client.dashboard_link, n_gpus)
             yield client
 
@@ -162,17 +161,22 @@ def gpu_worker_specs(n_gpus: int) -> dict[str, dict[str, Any]]:
 
 @contextlib.contextmanager
 def _local_gpu_cluster(n_gpus: int) -> Iterator[Any]:
-    """dask-cuda's LocalCUDACluster when installed (it also pins each worker to its GPU's CPU
-    cores), else the same layout from `gpu_worker_specs`."""
+    """A client of dask-cuda's LocalCUDACluster when installed (it also pins each worker to its
+    GPU's CPU cores), else of the same layout from `gpu_worker_specs`."""
     try:
         from dask_cuda import LocalCUDACluster
     except ImportError:
         scheduler = {"cls": Scheduler, "options": {"dashboard_address": ":0"}}
-        cluster = SpecCluster(workers=gpu_worker_specs(n_gpus), scheduler=scheduler)
+
+        def make() -> Any:
+            return SpecCluster(workers=gpu_worker_specs(n_gpus), scheduler=scheduler)
     else:
-        cluster = LocalCUDACluster(dashboard_address=":0")
-    with cluster:
-        yield cluster
+
+        def make() -> Any:
+            return LocalCUDACluster(dashboard_address=":0")
+
+    with own_cluster(make) as client:
+        yield client
 
 
 # --------------------------------------------------------------------------------------------
