@@ -9,6 +9,7 @@ setting that has no equivalent.
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import difflib
 import os
@@ -656,7 +657,7 @@ class Config(_Section):
     @model_validator(mode="after")
     def _unique_sites(self) -> Config:
         names = [site.name for site in self.sites]
-        dupes = sorted({n for n in names if names.count(n) > 1})
+        dupes = sorted(n for n, k in collections.Counter(names).items() if k > 1)
         if dupes:
             raise ValueError(f"site names must be unique; repeated: {dupes}")
         return self
@@ -701,7 +702,7 @@ def load_run_config(run_dir: str | Path) -> Config:
     return parse_config(raw, base_dir=path.resolve().parent, source=f"run config {path}")
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
+class _UniqueKeyLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
     """YAML's safe loader, except that a key given twice in one mapping is an error (YAML
     keeps the last one silently: a second ``train:`` section would drop the first)."""
 
@@ -727,6 +728,11 @@ def read_yaml(path: str | Path, *, what: str = "YAML file") -> Any:
     if not path.is_file():
         raise ConfigError(f"{what} {path} does not exist (check the path)")
     try:
+        if (size := path.stat().st_size) > YAML_MAX_BYTES:
+            raise ConfigError(
+                f"{what} {path} is {size / 2**20:.0f} MiB; settings fit in far less (at most "
+                f"{YAML_MAX_BYTES // 2**20} MiB): is it the right file?"
+            )
         data = path.read_bytes()
         text = data.decode("utf-8-sig")  # UTF-8, with or without a byte-order mark
     except UnicodeDecodeError as err:
@@ -738,13 +744,36 @@ def read_yaml(path: str | Path, *, what: str = "YAML file") -> Any:
     except OSError as err:
         raise ConfigError(f"cannot read {what} {path}: {err.strerror or err}") from err
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader (libyaml's when built)
     except (yaml.YAMLError, ValueError, RecursionError) as err:  # ValueError: a bad date
         detail = " ".join(str(err).split())
         raise ConfigError(f"{what} {path} is not valid YAML: {detail}") from None
     if data is None:
         raise ConfigError(f"{what} {path} is empty; see configs/benchmark.yaml for an example")
+    if (n := _expanded_size(data, {})) > YAML_MAX_VALUES:
+        raise ConfigError(
+            f"{what} {path} holds {n:,} values once its aliases (*name) are expanded, more than "
+            f"the {YAML_MAX_VALUES:,} settings could need; write the values out, or remove the "
+            "aliases that repeat others"
+        )
     return data
+
+
+YAML_MAX_BYTES = 16 * 2**20  # a config or a run's file of settings
+YAML_MAX_VALUES = 1_000_000  # values once YAML aliases are expanded
+
+
+def _expanded_size(node: Any, seen: dict[int, int]) -> int:
+    """How many values ``node`` holds with every alias expanded: counted once per distinct
+    object (aliases share theirs), so a document built to expand exponentially is measured
+    in the time it took to parse."""
+    if not isinstance(node, dict | list):
+        return 1
+    if id(node) not in seen:
+        seen[id(node)] = 0  # a recursive alias counts once
+        children = [*node.keys(), *node.values()] if isinstance(node, dict) else node
+        seen[id(node)] = 1 + sum(_expanded_size(c, seen) for c in children)
+    return seen[id(node)]
 
 
 def parse_config(
@@ -792,7 +821,7 @@ def with_overrides(section: _S, where: str, **changes: Any) -> _S:
 
 
 def _format_errors(err: ValidationError, where: str) -> str:
-    """One line per invalid setting; a single one on the line of ``where``.
+    """The invalid settings on one line, numbered; a single one after ``where``.
 
     Of a union's errors, the one deepest in the key's path is kept: ``cube.grid: {crs: …}``
     failing inside the mapping is not also reported as "not 'biomass' or 'satellite'".
@@ -800,20 +829,25 @@ def _format_errors(err: ValidationError, where: str) -> str:
     errors = [(".".join(str(p) for p in e["loc"] if not _is_union_tag(p)), e) for e in err.errors()]
     locs = [loc for loc, _ in errors]
     errors = [(loc, e) for loc, e in errors if not any(o.startswith(loc + ".") for o in locs)]
-    lines = [f"{where}: {len(errors)} invalid setting(s):"]
+    problems = []
     for loc, e in errors:
         if e["type"] == "extra_forbidden":
             key = str(e["loc"][-1])
-            hint = _did_you_mean(key, e["loc"][:-1])
-            lines.append(f"  - {loc}: unknown key '{key}'.{hint}")
+            problems.append(f"{loc}: unknown key '{key}'.{_did_you_mean(key, e['loc'][:-1])}")
         elif e["type"] == "missing":
-            lines.append(f"  - {loc}: required key is missing")
+            problems.append(f"{loc}: required key is missing")
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"  - {loc}: {msg} (got {_short(e.get('input'))})")
-    if len(lines) == 2:
-        return f"{where}: {lines[1].removeprefix('  - ')}"
-    return "\n".join(lines)
+            problems.append(f"{loc}: {' '.join(msg.split())} (got {_short(e.get('input'))})")
+    if len(problems) == 1:
+        return f"{where}: {problems[0]}"
+    shown = problems[:_SHOWN]
+    listed = "; ".join(f"({i}) {p.rstrip('.')}" for i, p in enumerate(shown, start=1))
+    more = f"; and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
+    return f"{where}: {len(problems)} invalid settings: {listed}{more}"
+
+
+_SHOWN = 6  # invalid settings named in one message
 
 
 def _is_union_tag(part: Any) -> bool:

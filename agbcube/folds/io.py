@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
+from typing import Any
 
 import geopandas as gpd
 import numpy as np
@@ -131,6 +132,8 @@ def read_folds(path: str | Path, *, cube: str | Path | None = None) -> gpd.GeoDa
                 f"folds file {path}: its 'agbcube' metadata is not JSON; {again}"
             ) from err
     _validate_folds(gdf, f"folds file {path}", again)
+    if problem := _metadata_problem(gdf):
+        raise FoldError(f"folds file {path}: its 'agbcube' metadata {problem}; {again}")
     record = gdf.attrs.get("agbcube", {}).get("cube") or {}
     store = cube if cube is not None else record.get("store")
     if store is not None and (cube is not None or Path(store).exists()):
@@ -150,11 +153,50 @@ def _validate_folds(gdf: gpd.GeoDataFrame, where: str, again: str) -> None:
             f"{where} lacks columns: needs chip_id, site, row, col, fold and role_0 … "
             f"role_{{K-1}} (K >= 2), has {list(gdf.columns)}; {again}"
         )
+    for col in ("chip_id", "site"):
+        if not all(isinstance(v, str) and v for v in gdf[col]):
+            raise FoldError(f"{where}: column {col} must be non-empty text in every row; {again}")
     for col in roles:
         bad = sorted(set(gdf[col].astype(str)) - set(ROLES))
         if bad:
             raise FoldError(f"{where}: column {col} holds {bad}, not one of {list(ROLES)}; {again}")
     _validate_chips(gdf, n_folds, where, again)
+
+
+def _metadata_problem(gdf: gpd.GeoDataFrame) -> str | None:
+    """What is wrong with the metadata `write_folds` recorded (the parts agbcube reads back:
+    the cube, the chip settings, the buffers, the fold count), or None."""
+    meta = gdf.attrs.get("agbcube", {})
+    if not isinstance(meta, dict):
+        return f"is {type(meta).__name__}, not a mapping"
+    cube, chips = meta.get("cube"), meta.get("chips")
+    if cube and not (
+        isinstance(cube, dict)
+        and isinstance(cube.get("store"), str)
+        and isinstance(cube.get("sites", {}), dict)
+        and all(isinstance(v, str) for v in cube.get("sites", {}).values())
+    ):
+        return "'cube' must map 'store' to a path and 'sites' to their build keys"
+    if chips is not None and not (
+        isinstance(chips, dict) and _number(chips.get("size")) and _number(chips.get("overlap"))
+    ):
+        return "'chips' must hold the chip settings (size, overlap)"
+    buffers = meta.get("buffer_m")
+    sites = set(gdf["site"].astype(str))
+    if buffers and not (
+        isinstance(buffers, dict)
+        and sites <= set(buffers)
+        and all(_number(buffers[s]) and buffers[s] >= 0 for s in sites)
+    ):
+        return f"'buffer_m' must give each site ({sorted(sites)}) its buffer in metres"
+    n_folds = meta.get("n_folds", n_folds_of(gdf))
+    if not (isinstance(n_folds, int) and n_folds == n_folds_of(gdf)):
+        return f"'n_folds' ({n_folds!r}) must be the table's {n_folds_of(gdf)} folds"
+    return None
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and np.isfinite(value)
 
 
 def _validate_chips(gdf: gpd.GeoDataFrame, n_folds: int, where: str, again: str) -> None:

@@ -178,10 +178,11 @@ class RunPlan:
                 "directory, the cube and the folds at the same paths as the client (a shared "
                 "file system)"
             ) from err
-        except (ValueError, KeyError, TypeError) as err:
+        except (ValueError, KeyError, TypeError, OverflowError, AttributeError) as err:
+            why = " ".join(str(err).split())[:160]
             raise TrainingError(
-                f"{path} holds no readable run plan ({type(err).__name__}: {err}); start the "
-                "run again with --overwrite"
+                f"{path} holds no readable run plan ({type(err).__name__}: {why}); start the run "
+                "again with --overwrite"
             ) from None
 
 

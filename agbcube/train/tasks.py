@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -80,9 +81,10 @@ def load_result(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files if k != "summary"}
             summary = json.loads(str(npz["summary"]))
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        why = " ".join(str(err).split())[:160] or type(err).__name__  # truncated or not .npz
         raise TrainingError(
-            f"task result {path} cannot be read ({err}); delete it and run again with --resume"
+            f"task result {path} cannot be read ({why}); delete it and run again with --resume"
         ) from None
     return summary, arrays
 
