@@ -39,6 +39,7 @@ from agbcube.errors import AgbcubeError, OutputExistsError, OutputLockedError, O
 __all__ = [
     "MARKER",
     "atomic_path",
+    "check_output_dir",
     "check_replaceable",
     "digest",
     "mark_output",
@@ -260,8 +261,9 @@ def check_replaceable(path: str | Path, *, what: str = "output", folder: bool = 
 def prepare_output_dir(path: str | Path, *, kind: str, what: str = "output") -> Path:
     """Create the folder ``path`` for an output of ``kind`` and mark it as agbcube's.
 
-    An existing folder is used when agbcube owns it or it is empty (but for agbcube's own lock
-    files and temporaries).
+    An existing folder is used when it is itself agbcube's (marked as an output) or is empty
+    (but for agbcube's own lock files and temporaries). Being inside an agbcube folder is not
+    enough: a folder of the user's own inside the demo folder or a run is the user's.
 
     Raises
     ------
@@ -269,20 +271,27 @@ def prepare_output_dir(path: str | Path, *, kind: str, what: str = "output") -> 
         ``path`` is a file, or a folder holding files agbcube did not write.
     """
     path = Path(path)
+    check_output_dir(path, what=what)
+    mark_output(path, kind)
+    return path
+
+
+def check_output_dir(path: str | Path, *, what: str = "output") -> None:
+    """Raise `OutputExistsError` unless `prepare_output_dir` may use ``path``; it creates
+    nothing, so a command checks every output before it starts any work."""
+    path = Path(path)
     existing = next(p for p in (path, *path.parents) if p.exists() or p == p.parent)
     if existing.exists() and not existing.is_dir():
         where = f"{what} {path}" + ("" if existing == path else f": {existing}")
         raise OutputExistsError(
             f"{where} is a file; give a folder (agbcube writes several files into it)"
         )
-    if path.is_dir() and not owned(path) and _holds_files(path):
+    if path.is_dir() and output_kind(path) is None and _holds_files(path):
         raise OutputExistsError(
             f"{what} {path} holds files agbcube did not write (it has no {MARKER} marker); "
             "agbcube never mixes its outputs with other files or deletes them: choose a new or "
             "empty folder"
         )
-    mark_output(path, kind)
-    return path
 
 
 def remove_output(path: str | Path, *, what: str = "output") -> None:

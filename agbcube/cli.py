@@ -628,6 +628,7 @@ def _predict_sites(
 
     one = output is not None and len(sites) == 1  # its maps straight into --output
     root = output if one else (output or run_dir / "maps")
+    _prepare_map_outputs(root, [root] if one else [root / name for name in sites], run_dir)
     items = []
     with dask_scheduler(scheduler) as client:
         for name in sites:
@@ -646,6 +647,21 @@ def _predict_sites(
             items.append(out / "item.json")
     collection = update_map_collection(root / "collection.json", items, run_dir=run_dir)
     log.info("STAC collection of the maps: %s", collection)
+
+
+def _prepare_map_outputs(root: Path, folders: list[Path], run_dir: Path) -> None:
+    """Refuse, before any work, map folders and a collection that are not agbcube's to write;
+    mark the maps' root (of several sites) as agbcube's. The root is the run's own ``maps``
+    folder, or must be agbcube's or new."""
+    from agbcube._io import check_output_dir, check_replaceable, mark_output, output_kind
+
+    for folder in folders:
+        check_output_dir(folder, what="maps output")
+    check_replaceable(root / "collection.json", what="maps collection")
+    if root not in folders and output_kind(root) is None:
+        if root != run_dir / "maps":  # the run's own: agbcube's, marked or not
+            check_output_dir(root, what="maps output")
+        mark_output(root, "maps")
 
 
 @app.command("export", epilog=EXIT_CODES)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import shutil
 import warnings
 from pathlib import Path
 
@@ -270,9 +271,45 @@ def test_predict_output_that_is_a_file_is_one_line(tmp_path, rng, monkeypatch):
     line = _one_line_error(_invoke("predict", run, "--output", web, "-q"), "OutputExistsError")
     assert "holds files agbcube did not write" in line
     assert {p.name: p.read_text() for p in web.iterdir()} == files
+    # nor is a folder of the user's inside one of agbcube's (the demo folder, a run)
+    from agbcube._io import mark_output
+
+    mark_output(tmp_path / "demo", "demo")
+    shutil.copytree(web, tmp_path / "demo" / "web")
+    args = ("predict", run, "--output", tmp_path / "demo" / "web", "-q")
+    assert "holds files agbcube did not write" in _one_line_error(
+        _invoke(*args), "OutputExistsError"
+    )
+    assert {p.name: p.read_text() for p in (tmp_path / "demo" / "web").iterdir()} == files
     ok = _invoke("predict", run, "--output", tmp_path / "maps", "--device", "cpu", "-q")
     assert ok.exit_code == 0, ok.output
     assert (tmp_path / "maps" / "agb_mean.tif").is_file()
+
+
+def test_predict_refuses_a_collection_not_its_own_before_any_map(tmp_path, rng, monkeypatch):
+    import agbcube.predict
+    from tests.test_predict import Dense, _identity
+
+    cfg = _config(tmp_path, rng, sites=("a", "b"))
+    assert _invoke("build-cube", cfg, "-q").exit_code == 0
+    run = _train_run(tmp_path, cfg)
+    calls = []
+
+    def fake_predict_run(run_dir, ds, **kwargs):
+        calls.append(ds.attrs["site"])
+        return agbcube.predict.predict_site(ds, [(Dense(2, 1), _identity(2))], window_px=8)
+
+    monkeypatch.setattr(agbcube.predict, "predict_run", fake_predict_run)
+    web = tmp_path / "web"
+    web.mkdir()
+    (web / "collection.json").write_text('{"mine": 1}')
+    line = _one_line_error(_invoke("predict", run, "--output", web, "-q"), "OutputExistsError")
+    assert f"{web}" in line and "not written by agbcube" in line
+    assert not calls and [p.name for p in web.iterdir()] == ["collection.json"]  # no work done
+    for _ in range(2):  # a new folder for several sites' maps is agbcube's from then on
+        ok = _invoke("predict", run, "--output", tmp_path / "maps", "--device", "cpu", "-q")
+        assert ok.exit_code == 0, ok.output
+    assert {p.name for p in (tmp_path / "maps").iterdir()} >= {"a", "b", "collection.json"}
 
 
 @pytest.mark.parametrize("command", ["train", "predict"])
