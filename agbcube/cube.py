@@ -38,6 +38,7 @@ from agbcube._cf import AGB_UNITS, cf_dataset, linear_units
 from agbcube._dask import check_scheduler, compute, dask_scheduler
 from agbcube._io import (
     digest,
+    file_digest,
     output_lock,
     remove_output,
     remove_path,
@@ -383,6 +384,37 @@ def _with_grid(da: xr.DataArray, gbox: GeoBox) -> xr.DataArray:
 # one site
 
 
+def same_inputs(
+    paths: list[str], recorded: dict[str, dict[str, Any]] | None
+) -> tuple[bool, dict[str, dict[str, Any]]]:
+    """Whether the input files at ``paths`` hold what they held when ``recorded`` (their
+    identities, as this returns them) was taken, and their identities now.
+
+    A file's identity is its size, times, inode and a digest of its content. The digest is
+    computed again only when the others changed: the change time cannot be set back (a file
+    edited in place and given its old size and modification time has a new one), while a copy
+    of the same bytes (a new inode and change time) keeps its digest. Without a record (a cube
+    from before these were kept) the files are taken as they are.
+    """
+    now: dict[str, dict[str, Any]] = {}
+    same = True
+    for path in paths:
+        before = (recorded or {}).get(path)
+        now[path] = _identity(Path(path), before)
+        if before is not None and now[path]["digest"] != before.get("digest"):
+            same = False
+    return same, now
+
+
+def _identity(path: Path, before: dict[str, Any] | None) -> dict[str, Any]:
+    st = path.stat()
+    stat = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
+    stat["inode"] = st.st_ino
+    if before is not None and all(before.get(k) == v for k, v in stat.items()):
+        return before
+    return {**stat, "digest": file_digest(path)}
+
+
 def _file_facts(path: Path) -> dict[str, Any]:
     st = path.stat()
     return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
@@ -486,11 +518,13 @@ def build_site_cube(site: SiteConfig, cube: CubeConfig) -> xr.Dataset:
     ds = ds.rio.write_crs(gbox.crs.to_wkt(), grid_mapping_name="spatial_ref")
     ds = ds.rio.write_transform(gbox.affine)
     ds = cf_dataset(ds, geographic=gbox.crs.geographic, linear_units=linear_units(gbox.crs))
+    inputs = [str(site.biomass), *extra.pop("input_files", [str(site.satellite)])]
     ds.attrs.update(
         site=site.name,
         n_raw_bands=len(names),
         overlap_fraction=round(float(overlap), 6),
         provenance=json.dumps(site_provenance(site, cube, satellite=extra.pop("facts", None))),
+        input_files=json.dumps(inputs),  # whose content is checked (`input_identities`)
         **extra,
     )
     return ds
@@ -531,7 +565,11 @@ def _stac_satellite(
     gbox, overlap = target_geobox(agb_info.geobox, agb_info.geobox, cube.grid, site=site.name)
     plan = stac.plan_composites(site.satellite, gbox, site=site.name)
     sat = _with_grid(stac.composite(plan, gbox, chunk_px=cube.chunks), gbox)
-    extra = {"facts": plan.facts(), "stac_layers": json.dumps(stac.layer_labels(plan))}
+    extra = {
+        "facts": plan.facts(),
+        "stac_layers": json.dumps(stac.layer_labels(plan)),
+        "input_files": plan.local_files(),
+    }
     return sat, gbox, overlap, extra
 
 
@@ -797,6 +835,7 @@ def _existing_meta(store: Path) -> dict[str, Any]:
     if meta is None:
         meta = {"format": CUBE_FORMAT, "sites": {}}
     meta.setdefault("files", {})
+    meta.setdefault("inputs", {})
     return meta
 
 
@@ -822,6 +861,7 @@ def _prune_or_keep(
             remove_output(store / name, what=f"cube site '{name}'")
             meta["sites"].pop(name)
             meta["files"].pop(name, None)
+            meta["inputs"].pop(name, None)
             say(f"site '{name}': not in the config, removed from the cube (--prune)")
         else:
             say(f"site '{name}': in the cube but not in the config; kept (--prune removes it)")
@@ -839,13 +879,22 @@ def _build_one(
         "indices": int(ds.sizes["band"]) - int(ds.attrs["n_raw_bands"]),
         "overlap": ds.attrs["overlap_fraction"],
     }
+    inputs = json.loads(ds.attrs.get("input_files", "[]"))
     if not overwrite and meta["sites"].get(name) == key:
         # the files as written: a damaged or edited chunk (its size or mtime) is rebuilt
         recorded = meta["files"].get(name)
-        if recorded is not None and recorded == folder_manifest(store / name):
+        same, identities = same_inputs(inputs, meta["inputs"].get(name))
+        if recorded is not None and recorded == folder_manifest(store / name) and same:
+            meta["inputs"][name] = identities  # a copy of the same content, now recorded
             stats = json.loads(_site_attrs(store, name).get("stats", "{}"))
             return {"status": "up to date", **summary, **stats}
-        if recorded is None:
+        if not same:
+            log.warning(
+                "site '%s': an input file was changed in place since the site was built (other "
+                "content under the same name, size and modification time); rebuilding it",
+                name,
+            )
+        elif recorded is None:
             log.info("site '%s': built by an earlier agbcube (no file record); rebuilding", name)
         else:
             log.warning(
@@ -857,6 +906,7 @@ def _build_one(
     stats = write_site(ds, store, client=client, progress=progress)
     meta["sites"][name] = key
     meta["files"][name] = folder_manifest(store / name)
+    meta["inputs"][name] = same_inputs(inputs, None)[1]
     _write_root_meta(store, meta)
     return {"status": "built", **summary, **stats}
 

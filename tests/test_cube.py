@@ -722,3 +722,30 @@ def test_a_truncated_raster_is_named_not_its_partner(simple_site, tmp_path, role
     other = "biomass" if role == "satellite" else "satellite"
     assert str(site[other]) not in message and "\n" not in message
     assert not (cube.output / "simple").exists()
+
+
+def test_an_input_changed_in_place_with_its_old_size_and_time_is_rebuilt(simple_site, tmp_path):
+    """Up to date is decided by content: a raster rewritten in place and given back its size
+    and modification time (a tool that preserves them, `touch -r`) is seen; the same bytes
+    written again are not a change."""
+    cube, site = _cube(tmp_path), _site(simple_site)
+    build_cube([site], cube, progress=False)
+    before = open_cube(cube.output, "simple")["agb"].values
+    path = Path(simple_site["biomass"])
+    st = path.stat()
+    original = path.read_bytes()
+    with rasterio.open(path, "r+") as dst:  # same size: only pixel values change
+        dst.write(dst.read(1) * 0.5, 1)
+    assert path.stat().st_size == st.st_size
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert build_cube([site], cube, progress=False)["simple"]["status"] == "built"
+    after = open_cube(cube.output, "simple")["agb"].values
+    assert np.nanmax(after) < np.nanmax(before)
+    path.write_bytes(original)  # back as it was, through a new write
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert build_cube([site], cube, progress=False)["simple"]["status"] == "built"
+    replaced = path.with_name("copy.tif")
+    replaced.write_bytes(original)  # the same bytes as another file (a restore from backup)
+    os.utime(replaced, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(replaced, path)
+    assert build_cube([site], cube, progress=False)["simple"]["status"] == "up to date"

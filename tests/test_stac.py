@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import shutil
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+import rasterio
 import xarray as xr
 from odc.geo.geobox import GeoBox
 from rasterio.transform import from_origin
@@ -379,6 +381,14 @@ def test_rebuild_with_the_same_answer_skips_and_a_new_item_rebuilds(tmp_path, s2
     assert build_cube([site], cube, progress=False)["s"]["status"] == "up to date"
     prov = json.loads(open_cube(cube.output, "s").attrs["provenance"])["satellite"]
     assert prov["items"]["sentinel-2"]["T3"] == [s.id for s in seasons["T3"]]
+    # A COG behind the catalogue rewritten in place, its size and time given back
+    cog = Path(json.loads(open_cube(cube.output, "s").attrs["input_files"])[1])
+    st = cog.stat()
+    with rasterio.open(cog, "r+", IGNORE_COG_LAYOUT_BREAK="YES") as dst:  # same size
+        dst.write(dst.read() + 1)
+    assert cog.stat().st_size == st.st_size
+    os.utime(cog, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert build_cube([site], cube, progress=False)["s"]["status"] == "built"
     # The catalogue answers differently: one more scene in T3.
     extra = _s2_scene(np.random.default_rng(11), "T3", 4)
     shutil.rmtree(catalogue.parent)

@@ -422,6 +422,18 @@ class StacPlan:
             "items_key": digest(prints),
         }
 
+    def local_files(self) -> list[str]:
+        """The assets of the plan's items that are files on this machine (whose content
+        `agbcube.cube` checks when it decides a site is up to date)."""
+        hrefs = {
+            asset.get_absolute_href() or asset.href
+            for by in self.items.values()
+            for items in by.values()
+            for item in items
+            for asset in item.assets.values()
+        }
+        return sorted(h for h in hrefs if "://" not in h and Path(h).is_file())
+
 
 def _fingerprint(item: Any) -> dict[str, Any]:
     """What an item's pixels depend on: its metadata, asset hrefs and, for local files, stats."""
