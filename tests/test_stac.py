@@ -593,3 +593,27 @@ def test_catalogue_written_under_a_relative_path_resolves(tmp_path, monkeypatch)
     catalogue = write_catalogue("rel/stac", [scene])
     site = _site(tmp_path, catalogue, seasons={"T1": SEASONS["T1"]})
     assert build_site_cube(site, _cube(tmp_path)).features.notnull().any().compute()
+
+
+def test_a_static_catalogue_that_cycles_or_is_too_big_is_one_error(
+    tmp_path, s2_catalogue, monkeypatch
+):
+    """Walking a static catalogue is bounded: a child link back to itself is named, not a
+    RecursionError, and a catalogue larger than a walk can hold is refused with what to do."""
+    import agbcube.stac.composites as composites
+
+    cyclic = tmp_path / "cyclic" / "catalog.json"
+    cyclic.parent.mkdir()
+    links = [{"rel": "root", "href": "./catalog.json"}, {"rel": "child", "href": "./catalog.json"}]
+    cyclic.write_text(
+        json.dumps(
+            {"type": "Catalog", "id": "c", "stac_version": "1.0.0", "description": "loop"}
+            | {"links": links}
+        )
+    )
+    with pytest.raises(StacError, match=r"catalog.json .*its child links form a cycle"):
+        build_site_cube(_site(tmp_path, cyclic), _cube(tmp_path))
+    catalogue, _ = s2_catalogue
+    monkeypatch.setattr(composites, "STATIC_MAX_ITEMS", 3)
+    with pytest.raises(StacError, match=r"more than 3 items.*through a STAC API"):
+        build_site_cube(_site(tmp_path, catalogue), _cube(tmp_path))

@@ -7,6 +7,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import dask
+import dask.array as dsa
 import numpy as np
 import xarray as xr
 
@@ -47,8 +49,6 @@ class _Window:
         self.site = site
 
     def read(self) -> np.ndarray:
-        import dask
-
         # a Dask-backed input is computed here, in this task, never on a cluster from inside it
         with dask.config.set(scheduler="synchronous"), site_read_errors(None, self.site):
             return np.asarray(self.data.values, dtype=np.float32)
@@ -178,8 +178,6 @@ def predict_site(
         ``agb_mean``, ``agb_std``, ``di``, ``aoa`` (y, x) float32, dask-backed, with the CRS;
         one Dask chunk per tile.
     """
-    import dask
-
     feats = _site_features(ds, bands)
     shape = (feats.sizes["y"], feats.sizes["x"])
     spec = TileSpec(
@@ -221,9 +219,6 @@ def _tiles(
     """The map as a Dask array ``(4, y, x)``: one delayed `_predict_tile` per tile, each
     given the windows touching its core with their margin (``shared``: the members' and the
     AOA reference's graph keys; ``site`` names the site in read errors)."""
-    import dask
-    import dask.array as dsa
-
     # a cube already in memory is sliced here; a lazy one is read by each tile's task
     loaded = feats.chunks is None and getattr(feats.variable, "_in_memory", False)
     x, y = feats["x"].values, feats["y"].values

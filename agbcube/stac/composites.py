@@ -262,9 +262,11 @@ class _Catalogue:
             else:
                 self._open_api(href)
         except NotStacError as err:
+            why = " ".join(str(err).split())[:300]
             raise StacError(
                 f"site '{site}': {href} is not a STAC catalogue, collection, item or item "
-                f"collection ({err.__cause__}); stac.catalog must name one (a URL: its API's root)"
+                f"collection it can use ({why}); stac.catalog must name one (a URL: its API's "
+                "root)"
             ) from err
         except (OSError, ValueError, KeyError, TypeError, HTTPError) as err:
             raise CatalogueUnreachableError(
@@ -337,6 +339,11 @@ def _walk_static(href: str) -> dict[str, list[Any]]:
         return _group_items(root.get_items(recursive=True))  # type: ignore[attr-defined]
     except (pystac.STACError, pystac.STACTypeError, AttributeError, json.JSONDecodeError) as err:
         raise NotStacError(err) from err  # not JSON, or JSON that is not STAC
+    except RecursionError as err:
+        raise NotStacError("its child links form a cycle, or nest too deep to walk") from err
+
+
+STATIC_MAX_ITEMS = 200_000  # items of a static catalogue, which is walked whole
 
 
 class NotStacError(Exception):
@@ -345,7 +352,12 @@ class NotStacError(Exception):
 
 def _group_items(items: Iterable[Any]) -> dict[str, list[Any]]:
     out: dict[str, list[Any]] = {}
-    for item in items:
+    for n, item in enumerate(items):
+        if n == STATIC_MAX_ITEMS:
+            raise NotStacError(
+                f"it holds more than {STATIC_MAX_ITEMS:,} items, more than a static catalogue "
+                "walked whole can serve: search it through a STAC API instead"
+            )
         if item.collection_id:  # an item without a collection cannot be told apart by sensor
             out.setdefault(item.collection_id, []).append(item)
     return out

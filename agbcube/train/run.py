@@ -125,6 +125,7 @@ def run_cv(
     out = Path(output or tcfg.output)
     with (
         output_lock(out, what="run directory"),
+        _tidy_when_interrupted(out, scheduler),
         _cluster(scheduler, tcfg.device, threads_per_task) as cluster,
     ):
         dev = cluster.device if cluster else resolve_device(tcfg.device)
@@ -149,6 +150,19 @@ def run_cv(
     metrics["run"] = _how_it_ran(scheduler, dev, t_start, len(run.folds), plan)
     write_json_atomic(out / "metrics.json", metrics)
     return metrics
+
+
+@contextmanager
+def _tidy_when_interrupted(out: Path, scheduler: str | None) -> Iterator[None]:
+    """After Ctrl-C, once the fits have stopped (this process's, or a LocalCluster's workers,
+    closed first), remove what they left half-written; a remote cluster's workers may still
+    be writing, so their leftovers wait for the next ``--resume``, which removes them."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if scheduler is None or "://" not in scheduler:
+            remove_temporaries(out)
+        raise
 
 
 @contextmanager
