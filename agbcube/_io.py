@@ -31,6 +31,7 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from uuid import uuid4
 
 from agbcube import __version__
@@ -52,6 +53,7 @@ __all__ = [
     "remove_path",
     "replace_path",
     "temporary_sibling",
+    "url_identity",
     "write_errors",
     "write_json_atomic",
     "written_by",
@@ -77,6 +79,29 @@ def file_digest(path: str | Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()[:16]
+
+
+def url_identity(url: str, *, timeout: float = 30.0) -> dict[str, Any]:
+    """What identifies the content at ``url`` now: the server's ETag (what object stores give),
+    else a digest of the bytes themselves (a plain web server's Last-Modified can be set back).
+    A URL that cannot be read gives ``{"error": ...}`` and no ``digest``."""
+    import hashlib
+    import urllib.request
+
+    try:
+        head = urllib.request.Request(url, method="HEAD")
+        with urllib.request.urlopen(head, timeout=timeout) as response:
+            etag = response.headers.get("ETag")
+            length = response.headers.get("Content-Length")
+        if etag:
+            return {"etag": etag, "length": length, "digest": f"etag:{etag}"}
+        h = hashlib.sha256()
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            for chunk in iter(lambda: response.read(1 << 20), b""):
+                h.update(chunk)
+        return {"length": length, "digest": h.hexdigest()[:16]}
+    except (OSError, ValueError) as err:  # urllib's URLError and HTTPError are OSErrors
+        return {"error": " ".join(str(err).split())[:200]}
 
 
 def written_by() -> str:

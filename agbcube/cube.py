@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import dask
 import numpy as np
 import rasterio
 import xarray as xr
@@ -44,6 +45,7 @@ from agbcube._io import (
     remove_path,
     replace_path,
     temporary_sibling,
+    url_identity,
     write_errors,
 )
 from agbcube._log import reporter
@@ -387,23 +389,31 @@ def _with_grid(da: xr.DataArray, gbox: GeoBox) -> xr.DataArray:
 def same_inputs(
     paths: list[str], recorded: dict[str, dict[str, Any]] | None
 ) -> tuple[bool, dict[str, dict[str, Any]]]:
-    """Whether the input files at ``paths`` hold what they held when ``recorded`` (their
-    identities, as this returns them) was taken, and their identities now.
+    """Whether the inputs at ``paths`` (files or URLs) hold what they held when ``recorded``
+    (their identities, as this returns them) was taken, and their identities now.
 
     A file's identity is its size, times, inode and a digest of its content. The digest is
     computed again only when the others changed: the change time cannot be set back (a file
     edited in place and given its old size and modification time has a new one), while a copy
-    of the same bytes (a new inode and change time) keeps its digest. Without a record (a cube
-    from before these were kept) the files are taken as they are.
+    of the same bytes (a new inode and change time) keeps its digest. A URL's identity is the
+    server's ETag, or a digest of its content where the server gives none
+    (`agbcube._io.url_identity`); one that cannot be reached is not called changed (the
+    build that reads it will say why). Without a record (a cube from before these were kept)
+    the inputs are taken as they are.
     """
-    now: dict[str, dict[str, Any]] = {}
-    same = True
-    for path in paths:
-        before = (recorded or {}).get(path)
-        now[path] = _identity(Path(path), before)
-        if before is not None and now[path]["digest"] != before.get("digest"):
-            same = False
-    return same, now
+    recorded = recorded or {}
+    urls = [p for p in paths if "://" in p]
+    # the servers are asked at once: a STAC site reads hundreds of assets
+    asked = dask.compute(*[dask.delayed(url_identity)(u) for u in urls], scheduler="threads")
+    now = dict(zip(urls, asked, strict=True))
+    now |= {p: _identity(Path(p), recorded.get(p)) for p in paths if "://" not in p}
+    changed = [
+        p
+        for p in paths
+        if now[p].get("digest")
+        and recorded.get(p, {}).get("digest") not in (None, now[p]["digest"])
+    ]
+    return not changed, {p: now[p] for p in paths}
 
 
 def _identity(path: Path, before: dict[str, Any] | None) -> dict[str, Any]:
@@ -568,7 +578,7 @@ def _stac_satellite(
     extra = {
         "facts": plan.facts(),
         "stac_layers": json.dumps(stac.layer_labels(plan)),
-        "input_files": plan.local_files(),
+        "input_files": plan.input_files(),
     }
     return sat, gbox, overlap, extra
 

@@ -617,3 +617,41 @@ def test_a_static_catalogue_that_cycles_or_is_too_big_is_one_error(
     monkeypatch.setattr(composites, "STATIC_MAX_ITEMS", 3)
     with pytest.raises(StacError, match=r"more than 3 items.*through a STAC API"):
         build_site_cube(_site(tmp_path, catalogue), _cube(tmp_path))
+
+
+@pytest.fixture
+def served(tmp_path):
+    """A plain web server (no ETag, as Python's) over ``tmp_path``: ``served(path)`` is the
+    URL of a file below it."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=tmp_path))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield lambda path: f"http://127.0.0.1:{server.server_port}/{path.relative_to(tmp_path)}"
+    server.shutdown()
+
+
+def test_a_cog_changed_in_place_behind_a_served_catalogue_is_rebuilt(
+    tmp_path, s2_catalogue, served
+):
+    """Over HTTP, up to date is decided by content too: a COG rewritten with its old size
+    and time (the server's Last-Modified) on a server that gives no ETag is digested."""
+    catalogue, _ = s2_catalogue
+    site, cube = _site(tmp_path, served(catalogue)), _cube(tmp_path)
+    assert build_cube([site], cube, progress=False)["s"]["status"] == "built"
+    assert build_cube([site], cube, progress=False)["s"]["status"] == "up to date"
+    urls = json.loads(open_cube(cube.output, "s").attrs["input_files"])
+    served_cogs = [u for u in urls if u.startswith("http://127.0.0.1") and u.endswith(".tif")]
+    cog = tmp_path / served_cogs[0].split("/", 3)[3]
+    st = cog.stat()
+    with rasterio.open(cog, "r+", IGNORE_COG_LAYOUT_BREAK="YES") as dst:  # same size
+        dst.write(dst.read() + 1)
+    os.utime(cog, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert build_cube([site], cube, progress=False)["s"]["status"] == "built"
+    assert build_cube([site], cube, progress=False)["s"]["status"] == "up to date"

@@ -434,17 +434,19 @@ class StacPlan:
             "items_key": digest(prints),
         }
 
-    def local_files(self) -> list[str]:
-        """The assets of the plan's items that are files on this machine (whose content
-        `agbcube.cube` checks when it decides a site is up to date)."""
-        hrefs = {
-            asset.get_absolute_href() or asset.href
-            for by in self.items.values()
-            for items in by.values()
-            for item in items
-            for asset in item.assets.values()
-        }
-        return sorted(h for h in hrefs if "://" not in h and Path(h).is_file())
+    def input_files(self) -> list[str]:
+        """The assets the composites read (the layout's bands and masks of every item), files
+        on this machine or URLs, whose content `agbcube.cube` checks when it decides a site
+        is up to date."""
+        hrefs = set()
+        for sensor, by in self.items.items():
+            keys = set(self.assets[sensor].values())
+            for items in by.values():
+                for item in items:
+                    for key in keys & set(item.assets):
+                        asset = item.assets[key]
+                        hrefs.add(asset.get_absolute_href() or asset.href)
+        return sorted(hrefs)
 
 
 def _fingerprint(item: Any) -> dict[str, Any]:
