@@ -546,6 +546,14 @@ class TrainConfig(_Section):
     tta_rotations: int = Field(
         default=4, ge=1, le=8, description="Dihedral transforms averaged.", **_EVAL
     )
+    interval_level: float = Field(
+        default=0.9,
+        gt=0,
+        lt=1,
+        description="Coverage of the prediction intervals calibrated on the test folds "
+        "(metrics.json 'intervals'; the maps' agb_lower and agb_upper).",
+        **_EVAL,
+    )
     hgb_max_pixels: int = Field(
         default=60000,
         ge=100,

@@ -26,6 +26,7 @@ API_MODULES = {
     "agbcube.train.plan": "A run's plan: its settings resolved once, and its tasks.",
     "agbcube.train.execute": "Running a run's tasks, here or on a Dask cluster.",
     "agbcube.train.cluster": "Training on a Dask cluster: fits as tasks, GPU workers, faults.",
+    "agbcube.train.intervals": "Prediction intervals calibrated on the test folds.",
     "agbcube.predict": "Maps, uncertainty and the area of applicability.",
     "agbcube.stac.composites": "STAC in: seasonal multi-sensor composites from a catalogue.",
     "agbcube.stac.items": "STAC out: Items and Collections of cubes and maps.",

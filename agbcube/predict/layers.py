@@ -25,6 +25,27 @@ LAYER_INFO: dict[str, dict[str, Any]] = {
         "nodata": float("nan"),
         "cmap": "magma",
     },
+    "agb_lower": {
+        "title": "AGB, lower bound of the calibrated interval",
+        "description": "Lower bound of the prediction interval calibrated on the run's test "
+        "folds (metrics.json 'intervals': level, q, beta): agb_mean - q (agb_std + beta), "
+        "not below 0. Outside the area of applicability it is extrapolation: the calibration "
+        "holds for pixels like the test folds'.",
+        "unit": AGB_UNITS,
+        "dtype": "float32",
+        "nodata": float("nan"),
+        "cmap": "YlGn",
+    },
+    "agb_upper": {
+        "title": "AGB, upper bound of the calibrated interval",
+        "description": "Upper bound of the prediction interval calibrated on the run's test "
+        "folds: agb_mean + q (agb_std + beta). Outside the area of applicability it is "
+        "extrapolation.",
+        "unit": AGB_UNITS,
+        "dtype": "float32",
+        "nodata": float("nan"),
+        "cmap": "YlGn",
+    },
     "di": {
         "title": "dissimilarity index",
         "description": "Distance to the nearest training pixel in standardised feature space, "

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import xarray as xr
 
-from agbcube._io import (
-    digest,
-)
+from agbcube._io import digest
 from agbcube.config import load_run_config
 from agbcube.predict.aoa import run_aoa
 from agbcube.predict.models import EnsembleFile, device_here
@@ -84,10 +85,38 @@ def predict_run(
         block_px=block_px,
         reach_px=geometry.reach_px,
     )
+    maps = with_interval(maps, calibrated_interval(run_dir, tcfg["model"]))
     maps.attrs["key"] = _maps_key(run_dir, ds, maps, window=window, stride=stride, aoa=aoa)
     maps.attrs["run"] = run_dir.resolve().name
     maps.attrs.update(window_px=window, stride_px=stride)
     return maps
+
+
+def calibrated_interval(run_dir: Path, model: str) -> dict[str, Any] | None:
+    """The pixel-level interval the run calibrated on its test folds for ``model`` (pooled
+    over sites: ``level``, ``q``, ``beta``; see `agbcube.train.intervals`), or None for a run
+    from before intervals or one whose folds held too few pixels for its level."""
+    try:
+        found = json.loads((run_dir / "metrics.json").read_text())["intervals"][model]["pixel"]
+        interval = {k: float(found[k]) for k in ("level", "q", "beta")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return interval if np.isfinite(interval["q"]) else None
+
+
+def with_interval(maps: xr.Dataset, interval: dict[str, Any] | None) -> xr.Dataset:
+    """``maps`` with ``agb_lower`` and ``agb_upper`` (lazily) from a calibrated interval: the
+    mean ± q (std + beta), the lower bound not below 0."""
+    if interval is None:
+        return maps
+    half = interval["q"] * (maps["agb_std"] + interval["beta"])
+    lower = np.maximum(maps["agb_mean"] - half, 0).astype(np.float32)
+    upper = (maps["agb_mean"] + half).astype(np.float32)
+    out = maps.assign(agb_lower=lower, agb_upper=upper)
+    for name in ("agb_lower", "agb_upper"):
+        out[name].attrs = {**maps["agb_mean"].attrs, "interval_level": interval["level"]}
+    out.attrs["interval"] = json.dumps(interval)
+    return out
 
 
 def _maps_key(

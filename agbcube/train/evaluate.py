@@ -18,6 +18,7 @@ import pandas as pd
 from agbcube.train.baseline import core_chips
 from agbcube.train.batches import make_target
 from agbcube.train.data import RunData
+from agbcube.train.intervals import interval_metrics
 from agbcube.train.metrics import r2_difference, summarise
 from agbcube.train.plan import CNN, HGB, Task, selection
 from agbcube.train.tasks import load_result, test_agb
@@ -35,15 +36,21 @@ def scored_pixels(pred: np.ndarray, agb: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 def pixel_frame(
-    meta: pd.DataFrame, agb: np.ndarray, pred: np.ndarray, **columns: Any
+    meta: pd.DataFrame,
+    agb: np.ndarray,
+    pred: np.ndarray,
+    spread: np.ndarray | None = None,
+    **columns: Any,
 ) -> pd.DataFrame:
     """One row per pixel with known AGB of the chips ``meta`` (``chip_id``, ``site``), in
-    order: its chip, site, ``columns``, AGB and prediction."""
+    order: its chip, site, ``columns``, AGB, prediction and, given one, the ensemble's spread
+    (``agb_std``, NaN without one)."""
     valid = np.isfinite(agb)
 
     def per_pixel(values: np.ndarray) -> np.ndarray:
         return np.broadcast_to(values[:, None, None], agb.shape)[valid]
 
+    std = np.full(agb.shape, np.nan, np.float32) if spread is None else spread
     return pd.DataFrame(
         {
             "chip_id": per_pixel(meta["chip_id"].to_numpy()),
@@ -51,8 +58,24 @@ def pixel_frame(
             **columns,
             "agb_true": agb[valid],
             "agb_pred": np.asarray(pred)[valid],
+            "agb_std": np.broadcast_to(np.asarray(std, np.float32), agb.shape)[valid],
         }
     )
+
+
+def member_spread(
+    member_preds: list[np.ndarray], agb: np.ndarray, *, dense: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """The s.d. of an ensemble's members (Mg/ha, as `predict` maps it): per chip, of their
+    chip means, and per pixel (NaN for a single member)."""
+    shape = (len(agb),)
+    if len(member_preds) < 2:
+        return np.full(shape, np.nan), np.full(agb.shape, np.nan, np.float32)
+    if dense:
+        chips = np.std([scored_pixels(p, agb)[0] for p in member_preds], axis=0)
+        return chips, np.std(member_preds, axis=0).astype(np.float32)
+    chips = np.std(member_preds, axis=0)
+    return chips, np.broadcast_to(chips[:, None, None], agb.shape).astype(np.float32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -69,14 +92,18 @@ def _fold_tables(
     meta = run.folds[["chip_id", "site"]].iloc[roles.test].reset_index(drop=True)
     info = _fold_info(run, k, roles)
     preds: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    spreads: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     members = [t for t in tasks if t.fold == k and t.kind == "member"]
     if members:
         results = [load_result(t.result_path(run.run_dir)) for t in members]
-        mg = np.mean([arrays["pred"] for _, arrays in results], axis=0)
-        if run.tcfg.head == "dense":
+        member_preds = [arrays["pred"] for _, arrays in results]
+        mg = np.mean(member_preds, axis=0)
+        dense = run.tcfg.head == "dense"
+        if dense:
             preds[CNN] = scored_pixels(mg, agb)
         else:
             preds[CNN] = (mg, np.broadcast_to(mg[:, None, None], agb.shape))
+        spreads[CNN] = member_spread(member_preds, agb, dense=dense)
         _cnn_info(run, k, tasks, results, info)
     if any(t.fold == k and t.kind == "baseline" for t in tasks):
         summary, arrays = load_result(Task(k, "baseline").result_path(run.run_dir))
@@ -86,6 +113,7 @@ def _fold_tables(
     frames, pixel_frames = [], []
     agb32 = agb.astype(np.float32)
     for name, (chip_pred, pix) in preds.items():
+        chip_std, pix_std = spreads.get(name, (np.full(len(meta), np.nan), None))
         frames.append(
             meta.assign(
                 fold=k,
@@ -94,10 +122,11 @@ def _fold_tables(
                 agb_pred=chip_pred.astype(np.float64),
                 log_true=np.log1p(true_chip.astype(np.float64)),
                 log_pred=np.log1p(np.clip(chip_pred.astype(np.float64), 0, None)),
+                agb_std=chip_std.astype(np.float64),
             )
         )
         pix32 = np.asarray(pix, dtype=np.float32)
-        pixel_frames.append(pixel_frame(meta, agb32, pix32, fold=k, model=name))
+        pixel_frames.append(pixel_frame(meta, agb32, pix32, pix_std, fold=k, model=name))
     return pd.concat(frames, ignore_index=True), pd.concat(pixel_frames, ignore_index=True), info
 
 
@@ -151,6 +180,13 @@ def assemble(run: RunData, tasks: list[Task]) -> tuple[pd.DataFrame, pd.DataFram
     predictions = pd.concat(rows, ignore_index=True)
     pixels = pd.concat(pixel_rows, ignore_index=True)
     metrics = _metrics(predictions, pixels, fold_info, run.tcfg.model)
+    metrics["intervals"] = {
+        str(name): {
+            "chip": interval_metrics(chips, run.tcfg.interval_level),
+            "pixel": interval_metrics(pixels[pixels["model"] == name], run.tcfg.interval_level),
+        }
+        for name, chips in predictions.groupby("model")
+    }
     if any(t.kind == "random" for t in tasks):
         metrics["random_cv"] = _random_cv_metrics(run)
     return predictions, pixels, fold_info, metrics

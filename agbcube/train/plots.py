@@ -17,6 +17,7 @@ from agbcube._plot import finite_limit, label_projected, new_figure, save_figure
 
 __all__ = [
     "plot_predicted_vs_observed",
+    "plot_reliability",
     "plot_residual_map",
     "plot_residuals",
     "plot_site_performance",
@@ -136,6 +137,32 @@ def plot_site_performance(
     return fig
 
 
+def plot_reliability(metrics: dict[str, Any], model: str, *, run: str = "") -> Any | None:
+    """Nominal against observed coverage of ``model``'s calibrated intervals on the test
+    folds (cross-fitted), per site, at chip and pixel level: on the diagonal, an interval of
+    90 % covers 90 % of held-out chips or pixels."""
+    found = metrics.get("intervals", {}).get(model)
+    if not found:
+        return None
+    fig = new_figure((10, 4))
+    axes = fig.subplots(1, 2)
+    for ax, level in zip(axes, ("chip", "pixel"), strict=True):
+        for site, curve in sorted(found[level]["reliability"].items()):
+            nominal = [float(k) for k in curve]
+            ax.plot(nominal, list(curve.values()), marker="o", label=site)
+        ax.plot([0, 1], [0, 1], color="0.5", lw=0.8, ls="--")
+        ax.set(
+            xlabel="nominal coverage",
+            ylabel="observed coverage (held-out folds)",
+            title=f"{level} level ({found[level]['scaled_by']})",
+            xlim=(0.4, 1),
+            ylim=(0.4, 1),
+        )
+        ax.legend(fontsize=8)
+    _suptitle(fig, f"calibrated intervals of {model}", run)
+    return fig
+
+
 def plot_residual_map(predictions: pd.DataFrame, folds: Any, site: str, *, run: str = "") -> Any:
     """Chip footprints of a site coloured by residual, one panel per model, in UTM metres."""
     models, _ = _models_and_sites(predictions)
@@ -213,6 +240,9 @@ def write_plots(
         "residuals": plot_residuals(predictions, run=run),
         "site_performance": plot_site_performance(predictions, metrics, run=run),
     }
+    models, _ = _models_and_sites(predictions)
+    for model in models:
+        figures[f"reliability_{model}"] = plot_reliability(metrics, model, run=run)
     for site in sites:
         figures[f"residual_map_{site}"] = plot_residual_map(predictions, folds, site, run=run)
     return [
