@@ -109,10 +109,14 @@ def test_run_writes_every_output_and_maps_a_site(demo_config, demo_folds, tmp_pa
     for name in ("agb_lower", "agb_mean", "agb_upper"):
         with rasterio.open(maps / f"{name}.tif") as src:
             layers[name] = src.read(1).astype(np.float64)
-    half = calibrated["q"] * (spread + calibrated["beta"])
+    own = calibrated["per_site"]["beta"]  # a site the run tested: its own calibration
+    half = own["q"] * (spread + own["beta"])
     np.testing.assert_allclose(layers["agb_upper"], layers["agb_mean"] + half, rtol=1e-5)
     lower = np.maximum(layers["agb_mean"] - half, 0)
     np.testing.assert_allclose(layers["agb_lower"], lower, rtol=1e-5, atol=1e-3)
+    assert json.loads(xr.open_zarr(maps / "maps.zarr").attrs["interval"])["calibrated_on"] == (
+        "site 'beta'"
+    )
     item = json.loads((maps / "item.json").read_text())
     assert "extrapolation" in item["assets"]["agb_lower"]["description"]
 
