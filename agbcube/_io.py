@@ -41,6 +41,7 @@ __all__ = [
     "MARKER",
     "atomic_path",
     "check_output_dir",
+    "check_outside_stores",
     "check_replaceable",
     "digest",
     "mark_output",
@@ -301,10 +302,23 @@ def prepare_output_dir(path: str | Path, *, kind: str, what: str = "output") -> 
     return path
 
 
+def check_outside_stores(path: str | Path, *, what: str = "output") -> None:
+    """Raise `OutputExistsError` when ``path`` lies inside a Zarr store (a cube, a map's
+    store): a store holds its own arrays, and a file put into one is lost or in the way."""
+    path = Path(os.path.abspath(path))
+    store = next((p for p in path.parents if _zarr_kind(p) or (p / "zarr.json").is_file()), None)
+    if store is not None:
+        raise OutputExistsError(
+            f"{what} {path} is inside the Zarr store {store}; agbcube writes nothing into a "
+            "store but its arrays: give a path outside it"
+        )
+
+
 def check_output_dir(path: str | Path, *, what: str = "output") -> None:
     """Raise `OutputExistsError` unless `prepare_output_dir` may use ``path``; it creates
     nothing, so a command checks every output before it starts any work."""
     path = Path(path)
+    check_outside_stores(path, what=what)
     existing = next(p for p in (path, *path.parents) if p.exists() or p == p.parent)
     if existing.exists() and not existing.is_dir():
         where = f"{what} {path}" + ("" if existing == path else f": {existing}")

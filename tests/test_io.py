@@ -354,3 +354,23 @@ def test_whatever_a_lock_file_holds_only_the_os_lock_counts(tmp_path, content):
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
+
+
+def test_outputs_inside_a_zarr_store_are_refused(tmp_path):
+    """A folds file, a run or maps given a path inside a cube's store would sit among its
+    arrays: refused, naming the store, and nothing is written there."""
+    import zarr
+
+    from agbcube._io import check_outside_stores, prepare_output_dir
+    from agbcube.errors import OutputExistsError
+
+    store = tmp_path / "cube.zarr"
+    zarr.open_group(store, mode="w").attrs["agbcube"] = {"format": 1}
+    before = sorted(p.name for p in store.iterdir())
+    for target in (store / "folds.parquet", store / "site" / "deeper" / "x.parquet"):
+        with pytest.raises(OutputExistsError, match=f"inside the Zarr store {store}"):
+            check_outside_stores(target, what="folds.output")
+    with pytest.raises(OutputExistsError, match=f"run directory {store}/run is inside"):
+        prepare_output_dir(store / "run", kind="run", what="run directory")
+    assert sorted(p.name for p in store.iterdir()) == before
+    check_outside_stores(tmp_path / "folds.parquet")  # beside it: fine

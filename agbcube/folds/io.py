@@ -13,6 +13,7 @@ import pandas as pd
 
 from agbcube._io import (
     atomic_path,
+    check_outside_stores,
     check_replaceable,
     output_lock,
     owned,
@@ -44,6 +45,7 @@ def write_folds(folds: gpd.GeoDataFrame, path: str | Path, *, maps: bool = True)
     audit_path = _sidecar(path, "audit.json")
     sites = pd.unique(folds["site"]) if maps else []
     pngs = {site: _sidecar(path, f"map_{site}.png") for site in sites}
+    check_outside_stores(path, what="folds.output")
     for target, what in [(path, "folds.output"), (audit_path, "folds audit")] + [
         (png, "folds map") for png in pngs.values()
     ]:
