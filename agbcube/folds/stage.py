@@ -61,17 +61,21 @@ def make_folds(config: Any, *, echo: Any = None, client: Any = None) -> gpd.GeoD
     keys = _config_site_keys(config)
     parts, summaries, buffers, variograms = [], {}, {}, {}
     layouts: dict[str, int] = {}
-    for site, (gdf, summary, variogram, buffer, layout) in _sites(config, list(keys), client, say):
-        summaries[site] = summary
-        if gdf is None:
-            continue
-        if variogram is not None:
-            variograms[site] = variogram
-        buffers[site], layouts[site] = buffer, layout
-        parts.append(gdf)
+    with warnings.catch_warnings(record=True) as caught:  # said once below, or in the error
+        warnings.simplefilter("always")
+        for site, part in _sites(config, list(keys), client, say):
+            gdf, summaries[site], variogram, buffer, layout = part
+            if gdf is None:
+                continue
+            if variogram is not None:
+                variograms[site] = variogram
+            buffers[site], layouts[site] = buffer, layout
+            parts.append(gdf)
     if not parts:
         causes = "; ".join(f"site '{s}': {_no_chip(m, config)}" for s, m in summaries.items())
         raise FoldError(f"no site has a usable chip. {causes}")
+    for w in caught:
+        warnings.warn(w.message, w.category, stacklevel=2)
     chips = pd.concat(parts, ignore_index=True)
     cv = HybridSiteSpatialKFold(
         folds_cfg.n_folds,
