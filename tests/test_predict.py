@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import dask
 import numpy as np
 import pytest
@@ -499,3 +501,27 @@ def test_an_ensemble_file_that_changed_or_cannot_be_read_is_named(tmp_path):
     path.unlink()  # a worker without the shared file system
     with pytest.raises(InputFileError, match="cannot be read here .*same paths as the client"):
         ref.load("cpu")
+
+
+def test_a_run_without_its_ensemble_or_readable_metrics_is_named(tmp_path):
+    """An unfinished run (no ensemble.pt) is one error saying how to finish it; a damaged
+    metrics.json costs the maps their calibrated interval, with a warning, not the maps."""
+    from agbcube.errors import TrainingError
+    from agbcube.predict import predict_run
+    from agbcube.predict.stage import calibrated_interval
+
+    (tmp_path / "config.yaml").write_text(_SITES + "cube: {output: c.zarr}\n")
+    with pytest.raises(TrainingError, match=r"ensemble.pt does not exist: .*--resume"):
+        predict_run(tmp_path, xr.Dataset())
+    assert calibrated_interval(tmp_path, "cnn-coordinate", "s") is None  # no metrics: none
+    (tmp_path / "metrics.json").write_text('{"models": {}}')  # before intervals: none, quietly
+    assert calibrated_interval(tmp_path, "cnn-coordinate", "s") is None
+    (tmp_path / "metrics.json").write_text('{"intervals": ')
+    with pytest.warns(UserWarning, match=r"metrics.json cannot be read .*no calibrated interval"):
+        assert calibrated_interval(tmp_path, "cnn-coordinate", "s") is None
+    pooled = {"level": 0.9, "q": 2.0, "beta": 1.0}
+    found = {"intervals": {"m": {"pixel": {**pooled, "per_site": {"s": {**pooled, "q": 3.0}}}}}}
+    (tmp_path / "metrics.json").write_text(json.dumps(found))
+    assert calibrated_interval(tmp_path, "m", "s")["q"] == 3.0  # the site's own
+    new_area = calibrated_interval(tmp_path, "m", "elsewhere")
+    assert new_area["q"] == 2.0 and new_area["calibrated_on"] == "pooled over the run's sites"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import xarray as xr
 
 from agbcube._io import digest
 from agbcube.config import load_run_config
+from agbcube.errors import TrainingError
 from agbcube.predict.aoa import run_aoa
 from agbcube.predict.models import EnsembleFile, device_here
 from agbcube.predict.tiles import predict_site
@@ -60,6 +62,11 @@ def predict_run(
     run_dir = Path(run_dir)
     store = run_cube(run_dir)
     ensemble_file = run_dir / "ensemble.pt"
+    if not ensemble_file.is_file():
+        raise TrainingError(
+            f"{ensemble_file} does not exist: the run did not finish; run `agbcube train CONFIG "
+            f"--output {run_dir} --resume` to finish it"
+        )
     # the settings and the margin, from the models as this process loads them (the tiles of a
     # threaded run share them; a cluster's workers load their own)
     _, spec, _ = EnsembleFile.of(ensemble_file).load(device_here(device))
@@ -99,12 +106,21 @@ def calibrated_interval(run_dir: Path, model: str, site: str) -> dict[str, Any] 
     tested it (sites differ: on the benchmark the pooled one covered 74 % at one site and
     97 % at another), else the one pooled over the run's sites (a new area). None for a run
     from before intervals or one whose folds held too few pixels for its level."""
+    path = run_dir / "metrics.json"
     try:
-        found = json.loads((run_dir / "metrics.json").read_text())["intervals"][model]["pixel"]
+        found = json.loads(path.read_text())["intervals"][model]["pixel"]
         own = found.get("per_site", {}).get(site)
         chosen, source = (own, f"site '{site}'") if own else (found, "pooled over the run's sites")
         interval = {k: float(chosen[k]) for k in ("level", "q", "beta")}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except KeyError:  # a run from before intervals
+        return None
+    except (OSError, ValueError, TypeError, AttributeError) as err:
+        warnings.warn(
+            f"{path} cannot be read ({type(err).__name__}): the maps get no calibrated "
+            "interval (agb_lower, agb_upper); restore it, or train the run again",
+            UserWarning,
+            stacklevel=2,
+        )
         return None
     return {**interval, "calibrated_on": source} if np.isfinite(interval["q"]) else None
 
