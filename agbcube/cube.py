@@ -534,7 +534,7 @@ def build_site_cube(site: SiteConfig, cube: CubeConfig) -> xr.Dataset:
         n_raw_bands=len(names),
         overlap_fraction=round(float(overlap), 6),
         provenance=json.dumps(site_provenance(site, cube, satellite=extra.pop("facts", None))),
-        input_files=json.dumps(inputs),  # whose content is checked (`input_identities`)
+        input_files=json.dumps(inputs),  # whose content is checked (`same_inputs`)
         **extra,
     )
     return ds
@@ -889,11 +889,12 @@ def _build_one(
         "indices": int(ds.sizes["band"]) - int(ds.attrs["n_raw_bands"]),
         "overlap": ds.attrs["overlap_fraction"],
     }
+    # the inputs' identities, taken once: they decide "up to date" and are recorded with a build
     inputs = json.loads(ds.attrs.get("input_files", "[]"))
+    same, identities = same_inputs(inputs, meta["inputs"].get(name))
     if not overwrite and meta["sites"].get(name) == key:
         # the files as written: a damaged or edited chunk (its size or mtime) is rebuilt
         recorded = meta["files"].get(name)
-        same, identities = same_inputs(inputs, meta["inputs"].get(name))
         if recorded is not None and recorded == folder_manifest(store / name) and same:
             meta["inputs"][name] = identities  # a copy of the same content, now recorded
             stats = json.loads(_site_attrs(store, name).get("stats", "{}"))
@@ -916,7 +917,7 @@ def _build_one(
     stats = write_site(ds, store, client=client, progress=progress)
     meta["sites"][name] = key
     meta["files"][name] = folder_manifest(store / name)
-    meta["inputs"][name] = same_inputs(inputs, None)[1]
+    meta["inputs"][name] = identities
     _write_root_meta(store, meta)
     return {"status": "built", **summary, **stats}
 
