@@ -35,7 +35,13 @@ from typing import Any
 from uuid import uuid4
 
 from agbcube import __version__
-from agbcube.errors import AgbcubeError, OutputExistsError, OutputLockedError, OutputWriteError
+from agbcube.errors import (
+    AgbcubeError,
+    OutputExistsError,
+    OutputLockedError,
+    OutputWriteError,
+    one_line,
+)
 
 __all__ = [
     "MARKER",
@@ -44,6 +50,7 @@ __all__ = [
     "check_outside_stores",
     "check_replaceable",
     "digest",
+    "json_text",
     "mark_output",
     "output_kind",
     "output_lock",
@@ -73,12 +80,18 @@ def digest(obj: object) -> str:
 
 def file_digest(path: str | Path) -> str:
     """A short key of a file's bytes (what a run records of the files it reads)."""
+    with open(path, "rb") as fh:
+        return _stream_digest(fh)
+
+
+def _stream_digest(stream: Any) -> str:
+    """A short key of the bytes a binary stream (a file, an HTTP response) holds, read in
+    pieces of 1 MiB."""
     import hashlib
 
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
+    for chunk in iter(lambda: stream.read(1 << 20), b""):
+        h.update(chunk)
     return h.hexdigest()[:16]
 
 
@@ -86,7 +99,6 @@ def url_identity(url: str, *, timeout: float = 30.0) -> dict[str, Any]:
     """What identifies the content at ``url`` now: the server's ETag (what object stores give),
     else a digest of the bytes themselves (a plain web server's Last-Modified can be set back).
     A URL that cannot be read gives ``{"error": ...}`` and no ``digest``."""
-    import hashlib
     import urllib.request
 
     try:
@@ -96,13 +108,10 @@ def url_identity(url: str, *, timeout: float = 30.0) -> dict[str, Any]:
             length = response.headers.get("Content-Length")
         if etag:
             return {"etag": etag, "length": length, "digest": f"etag:{etag}"}
-        h = hashlib.sha256()
         with urllib.request.urlopen(url, timeout=timeout) as response:
-            for chunk in iter(lambda: response.read(1 << 20), b""):
-                h.update(chunk)
-        return {"length": length, "digest": h.hexdigest()[:16]}
+            return {"length": length, "digest": _stream_digest(response)}
     except (OSError, ValueError) as err:  # urllib's URLError and HTTPError are OSErrors
-        return {"error": " ".join(str(err).split())[:200]}
+        return {"error": one_line(err, 200)}
 
 
 def written_by() -> str:
@@ -462,7 +471,12 @@ def replace_path(src: Path, dst: Path, *, what: str = "output") -> None:
 def write_json_atomic(path: str | Path, obj: object, *, what: str = "output") -> None:
     """Write JSON through a temporary file and an atomic rename."""
     with atomic_path(path, what=what) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+        tmp.write_text(json_text(obj))
+
+
+def json_text(obj: object) -> str:
+    """The text of agbcube's JSON files (indented, one trailing newline)."""
+    return json.dumps(obj, indent=2, default=str) + "\n"
 
 
 # --------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from pydantic import (
     model_validator,
 )
 
-from agbcube.errors import ConfigError
+from agbcube.errors import ConfigError, one_line
 
 __all__ = [
     "ChipsConfig",
@@ -754,7 +754,7 @@ def read_yaml(path: str | Path, *, what: str = "YAML file") -> Any:
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader (libyaml's when built)
     except (yaml.YAMLError, ValueError, RecursionError) as err:  # ValueError: a bad date
-        detail = " ".join(str(err).split())
+        detail = one_line(err)
         raise ConfigError(f"{what} {path} is not valid YAML: {detail}") from None
     if data is None:
         raise ConfigError(f"{what} {path} is empty; see configs/benchmark.yaml for an example")
@@ -846,7 +846,7 @@ def _format_errors(err: ValidationError, where: str) -> str:
             problems.append(f"{loc}: required key is missing")
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            problems.append(f"{loc}: {' '.join(msg.split())} (got {_short(e.get('input'))})")
+            problems.append(f"{loc}: {one_line(msg)} (got {_short(e.get('input'))})")
     if len(problems) == 1:
         return f"{where}: {problems[0]}"
     shown = problems[:_SHOWN]

@@ -127,3 +127,10 @@ def missing_dependency(err: ModuleNotFoundError) -> MissingDependencyError | Non
     return MissingDependencyError(
         f"{top} is not installed, and this command needs it: {which} (or agbcube[all])"
     )
+
+
+def one_line(message: object, limit: int | None = None) -> str:
+    """A library's message (an exception or a text) on one line, cut to ``limit`` characters:
+    how an agbcube error quotes another message and stays one line."""
+    text = " ".join(str(message).split())
+    return text if limit is None else text[:limit]

@@ -15,6 +15,7 @@ from agbcube._io import (
     atomic_path,
     check_outside_stores,
     check_replaceable,
+    json_text,
     output_lock,
     owned,
     written_by,
@@ -64,9 +65,7 @@ def write_folds(folds: gpd.GeoDataFrame, path: str | Path, *, maps: bool = True)
             table.to_parquet(tmp, index=False, schema_version="1.0.0", write_covering_bbox=False)
             _add_parquet_metadata(tmp, {"agbcube": json.dumps(meta, default=str)})
             tmp = renames.enter_context(atomic_path(audit_path, what="folds audit"))
-            tmp.write_text(
-                json.dumps({"written_by": written_by(), **meta}, indent=2, default=str) + "\n"
-            )
+            tmp.write_text(json_text({"written_by": written_by(), **meta}))
             for site, png in pngs.items():
                 tmp = renames.enter_context(atomic_path(png, what="folds map"))
                 plot_fold_map(folds, site, n_folds, tmp, buffer_m=meta.get("buffer_m", {}))

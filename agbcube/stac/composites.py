@@ -43,7 +43,7 @@ from odc.geo.geobox import GeoBox
 
 from agbcube._io import digest
 from agbcube.config import StacSource
-from agbcube.errors import CatalogueUnreachableError, StacError
+from agbcube.errors import CatalogueUnreachableError, StacError, one_line
 
 __all__ = [
     "PROVIDERS",
@@ -262,7 +262,7 @@ class _Catalogue:
             else:
                 self._open_api(href)
         except NotStacError as err:
-            why = " ".join(str(err).split())[:300]
+            why = one_line(err, 300)
             raise StacError(
                 f"site '{site}': {href} is not a STAC catalogue, collection, item or item "
                 f"collection it can use ({why}); stac.catalog must name one (a URL: its API's "

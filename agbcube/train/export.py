@@ -27,7 +27,7 @@ from torch import nn
 
 from agbcube._cf import AGB_UNITS
 from agbcube._io import atomic_path, output_lock, prepare_output_dir, write_json_atomic, written_by
-from agbcube.errors import ConfigError, MissingDependencyError, TrainingError
+from agbcube.errors import ConfigError, MissingDependencyError, TrainingError, one_line
 from agbcube.train.model import dihedral, dihedral_inverse
 from agbcube.train.modelfile import load_bundle
 
@@ -210,5 +210,5 @@ def exported_metadata(path: str | Path) -> dict[str, Any]:
     except (RuntimeError, ValueError, OSError) as err:
         raise TrainingError(
             f"{path} is not a model `agbcube export` wrote ({type(err).__name__}: "
-            f"{' '.join(str(err).split())[:120]}); export the run again"
+            f"{one_line(err, 120)}); export the run again"
         ) from None

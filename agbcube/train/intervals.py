@@ -16,7 +16,8 @@ error and the interval has one width.
 Only test-fold predictions are used, and the coverage a run reports is cross-fitted: each
 fold's pixels are checked against ``q`` calibrated on the other folds' test pixels, so no pixel
 is scored by an interval it helped to fit. Scores are pooled over sites and also calibrated
-per site; the map's intervals use the pooled ``q`` (a new area is no site of the run).
+per site; a map of one of the run's sites uses the site's own ``q``, a new area the pooled one
+(sites differ, so one scale pooled over them under-covers some and over-covers others).
 """
 
 from __future__ import annotations
@@ -51,9 +52,14 @@ def calibrate(frame: pd.DataFrame, level: float) -> dict[str, Any]:
     from the held-out rows of ``frame`` (``agb_true``, ``agb_pred``, optional ``agb_std``)."""
     spread = _spread(frame)
     beta = float(np.nanmedian(spread)) if spread is not None else 0.0
-    err = np.abs(frame["agb_true"].to_numpy(np.float64) - frame["agb_pred"].to_numpy(np.float64))
+    err = _errors(frame)
     q = conformal_quantile(err / _scale(spread, beta), level)
     return {"level": level, "q": q, "beta": beta, "scaled_by": _scaled_by(spread)}
+
+
+def _errors(frame: pd.DataFrame) -> np.ndarray:
+    """|AGB − prediction| of each row, in Mg/ha."""
+    return np.abs(frame["agb_true"].to_numpy(np.float64) - frame["agb_pred"].to_numpy(np.float64))
 
 
 def _spread(frame: pd.DataFrame) -> np.ndarray | None:
@@ -70,7 +76,7 @@ def _covered(frame: pd.DataFrame, cal: dict[str, Any]) -> tuple[np.ndarray, np.n
     """Whether each row's truth lies in its calibrated interval, and the interval's width."""
     spread = _spread(frame)
     half = cal["q"] * _scale(spread, cal["beta"])
-    err = np.abs(frame["agb_true"].to_numpy(np.float64) - frame["agb_pred"].to_numpy(np.float64))
+    err = _errors(frame)
     half = np.broadcast_to(half, err.shape)
     return err <= half, 2 * half
 
@@ -82,7 +88,7 @@ def nominal_coverage(frame: pd.DataFrame, level: float) -> float | None:
     if spread is None:
         return None
     z = float(norm.ppf(0.5 + level / 2))
-    err = np.abs(frame["agb_true"].to_numpy(np.float64) - frame["agb_pred"].to_numpy(np.float64))
+    err = _errors(frame)
     return float(np.mean(err <= z * spread))
 
 
@@ -113,10 +119,10 @@ def _coverage(frame: pd.DataFrame, level: float) -> dict[str, Any]:
 def interval_metrics(frame: pd.DataFrame, level: float, *, by: str = "site") -> dict[str, Any]:
     """The calibration of one model's held-out rows (pixels or chips) at ``level``.
 
-    Returns the pooled calibration (``q``, ``beta``: what maps use), the per-site one, and the
-    cross-fitted coverage and mean width (Mg/ha) of both, beside the coverage of the raw
-    spread read as a Gaussian s.d.; ``reliability`` gives the pooled intervals' cross-fitted
-    coverage at each of `LEVELS`.
+    Returns the pooled calibration (``q``, ``beta``: a new area's maps use it), the per-site
+    one (a run's own sites' maps), and the cross-fitted coverage and mean width (Mg/ha) of
+    both, beside the coverage of the raw spread read as a Gaussian s.d.; ``reliability``
+    gives the pooled intervals' cross-fitted coverage at each of `LEVELS`.
     """
     groups = dict(tuple(frame.groupby(by))) if len(frame) else {}
     per_site = {

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from agbcube._io import write_errors
-from agbcube.errors import TrainingError
+from agbcube.errors import TrainingError, one_line
 from agbcube.train.model import (
     Augmentation,
     CNNCoordinateModel,
@@ -68,7 +68,7 @@ def unreadable_because(err: BaseException, path: str | Path) -> str:
         return "it is truncated, or not a file torch.save wrote"
     if isinstance(err, pickle.UnpicklingError):
         return "it holds pickled Python objects, not only tensors: it was not written by agbcube"
-    return f"{type(err).__name__}: {' '.join(str(err).split())[:160]}"
+    return f"{type(err).__name__}: {one_line(err, 160)}"
 
 
 @dataclass

@@ -23,7 +23,7 @@ import torch
 from agbcube._io import digest, file_digest
 from agbcube.chips import ChipGeometry
 from agbcube.config import check_device
-from agbcube.errors import FoldError, TrainingError
+from agbcube.errors import FoldError, TrainingError, one_line
 from agbcube.folds import n_folds_of, read_folds
 from agbcube.train.readers import resolve_bands
 
@@ -179,7 +179,7 @@ class RunPlan:
                 "file system)"
             ) from err
         except (ValueError, KeyError, TypeError, OverflowError, AttributeError) as err:
-            why = " ".join(str(err).split())[:160]
+            why = one_line(err, 160)
             raise TrainingError(
                 f"{path} holds no readable run plan ({type(err).__name__}: {why}); start the run "
                 "again with --overwrite"

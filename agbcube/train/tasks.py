@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from agbcube._io import atomic_path, remove_path
-from agbcube.errors import TrainingError
+from agbcube.errors import TrainingError, one_line
 from agbcube.train.baseline import baseline_fold, random_cv_fold
 from agbcube.train.data import FoldData, RunData
 from agbcube.train.loop import build_model, chip_centres_km, fit, predict
@@ -82,7 +82,7 @@ def load_result(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
             arrays = {k: npz[k] for k in npz.files if k != "summary"}
             summary = json.loads(str(npz["summary"]))
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
-        why = " ".join(str(err).split())[:160] or type(err).__name__  # truncated or not .npz
+        why = one_line(err, 160) or type(err).__name__  # truncated or not .npz
         raise TrainingError(
             f"task result {path} cannot be read ({why}); delete it and run again with --resume"
         ) from None
