@@ -31,7 +31,7 @@ import importlib
 import json
 import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -422,9 +422,7 @@ class StacPlan:
         ids = {
             s: {t: [i.id for i in items] for t, items in by.items()} for s, by in self.items.items()
         }
-        prints = [
-            _fingerprint(i) for by in self.items.values() for items in by.values() for i in items
-        ]
+        prints = [_fingerprint(item) for _, item in self.each_item()]
         return {
             "stac": self.source.stac,
             "provider": self.provider,
@@ -438,15 +436,24 @@ class StacPlan:
         """The assets the composites read (the layout's bands and masks of every item), files
         on this machine or URLs, whose content `agbcube.cube` checks when it decides a site
         is up to date."""
-        hrefs = set()
+        return sorted(
+            {
+                _href(item.assets[key])
+                for sensor, item in self.each_item()
+                for key in set(self.assets[sensor].values()) & set(item.assets)
+            }
+        )
+
+    def each_item(self) -> Iterator[tuple[str, Any]]:
+        """``(sensor, item)`` for every item of every sensor and season."""
         for sensor, by in self.items.items():
-            keys = set(self.assets[sensor].values())
             for items in by.values():
                 for item in items:
-                    for key in keys & set(item.assets):
-                        asset = item.assets[key]
-                        hrefs.add(asset.get_absolute_href() or asset.href)
-        return sorted(hrefs)
+                    yield sensor, item
+
+
+def _href(asset: Any) -> str:
+    return asset.get_absolute_href() or asset.href
 
 
 def _fingerprint(item: Any) -> dict[str, Any]:
@@ -457,7 +464,7 @@ def _fingerprint(item: Any) -> dict[str, Any]:
         "properties": item.properties,
     }
     for key, asset in sorted(item.assets.items()):
-        href = asset.get_absolute_href() or asset.href
+        href = _href(asset)
         entry: dict[str, Any] = {"href": href}
         if "://" not in href and Path(href).is_file():
             st = Path(href).stat()
@@ -627,7 +634,7 @@ def _check_assets(items: list[Any], assets: dict[str, str], sensor: str, *, site
                 f"`assets: {{{sensor}: {{<band>: <asset>}}}}`"
             )
         for key in assets.values():
-            href = item.assets[key].get_absolute_href() or item.assets[key].href
+            href = _href(item.assets[key])
             if "://" not in href and not Path(href).is_file():
                 raise StacError(
                     f"site '{site}': {sensor} item '{item.id}' asset '{key}' points to {href}, "
@@ -722,7 +729,7 @@ def composite(plan: StacPlan, gbox: GeoBox, *, chunk_px: int = 256) -> xr.DataAr
 
 def _remote(plan: StacPlan) -> bool:
     return any(
-        "://" in (a.get_absolute_href() or a.href)
+        "://" in _href(a)
         for by in plan.items.values()
         for items in by.values()
         for i in items[:1]
