@@ -42,19 +42,25 @@ def pixel_frame(
     spread: np.ndarray | None = None,
     **columns: Any,
 ) -> pd.DataFrame:
-    """One row per pixel with known AGB of the chips ``meta`` (``chip_id``, ``site``), in
-    order: its chip, site, ``columns``, AGB, prediction and, given one, the ensemble's spread
-    (``agb_std``, NaN without one)."""
+    """One row per pixel with known AGB of the chips ``meta`` (``chip_id``, ``site``, ``row``,
+    ``col``), in order: its chip, site, the pixel's ``row`` and ``col`` in its site's cube,
+    ``columns``, AGB, prediction and, given one, the ensemble's spread (``agb_std``, NaN
+    without one)."""
     valid = np.isfinite(agb)
 
     def per_pixel(values: np.ndarray) -> np.ndarray:
         return np.broadcast_to(values[:, None, None], agb.shape)[valid]
 
     std = np.full(agb.shape, np.nan, np.float32) if spread is None else spread
+    _, h, w = agb.shape
+    rows = meta["row"].to_numpy(np.int32)[:, None, None] + np.arange(h, dtype=np.int32)[:, None]
+    cols = meta["col"].to_numpy(np.int32)[:, None, None] + np.arange(w, dtype=np.int32)
     return pd.DataFrame(
         {
             "chip_id": per_pixel(meta["chip_id"].to_numpy()),
             "site": per_pixel(meta["site"].to_numpy()),
+            "row": np.broadcast_to(rows, agb.shape)[valid],
+            "col": np.broadcast_to(cols, agb.shape)[valid],
             **columns,
             "agb_true": agb[valid],
             "agb_pred": np.asarray(pred)[valid],
@@ -89,7 +95,7 @@ def _fold_tables(
     data = run.fold(k)
     roles = data.roles
     agb = test_agb(data)
-    meta = run.folds[["chip_id", "site"]].iloc[roles.test].reset_index(drop=True)
+    meta = run.folds[["chip_id", "site", "row", "col"]].iloc[roles.test].reset_index(drop=True)
     info = _fold_info(run, k, roles)
     preds: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     spreads: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -115,7 +121,7 @@ def _fold_tables(
     for name, (chip_pred, pix) in preds.items():
         chip_std, pix_std = spreads.get(name, (np.full(len(meta), np.nan), None))
         frames.append(
-            meta.assign(
+            meta[["chip_id", "site"]].assign(
                 fold=k,
                 model=name,
                 agb_true=true_chip.astype(np.float64),
@@ -229,9 +235,9 @@ def _random_cv_metrics(run: RunData) -> dict[str, Any]:
         test = arrays["test"]
         agb = core_chips(run, test)[1].astype(np.float64)
         chip_pred, pix = scored_pixels(arrays["pred"], agb)
-        meta = run.folds[["chip_id", "site"]].iloc[test].reset_index(drop=True)
+        meta = run.folds[["chip_id", "site", "row", "col"]].iloc[test].reset_index(drop=True)
         frames.append(
-            meta.assign(
+            meta[["chip_id", "site"]].assign(
                 fold=k,
                 agb_true=make_target(agb, log=False, per_chip=True).astype(np.float64),
                 agb_pred=chip_pred,

@@ -14,7 +14,8 @@ Run directory::
     fold_k/checkpoint_*.pt a running fit's last epoch (for --resume; gone with its result)
     random_cv/fold_k.npz   train.random_cv: the baseline under a random split
     predictions.parquet    chip_id, site, fold, model, agb_true, agb_pred, log_true, log_pred
-    pixels.parquet         chip_id, site, fold, model, agb_true, agb_pred per scored pixel
+    pixels.parquet         chip_id, site, row, col, fold, model, agb_true, agb_pred, agb_std
+                           per scored pixel (row, col: the pixel in its site's cube)
     metrics.json           chip and pixel level, Mg/ha and log scale, per fold/site/overall,
                            R² intervals; "difference": the model minus the baseline per site;
                            "random_cv": the baseline under a random split
