@@ -203,8 +203,14 @@ def _legacy_kind(folder: Path) -> str | None:
     return "maps" if _zarr_kind(folder / "maps.zarr") else None
 
 
+ESTIMATE_COLUMNS = ("agb_total_mg", "agb_total_mg_lower", "agb_total_mg_upper", "error_model")
+"""Columns every area-estimate table has (how agbcube knows a table it may replace)."""
+
+
 def _file_kind(path: Path) -> str | None:
     suffix = path.suffix.lower()
+    if suffix in (".parquet", ".csv", ".gpkg") and _is_estimate_table(path):
+        return "estimate"
     if suffix == ".parquet":
         return "folds" if _parquet_marked(path) else None
     if suffix == ".png":
@@ -214,6 +220,25 @@ def _file_kind(path: Path) -> str | None:
         agbcube = isinstance(mark, str) and mark.startswith("agbcube")
         return "json" if agbcube or _folds_sidecar(path) else None
     return None
+
+
+def _is_estimate_table(path: Path) -> bool:
+    """Whether a table file holds `ESTIMATE_COLUMNS` (an estimate agbcube wrote)."""
+    try:
+        if path.suffix.lower() == ".csv":
+            with open(path, encoding="utf-8", errors="replace") as fh:
+                columns = fh.readline().strip().split(",")
+        elif path.suffix.lower() == ".parquet":
+            import pyarrow.parquet as pq
+
+            columns = pq.read_schema(path).names
+        else:
+            import pyogrio
+
+            columns = list(pyogrio.read_info(path)["fields"])
+    except Exception:  # unreadable: not a table agbcube wrote
+        return False
+    return set(ESTIMATE_COLUMNS) <= set(columns)
 
 
 _SIDECAR = re.compile(r"^(?P<stem>.+)_(audit|map_.+)$")

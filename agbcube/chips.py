@@ -23,6 +23,8 @@ __all__ = [
     "CHIP_COLUMNS",
     "ChipGeometry",
     "chip_origins",
+    "grid_centres_m",
+    "grid_of",
     "local_metric_crs",
     "make_chips",
     "no_chip_reason",
@@ -256,8 +258,27 @@ def to_local_metric(gdf: gpd.GeoDataFrame, crs: CRS | None = None) -> gpd.GeoDat
 
 def pixel_centres_m(ds: xr.Dataset, rows: np.ndarray, cols: np.ndarray, crs: CRS) -> np.ndarray:
     """Projected (x, y) metres of pixel centres ``(rows, cols)`` of a site's cube."""
-    a = ds.rio.transform()
-    x = a.c + (cols + 0.5) * a.a
-    y = a.f + (rows + 0.5) * a.e
-    tr = Transformer.from_crs(ds.rio.crs, crs, always_xy=True)
-    return np.column_stack(tr.transform(x, y))
+    return grid_centres_m(grid_of(ds), ds.rio.crs, rows, cols, crs)
+
+
+def grid_of(ds: xr.Dataset) -> tuple[float, float, float, float]:
+    """The grid ``(x0, dx, y0, dy)`` of a site's cube or maps (the outer corner of the first
+    pixel and the step), from its ``x``/``y`` coordinates: no GDAL needed."""
+    x, y = ds["x"].values, ds["y"].values
+    dx = float(x[1] - x[0]) if x.size > 1 else float(ds.rio.resolution()[0])
+    dy = float(y[1] - y[0]) if y.size > 1 else float(ds.rio.resolution()[1])
+    return float(x[0]) - dx / 2, dx, float(y[0]) - dy / 2, dy
+
+
+def grid_centres_m(
+    origin: tuple[float, float, float, float],
+    grid_crs: Any,
+    rows: np.ndarray,
+    cols: np.ndarray,
+    crs: Any,
+) -> np.ndarray:
+    """Projected (x, y) in ``crs`` of the centres of pixels ``(rows, cols)`` of a north-up grid
+    ``origin = (x0, dx, y0, dy)`` in ``grid_crs`` (``dy`` negative for north-up)."""
+    x0, dx, y0, dy = origin
+    tr = Transformer.from_crs(grid_crs, crs, always_xy=True)
+    return np.column_stack(tr.transform(x0 + (cols + 0.5) * dx, y0 + (rows + 0.5) * dy))

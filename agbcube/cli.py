@@ -664,6 +664,65 @@ def _prepare_map_outputs(root: Path, folders: list[Path], run_dir: Path) -> None
         mark_output(root, "maps")
 
 
+@app.command("estimate", epilog=EXIT_CODES)
+@_command
+def estimate_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory written by `agbcube train`.")],
+    areas: Annotated[
+        Path,
+        typer.Option(
+            "--areas", help="Polygons (GeoPackage, GeoJSON, Shapefile or GeoParquet), any CRS."
+        ),
+    ],
+    output: Annotated[
+        Path | None,
+        typer.Option(help="Write the table: .parquet (GeoParquet), .gpkg or .csv."),
+    ] = None,
+    maps: Annotated[
+        Path | None,
+        typer.Option(help="The maps (default RUN_DIR/maps): a folder of sites or one site's."),
+    ] = None,
+    carbon_fraction: Annotated[
+        float, typer.Option(help="Carbon per unit dry biomass (IPCC default 0.47).")
+    ] = 0.47,
+    level: Annotated[float, typer.Option(help="Confidence level of the intervals.")] = 0.95,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Total AGB, carbon and CO₂e of each polygon from the maps, with confidence intervals
+    that account for the spatial correlation of the map's errors."""
+    from agbcube.estimate import estimate_areas, table_format, write_table
+
+    if output is not None:
+        table_format(output)  # before the work
+    table = estimate_areas(run_dir, areas, maps=maps, carbon_fraction=carbon_fraction, level=level)
+    if output is not None:
+        write_table(table, output)
+        log.info("estimates of %d areas written to %s", len(table), output)
+    Console().print(_estimate_table(table, level))
+
+
+def _estimate_table(table: Any, level: float) -> Table:
+    out = Table(title=f"area estimates ({level:.0%} confidence intervals)")
+    for col in ("area", "ha", "mapped", "in AOA", "AGB Mg/ha", "AGB total Mg", "CO₂e Mg"):
+        out.add_column(col, justify="left" if col == "area" else "right")
+    label = next((c for c in ("name", "id", "NAME", "ID") if c in table.columns), None)
+    for i, r in table.iterrows():
+        out.add_row(
+            str(r[label] if label else i),
+            f"{r['area_ha']:,.1f}",
+            f"{r['mapped_fraction']:.0%}",
+            f"{r['aoa_fraction']:.0%}",
+            f"{r['agb_mean_mg_ha']:.1f} [{r['agb_mean_lower']:.1f}, {r['agb_mean_upper']:.1f}]",
+            f"{r['agb_total_mg']:,.0f} [{r['agb_total_mg_lower']:,.0f}, "
+            f"{r['agb_total_mg_upper']:,.0f}]",
+            f"{r['co2e_mg']:,.0f}",
+        )
+    if (table["mapped_fraction"] < 0.999).any():
+        out.caption = "Totals are of the mapped part of each area (see mapped, outside_maps_ha)."
+    return out
+
+
 @app.command("export", epilog=EXIT_CODES)
 @_command
 def export_cmd(

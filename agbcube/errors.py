@@ -14,6 +14,7 @@ __all__ = [
     "CatalogueUnreachableError",
     "ConfigError",
     "CubeError",
+    "EstimateError",
     "FoldError",
     "GridError",
     "InputFileError",
@@ -84,6 +85,10 @@ class OutputWriteError(AgbcubeError, OSError):
 
 class TrainingError(AgbcubeError, RuntimeError):
     """Training cannot continue (diverged loss, out of memory, incompatible checkpoint)."""
+
+
+class EstimateError(AgbcubeError, ValueError):
+    """Area estimates: bad polygons, areas off the maps, a run without an error model."""
 
 
 class StacError(AgbcubeError, ValueError):

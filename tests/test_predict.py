@@ -133,6 +133,19 @@ def test_ensemble_mean_and_std():
     single = _single_pass(Dense(3, 1), ds)
     np.testing.assert_allclose(maps.agb_mean.values, single, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(maps.agb_std.values, 5.0, rtol=1e-5)
+    np.testing.assert_allclose(maps.agb_spread.values, 5.0, rtol=1e-5)  # one fold: the same
+
+
+def test_the_fold_spread_is_the_members_spread_within_each_fold():
+    ds = _site(40, 40)
+    shifts = [-5.0, 5.0, 15.0, 25.0]  # folds 0 (-5, 5) and 1 (15, 25): s.d. 5 within each
+    models = [(Dense(3, 1, shift=s), _identity(3)) for s in shifts]
+    maps = predict_site(ds, models, window_px=16, log_target=False, member_folds=[0, 0, 1, 1])
+    maps = maps.compute()
+    np.testing.assert_allclose(maps.agb_spread.values, 5.0, rtol=1e-5)
+    np.testing.assert_allclose(maps.agb_std.values, np.std(shifts), rtol=1e-5)
+    one_each = predict_site(ds, models[:2], window_px=16, log_target=False, member_folds=[0, 1])
+    assert float(one_each.agb_spread.max()) == 0.0  # no fold with two members: no spread
 
 
 def test_aoa_flags_pixels_far_outside_training_data(rng):
@@ -178,7 +191,7 @@ def test_cogs_zarr_and_pngs(tmp_path):
     paths = write_maps(maps, tmp_path / "maps", progress=False)
     assert (tmp_path / "maps" / "maps.zarr").is_dir()
     back = xr.open_zarr(tmp_path / "maps" / "maps.zarr")
-    assert set(back.data_vars) == {"agb_mean", "agb_std", "di", "aoa"}
+    assert set(back.data_vars) == {"agb_mean", "agb_std", "agb_spread", "di", "aoa"}
     # CF: a plain open_zarr gives rioxarray and odc-geo the CRS; x/y say what they are
     assert "spatial_ref" in back.coords and back.rio.crs == ds.rio.crs
     assert back.odc.geobox.crs == ds.odc.geobox.crs and back.attrs["Conventions"] == "CF-1.8"
@@ -187,8 +200,9 @@ def test_cogs_zarr_and_pngs(tmp_path):
     assert back.agb_mean.attrs["units"] == back.agb_std.attrs["units"] == "Mg ha-1"
     with rasterio.open(f'ZARR:"{tmp_path / "maps" / "maps.zarr"}":/agb_mean') as gdal:
         assert gdal.crs == ds.rio.crs  # GDAL's Zarr driver follows grid_mapping
-    units = {"agb_mean": "Mg ha-1", "agb_std": "Mg ha-1", "di": "1", "aoa": None}
-    for layer in ("agb_mean", "agb_std", "di", "aoa"):
+    units = {"agb_mean": "Mg ha-1", "agb_std": "Mg ha-1", "agb_spread": "Mg ha-1", "di": "1"}
+    units["aoa"] = None
+    for layer in ("agb_mean", "agb_std", "agb_spread", "di", "aoa"):
         tif = tmp_path / "maps" / f"{layer}.tif"
         valid, errors, warns = cog_validate(str(tif), strict=True)
         assert valid and not errors and not warns, (layer, errors, warns)
@@ -215,7 +229,7 @@ def test_cogs_zarr_and_pngs(tmp_path):
         else:
             np.testing.assert_array_equal(values, stored)
         assert (tmp_path / "maps" / f"{layer}.png").read_bytes()[:4] == b"\x89PNG"
-    assert len(paths) == 10 and paths[-1] == tmp_path / "maps" / "item.json"
+    assert len(paths) == 12 and paths[-1] == tmp_path / "maps" / "item.json"
 
 
 def test_chips_to_dataarray_is_the_inverse_of_chipping():

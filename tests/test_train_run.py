@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 
+import geopandas as gpd
 import numpy as np
 import pandas as pd
 import pytest
 import rasterio
+import shapely
 import torch
 import xarray as xr
 
 from agbcube._store import open_cube
 from agbcube.errors import ConfigError, FoldError, OutputExistsError, TrainingError
+from agbcube.estimate import estimate_areas
 from agbcube.train import load_ensemble, run_cv
 
 pytestmark = pytest.mark.slow
@@ -102,8 +105,12 @@ def test_run_writes_every_output_and_maps_a_site(demo_config, demo_folds, tmp_pa
     attrs = xr.open_zarr(maps / "maps.zarr").attrs  # finished: no resume key left behind
     assert "agbcube_partial_key" not in attrs and attrs["agbcube_maps"].startswith("agbcube ")
     with rasterio.open(maps / "agb_std.tif") as src:
+        std = src.read(1)
+    assert np.nanmin(std) >= 0 and np.nanmax(std) > 0  # the members disagree
+    with rasterio.open(maps / "agb_spread.tif") as src:  # within each fold's two members
         spread = src.read(1)
-    assert np.nanmin(spread) >= 0 and np.nanmax(spread) > 0  # the members disagree
+    assert np.nanmin(spread) >= 0 and np.nanmax(spread) > 0
+    assert np.nanmean(spread) < np.nanmean(std)  # the folds' models differ more
     # the interval calibrated on the test folds, mapped: mean ± q (std + beta), lower >= 0
     layers = {}
     for name in ("agb_lower", "agb_mean", "agb_upper"):
@@ -119,6 +126,15 @@ def test_run_writes_every_output_and_maps_a_site(demo_config, demo_folds, tmp_pa
     )
     item = json.loads((maps / "item.json").read_text())
     assert "extrapolation" in item["assets"]["agb_lower"]["description"]
+    # the error model of area means, and an area estimate of the whole map: its mean
+    area = on_disk["intervals"]["cnn-coordinate"]["area"]
+    assert set(area["per_site"]) == {"alpha", "beta", "gamma"}
+    assert area["per_site"]["beta"]["beta"] == pytest.approx(own["beta"])
+    assert area["blocks"]["level"] == 0.95 and "0.5" in area["blocks"]
+    whole = gpd.GeoDataFrame(geometry=[shapely.box(*cube.rio.bounds())], crs=cube.rio.crs)
+    table = estimate_areas(out, whole.to_crs(3857), maps=maps)
+    assert table["agb_mean_mg_ha"].iloc[0] == pytest.approx(np.nanmean(layers["agb_mean"]), 1e-3)
+    assert table["error_model"].iloc[0] == "site 'beta'"
 
 
 def test_the_ensemble_is_the_mean_of_its_members_in_mg_ha(demo_config, demo_folds, tmp_path):

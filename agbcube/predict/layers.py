@@ -6,7 +6,7 @@ from typing import Any
 
 from agbcube._cf import AGB_UNITS
 
-LAYERS = ("agb_mean", "agb_std", "di", "aoa")
+LAYERS = ("agb_mean", "agb_std", "di", "aoa", "agb_spread")
 # What each map layer is, for the COGs' band metadata, the quick looks and the STAC Item.
 LAYER_INFO: dict[str, dict[str, Any]] = {
     "agb_mean": {
@@ -25,10 +25,20 @@ LAYER_INFO: dict[str, dict[str, Any]] = {
         "nodata": float("nan"),
         "cmap": "magma",
     },
+    "agb_spread": {
+        "title": "AGB, fold ensemble spread",
+        "description": "Standard deviation of each fold's members, averaged over the folds: "
+        "the spread the run's intervals were calibrated on (agb_std, over every member, "
+        "also holds how the folds differ).",
+        "unit": AGB_UNITS,
+        "dtype": "float32",
+        "nodata": float("nan"),
+        "cmap": "magma",
+    },
     "agb_lower": {
         "title": "AGB, lower bound of the calibrated interval",
         "description": "Lower bound of the prediction interval calibrated on the run's test "
-        "folds (metrics.json 'intervals': level, q, beta): agb_mean - q (agb_std + beta), "
+        "folds (metrics.json 'intervals': level, q, beta): agb_mean - q (agb_spread + beta), "
         "not below 0. Outside the area of applicability it is extrapolation: the calibration "
         "holds for pixels like the test folds'.",
         "unit": AGB_UNITS,
@@ -39,7 +49,7 @@ LAYER_INFO: dict[str, dict[str, Any]] = {
     "agb_upper": {
         "title": "AGB, upper bound of the calibrated interval",
         "description": "Upper bound of the prediction interval calibrated on the run's test "
-        "folds: agb_mean + q (agb_std + beta). Outside the area of applicability it is "
+        "folds: agb_mean + q (agb_spread + beta). Outside the area of applicability it is "
         "extrapolation.",
         "unit": AGB_UNITS,
         "dtype": "float32",

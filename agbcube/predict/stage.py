@@ -91,6 +91,7 @@ def predict_run(
         bands=spec["bands"],
         block_px=block_px,
         reach_px=geometry.reach_px,
+        member_folds=spec.get("folds"),
     )
     site = str(ds.attrs.get("site", ""))
     maps = with_interval(maps, calibrated_interval(run_dir, tcfg["model"], site))
@@ -127,10 +128,11 @@ def calibrated_interval(run_dir: Path, model: str, site: str) -> dict[str, Any] 
 
 def with_interval(maps: xr.Dataset, interval: dict[str, Any] | None) -> xr.Dataset:
     """``maps`` with ``agb_lower`` and ``agb_upper`` (lazily) from a calibrated interval: the
-    mean ± q (std + beta), the lower bound not below 0; ``attrs["interval"]`` records it."""
+    mean ± q (spread + beta), with the fold ensemble's spread (``agb_spread``) that the run
+    calibrated, the lower bound not below 0; ``attrs["interval"]`` records it."""
     if interval is None:
         return maps
-    half = interval["q"] * (maps["agb_std"] + interval["beta"])
+    half = interval["q"] * (maps["agb_spread"] + interval["beta"])
     lower = np.maximum(maps["agb_mean"] - half, 0).astype(np.float32)
     upper = (maps["agb_mean"] + half).astype(np.float32)
     out = maps.assign(agb_lower=lower, agb_upper=upper)

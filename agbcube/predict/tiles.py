@@ -16,7 +16,7 @@ from agbcube._cf import AGB_UNITS, cf_dataset, linear_units
 from agbcube._store import site_read_errors
 from agbcube.errors import BandError
 from agbcube.predict.aoa import AOAReference, nearest, standardise
-from agbcube.predict.layers import LAYERS
+from agbcube.predict.layers import LAYER_INFO, LAYERS
 from agbcube.predict.models import EnsembleFile
 from agbcube.predict.windows import (
     TileSpec,
@@ -78,7 +78,7 @@ def _predict_tile(
     spec: TileSpec,
     xy: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
-    """Predict one tile (the core): ``(4, core_y, core_x)`` float32.
+    """Predict one tile (the core): ``(len(LAYERS), core_y, core_x)`` float32.
 
     ``source`` holds the features of global rows ``top:`` and columns ``left:``, covering
     every window of the global grid that touches the core (and the core itself) with the
@@ -98,9 +98,10 @@ def _predict_tile(
         feats = np.concatenate([feats, lonlat_of(*xy, spec.crs)])
     feats = canvas(feats, (top, left), ys, xs, spec)
     per_model = np.stack([blend(m, feats, ys, xs, offset, core, spec) for m in members])
-    out = np.full((4, ny, nx), np.nan, np.float32)
+    out = np.full((len(LAYERS), ny, nx), np.nan, np.float32)
     out[0] = per_model.mean(axis=0)
     out[1] = per_model.std(axis=0) if len(members) > 1 else 0.0
+    out[4] = fold_spread(per_model, spec.member_folds)
     oy, ox = int(ys[0]) - spec.reach_px, int(xs[0]) - spec.reach_px
     core_feats = feats[: spec.n_features, r0 - oy : r0 - oy + ny, c0 - ox : c0 - ox + nx]
     if aoa is not None:
@@ -110,6 +111,17 @@ def _predict_tile(
         out[3] = (out[2] <= aoa.threshold).astype(np.float32)
     out[:, np.isnan(core_feats).all(axis=0)] = np.nan
     return out
+
+
+def fold_spread(per_model: np.ndarray, folds: Sequence[int | None] | None) -> np.ndarray:
+    """The spread of a fold ensemble: the s.d. of each fold's members (as the CV measured and
+    calibrated it), averaged over the folds with two or more members; 0 without any. All the
+    members are one fold when ``folds`` is None."""
+    groups: dict[Any, list[int]] = {}
+    for i, fold in enumerate(folds if folds is not None else [None] * len(per_model)):
+        groups.setdefault(fold, []).append(i)
+    spreads = [per_model[idx].std(axis=0) for idx in groups.values() if len(idx) > 1]
+    return np.mean(spreads, axis=0) if spreads else np.zeros(per_model.shape[1:], np.float32)
 
 
 class _Decode:
@@ -136,6 +148,7 @@ def predict_site(
     bands: Sequence[str] | None = None,
     block_px: int | None = None,
     reach_px: int = 0,
+    member_folds: Sequence[int | None] | None = None,
 ) -> xr.Dataset:
     """Lazily predict every pixel of a site's cube.
 
@@ -171,6 +184,9 @@ def predict_site(
     reach_px : int
         Context the models consume around each window (their convolutions' reach); NaN
         beyond the site.
+    member_folds : list of int, optional
+        Each member's fold, for ``agb_spread`` (the spread within a fold's members, which the
+        run's intervals are calibrated on); default all one fold.
 
     Returns
     -------
@@ -189,6 +205,7 @@ def predict_site(
         n_features=feats.sizes["band"],
         crs=ds.rio.crs.to_wkt() if coordinates else None,
         reach_px=reach_px,
+        member_folds=None if member_folds is None else tuple(member_folds),
     )
     if isinstance(models, str | Path):
         members_d: Any = EnsembleFile.of(models)  # a few bytes in every tile's task
@@ -216,7 +233,7 @@ def _site_features(ds: xr.Dataset, bands: Sequence[str] | None) -> xr.DataArray:
 def _tiles(
     feats: xr.DataArray, spec: TileSpec, shared: tuple[Any, Any], block_px: int, site: str
 ) -> Any:
-    """The map as a Dask array ``(4, y, x)``: one delayed `_predict_tile` per tile, each
+    """The map as a Dask array ``(len(LAYERS), y, x)``: one delayed `_predict_tile` per tile, each
     given the windows touching its core with their margin (``shared``: the members' and the
     AOA reference's graph keys; ``site`` names the site in read errors)."""
     # a cube already in memory is sliced here; a lazy one is read by each tile's task
@@ -245,7 +262,7 @@ def _tiles(
                 spec=spec,
                 xy=(x[left:right], y[top:bottom]) if spec.crs is not None else None,
             )
-            row.append(dsa.from_delayed(tile, shape=(4, ny, nx), dtype=np.float32))
+            row.append(dsa.from_delayed(tile, shape=(len(LAYERS), ny, nx), dtype=np.float32))
         rows.append(row)
     return dsa.block(rows)
 
@@ -262,6 +279,7 @@ def _maps_dataset(ds: xr.Dataset, tiles: Any, aoa: AOAReference | None) -> xr.Da
         result = result.drop_vars(["di", "aoa"])
     result["agb_mean"].attrs.update(units=AGB_UNITS, long_name="AGB, ensemble mean")
     result["agb_std"].attrs.update(units=AGB_UNITS, long_name="AGB, ensemble standard deviation")
+    result["agb_spread"].attrs.update(units=AGB_UNITS, long_name=LAYER_INFO["agb_spread"]["title"])
     if aoa is not None:
         result["di"].attrs.update(long_name="dissimilarity index", threshold=aoa.threshold)
         result["aoa"].attrs.update(long_name="area of applicability (1 inside, 0 outside)")

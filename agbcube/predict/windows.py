@@ -25,6 +25,7 @@ class TileSpec:
     n_features: int
     crs: str | None  # WKT, when the models take lon/lat channels
     reach_px: int = 0  # context pixels a model reads around each window (unpadded convolutions)
+    member_folds: tuple[int | None, ...] | None = None  # each member's fold (None: one fold)
 
 
 def cosine_weights(size: int) -> np.ndarray:

@@ -18,6 +18,7 @@ import pandas as pd
 from agbcube.train.baseline import core_chips
 from agbcube.train.batches import make_target
 from agbcube.train.data import RunData
+from agbcube.train.errorfield import area_metrics, site_grids, with_metric_xy
 from agbcube.train.intervals import interval_metrics
 from agbcube.train.metrics import r2_difference, summarise
 from agbcube.train.plan import CNN, HGB, Task, selection
@@ -186,16 +187,24 @@ def assemble(run: RunData, tasks: list[Task]) -> tuple[pd.DataFrame, pd.DataFram
     predictions = pd.concat(rows, ignore_index=True)
     pixels = pd.concat(pixel_rows, ignore_index=True)
     metrics = _metrics(predictions, pixels, fold_info, run.tcfg.model)
-    metrics["intervals"] = {
-        str(name): {
-            "chip": interval_metrics(chips, run.tcfg.interval_level),
-            "pixel": interval_metrics(pixels[pixels["model"] == name], run.tcfg.interval_level),
-        }
-        for name, chips in predictions.groupby("model")
-    }
+    metrics["intervals"] = _intervals(run, predictions, pixels)
     if any(t.kind == "random" for t in tasks):
         metrics["random_cv"] = _random_cv_metrics(run)
     return predictions, pixels, fold_info, metrics
+
+
+def _intervals(run: RunData, predictions: pd.DataFrame, pixels: pd.DataFrame) -> dict[str, Any]:
+    """Per model: the intervals calibrated on the test chips and pixels, and the error model
+    of an area's mean with its check on squares laid over the test folds."""
+    level = run.tcfg.interval_level
+    grids = site_grids(run.config.cube.output, sorted(pixels["site"].unique()))
+    out = {}
+    for name, chips in predictions.groupby("model"):
+        pix = with_metric_xy(pixels[pixels["model"] == name], grids)
+        cal = interval_metrics(pix, level)
+        out[str(name)] = {"chip": interval_metrics(chips, level), "pixel": cal}
+        out[str(name)]["area"] = area_metrics(pix, cal, grids)
+    return out
 
 
 def _metrics(

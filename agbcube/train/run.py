@@ -384,7 +384,8 @@ def load_ensemble(run_dir: str | Path, device: str = "cpu") -> tuple[list[Any], 
     models : list of (torch.nn.Module, Standardiser, TargetTransform)
     spec : dict
         ``bands``, ``geometry`` (`agbcube.chips.ChipGeometry`: the chip a model predicts,
-        the window it sees) and ``train`` (the settings, as a dict).
+        the window it sees), ``train`` (the settings, as a dict) and ``folds`` (each
+        member's fold).
     """
 
     members = load_bundle(Path(run_dir) / "ensemble.pt", device)
@@ -393,6 +394,7 @@ def load_ensemble(run_dir: str | Path, device: str = "cpu") -> tuple[list[Any], 
         "bands": first.bands,
         "geometry": first.geometry,
         "train": first.train.model_dump(mode="json"),
+        "folds": [m.fold for m in members],
     }
     return [(m.model, m.standardiser, m.target) for m in members], spec
 
