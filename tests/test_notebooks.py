@@ -39,7 +39,7 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
 def test_notebooks_are_stripped():
     import nbformat
 
-    assert len(NOTEBOOKS) == 6
+    assert len(NOTEBOOKS) == 7
     for path in NOTEBOOKS:
         book = nbformat.read(path, as_version=4)
         assert all(not c.get("outputs") for c in book.cells if c.cell_type == "code"), path.name
