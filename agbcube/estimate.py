@@ -129,6 +129,23 @@ def check_areas(areas: gpd.GeoDataFrame, source: str = "areas") -> gpd.GeoDataFr
     return areas
 
 
+def _to_crs(areas: gpd.GeoDataFrame, crs: Any) -> gpd.GeoSeries:
+    """The polygons in ``crs``; `EstimateError` when their CRS cannot be transformed."""
+    try:
+        out = areas.geometry.to_crs(crs)
+    except Exception as err:  # pyproj's errors for a CRS it cannot transform
+        raise EstimateError(
+            f"the areas' CRS ({areas.crs.name}) cannot be transformed to the maps' "
+            f"({one_line(err, 160)}); save the polygons in a standard CRS such as EPSG:4326"
+        ) from None
+    if not np.isfinite(out.total_bounds).all():
+        raise EstimateError(
+            f"the areas' CRS ({areas.crs.name}) puts them nowhere on the maps' (infinite "
+            "coordinates): check the CRS the file declares"
+        )
+    return out
+
+
 def _area_ha(geom: Any) -> float:
     """Geodesic area (ha) of a geometry in EPSG:4326."""
     return abs(_GEOD.geometry_area_perimeter(geom)[0]) / 1e4
@@ -355,9 +372,9 @@ def estimate_areas(
     models = error_models(run_dir)
     datasets = _open_maps(run_dir, None if maps is None else Path(maps))
     z = float(norm.ppf(0.5 + level / 2))
-    in_4326 = areas.geometry.to_crs(4326)
+    in_4326 = _to_crs(areas, 4326)
     extents = [_extent_4326(ds) for ds in datasets]
-    per_map = [areas.geometry.to_crs(CRS.from_wkt(cube_crs(ds))) for ds in datasets]
+    per_map = [_to_crs(areas, CRS.from_wkt(cube_crs(ds))) for ds in datasets]
     rows, outside = {}, []
     for i in range(len(areas)):
         parts = _parts([g.iloc[i] for g in per_map], datasets, models)

@@ -55,7 +55,7 @@ def run_figures(run_dir: Path) -> dict[str, Any]:
         }
         for size in ("0.5", "1"):
             blocks = area["blocks"][size]["per_site"].get(site, {})
-            for key in ("n_blocks", "coverage", "naive_coverage", "mean_half_width"):
+            for key in ("n_blocks", "coverage", "naive_coverage", "mean_half_width", "rmse"):
                 row[f"blocks_{size}_{key}"] = blocks.get(key)
             row[f"blocks_{size}_naive_half_width"] = blocks.get("naive_mean_half_width")
         out[site] = row

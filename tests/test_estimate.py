@@ -351,3 +351,12 @@ def test_maps_from_before_the_fold_spread_are_scaled_by_their_std(mapped_run):
     new_se = estimate_areas(run, areas).iloc[0]["agb_mean_se"]
     old_se = estimate_areas(run, areas, maps=old).iloc[0]["agb_mean_se"]
     assert old_se > new_se  # agb_std (5-20) is wider than agb_spread (1-10) here
+
+
+def test_polygons_in_a_crs_that_cannot_reach_the_maps_are_one_error(mapped_run):
+    run, _ = mapped_run
+    local = gpd.GeoDataFrame(
+        geometry=[shapely.box(0, 0, 1, 1)], crs='LOCAL_CS["site",UNIT["metre",1]]'
+    )
+    with pytest.raises(EstimateError, match="cannot be transformed to the maps'"):
+        estimate_areas(run, local)
