@@ -34,7 +34,7 @@ from scipy.stats import norm
 
 from agbcube._io import atomic_path, check_outside_stores, check_replaceable
 from agbcube._store import cube_crs
-from agbcube.chips import grid_of
+from agbcube.chips import grid_of, local_metric_crs
 from agbcube.errors import EstimateError, one_line
 from agbcube.train.errorfield import area_mean_variance, metric_grid
 
@@ -208,7 +208,8 @@ def error_models(run_dir: str | Path) -> dict[str, Any]:
     except (KeyError, TypeError):
         raise EstimateError(
             f"{path} holds no error model of area means (intervals → area): the run was "
-            "trained by an older agbcube or without cross-validated predictions; train it again"
+            "assembled by an older agbcube; `agbcube train CONFIG --output "
+            f"{run_dir} --resume` recomputes its metrics and keeps its fits"
         ) from None
     except (OSError, ValueError) as err:
         raise EstimateError(f"{path} cannot be read ({one_line(err, 200)})") from None
@@ -243,9 +244,10 @@ def _inside(geom: Any, origin: tuple[float, ...], rows: slice, cols: slice) -> n
     return shapely.contains_xy(geom, xx, yy)
 
 
-def _on_map(geom: Any, ds: xr.Dataset, model: dict[str, Any]) -> dict[str, Any] | None:
+def _on_map(geom: Any, ds: xr.Dataset, model: dict[str, Any], metric: Any) -> dict[str, Any] | None:
     """The mapped pixels of ``geom`` (in the map's CRS) on one map: their count and area, sums
-    of AGB and of the AOA, and the variance of their mean; None without any."""
+    of AGB and of the AOA, and the variance of their mean; None without any. ``metric``: the
+    map's metric CRS, in which the pixels are measured."""
     origin, shape = grid_of(ds), (ds.sizes["y"], ds.sizes["x"])
     rows, cols = _window(geom, origin, shape)
     if rows.stop <= rows.start or cols.stop <= cols.start:
@@ -268,6 +270,7 @@ def _on_map(geom: Any, ds: xr.Dataset, model: dict[str, Any]) -> dict[str, Any] 
         ),
         cube_crs(ds),
         mapped.shape,
+        metric,
     )
     var = area_mean_variance(scale, grid["dx_m"], grid["dy_m"], model)
     aoa = window["aoa"].values[mapped] if "aoa" in window else np.full(mapped.sum(), np.nan)
@@ -292,7 +295,15 @@ def _extent_4326(ds: xr.Dataset) -> Any:
 
 
 def _combine(parts: list[dict[str, Any]], z: float) -> dict[str, float]:
-    """Mean AGB of several maps' parts (area-weighted), its standard errors and interval."""
+    """Mean AGB of several maps' parts (area-weighted), its standard errors and interval
+    (NaN without any part)."""
+    if not parts:
+        nan = float("nan")
+        keys = ("aoa_fraction", "agb_mean_mg_ha", "agb_mean_se", "agb_mean_se_naive")
+        return {"mapped_ha": 0.0, "n_pixels": 0, **dict.fromkeys(keys, nan)} | {
+            "agb_mean_lower": nan,
+            "agb_mean_upper": nan,
+        }
     ha = sum(p["ha"] for p in parts)
     mean = sum(p["agb_sum"] / p["n"] * p["ha"] for p in parts) / ha
     se = np.sqrt(sum((p["ha"] / ha) ** 2 * p["variance"] for p in parts))
@@ -374,18 +385,29 @@ def estimate_areas(
     z = float(norm.ppf(0.5 + level / 2))
     in_4326 = _to_crs(areas, 4326)
     extents = [_extent_4326(ds) for ds in datasets]
+    metric_crs = [local_metric_crs(gpd.GeoSeries([e], crs=4326)) for e in extents]
     per_map = [_to_crs(areas, CRS.from_wkt(cube_crs(ds))) for ds in datasets]
-    rows, outside = {}, []
+    off = [i for i, g in enumerate(in_4326) if not any(g.intersects(e) for e in extents)]
+    if off:  # before any work
+        _no_overlap(areas, off, datasets)
+    rows, unmapped = [], []
     for i in range(len(areas)):
-        parts = _parts([g.iloc[i] for g in per_map], datasets, models)
-        if not parts:
-            outside.append(i)
-            continue
+        parts = _parts([g.iloc[i] for g in per_map], datasets, models, metric_crs)
+        unmapped += [] if parts else [i]
         covered = shapely.union_all([in_4326.iloc[i].intersection(e) for e in extents])
-        rows[areas.index[i]] = _row(parts, in_4326.iloc[i], covered, z, carbon_fraction)
-    if outside:
-        _no_overlap(areas, outside, datasets)
-    out = areas.join(pd.DataFrame.from_dict(rows, orient="index"), how="inner")
+        rows.append(_row(parts, in_4326.iloc[i], covered, z, carbon_fraction))
+    if unmapped:
+        warnings.warn(
+            f"{_labels(areas, unmapped)} of the areas hold{'s' if len(unmapped) == 1 else ''} "
+            "no mapped pixel (no data in the maps there, or no pixel centre inside): their "
+            "rows have n_pixels 0 and no estimate",
+            UserWarning,
+            stacklevel=2,
+        )
+    table = pd.DataFrame(rows)
+    out = areas.copy()  # the user's index, columns and CRS, row for row
+    for col in table.columns:
+        out[col] = table[col].to_numpy()
     out.attrs["estimate"] = {
         "run": str(run_dir),
         "level": level,
@@ -395,15 +417,16 @@ def estimate_areas(
 
 
 def _parts(
-    geoms: list[Any], datasets: list[xr.Dataset], models: dict[str, Any]
+    geoms: list[Any], datasets: list[xr.Dataset], models: dict[str, Any], metrics: list[Any]
 ) -> list[dict[str, Any]]:
-    """A polygon's mapped pixels on each map it overlaps (``geoms``: it in each map's CRS),
-    each with the map's site and whose error model it took."""
+    """A polygon's mapped pixels on each map it overlaps (``geoms``: it in each map's CRS;
+    ``metrics``: each map's metric CRS), each with the map's site and whose error model it
+    took."""
     parts = []
-    for geom, ds in zip(geoms, datasets, strict=True):
+    for geom, ds, metric in zip(geoms, datasets, metrics, strict=True):
         site = str(ds.attrs.get("site", ""))
         model, source = _model_of(models, site)
-        part = _on_map(geom, ds, model)
+        part = _on_map(geom, ds, model, metric)
         if part is not None:
             parts.append({**part, "site": site, "model": source})
     return parts
@@ -427,11 +450,12 @@ def _row(
 
 
 def _no_overlap(areas: gpd.GeoDataFrame, outside: list[int], datasets: list[xr.Dataset]) -> None:
+    """Raise `EstimateError` naming the polygons ``outside`` every map."""
     sites = ", ".join(str(ds.attrs.get("site", ds.attrs.get("folder"))) for ds in datasets)
     raise EstimateError(
-        f"{_labels(areas, outside)} of the areas overlap{'s' if len(outside) == 1 else ''} no "
-        f"mapped pixel of the maps ({sites}); map those areas first (`agbcube predict RUN "
-        "--config NEW_AREA.yaml`) or leave them out"
+        f"{_labels(areas, outside)} of the areas lie{'s' if len(outside) == 1 else ''} outside "
+        f"every map ({sites}); map those areas first (`agbcube predict RUN --config "
+        "NEW_AREA.yaml`) or leave them out"
     )
 
 

@@ -221,6 +221,10 @@ def test_parts_outside_the_maps_and_holes_are_reported(mapped_run):
     assert got["mapped_fraction"] == pytest.approx(75 / 200, rel=0.01)
     east = estimate_areas(run, _box(501_000, 2_399_400, 501_200, 2_399_600)).iloc[0]
     assert east["aoa_fraction"] == 0.0  # all outside the area of applicability
+    hole = _box(500_000, 2_399_920, 500_080, 2_400_000, name=["in the hole"])
+    with pytest.warns(UserWarning, match="name='in the hole' of the areas holds no mapped pixel"):
+        got = estimate_areas(run, pd.concat([areas.assign(name="half out"), hole]))
+    assert got["n_pixels"].tolist() == [75, 0] and np.isnan(got["agb_total_mg"].iloc[1])
 
 
 def test_an_area_of_a_new_site_uses_the_pooled_model(mapped_run):
@@ -302,7 +306,7 @@ def _areas_file(tmp_path, frame, name="areas.gpkg"):
         ),
         (
             lambda p: _areas_file(p, _box(0, 0, 100, 100, id=[17])),
-            "id=17 of the areas overlaps no mapped pixel",
+            "id=17 of the areas lies outside every map",
         ),
     ],
 )

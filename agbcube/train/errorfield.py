@@ -71,16 +71,20 @@ _MIN_PAIRS = 30
 # where the pixels are
 
 
-def metric_grid(origin: tuple[float, ...], crs: Any, shape: tuple[int, int]) -> dict[str, Any]:
+def metric_grid(
+    origin: tuple[float, ...], crs: Any, shape: tuple[int, int], metric: Any = None
+) -> dict[str, Any]:
     """A grid's local metric frame: its UTM zone and its pixels' size there, in metres.
 
     ``origin = (x0, dx, y0, dy)`` in ``crs`` (`agbcube.chips.grid_of`), ``shape`` its rows and
-    columns; the pixel size is measured at the grid's centre.
+    columns; the pixel size is measured at the grid's centre, in ``metric`` (default the UTM
+    zone of the grid's centre).
     """
     x0, dx, y0, dy = origin
     h, w = shape
-    box = shapely.box(x0, y0 + h * dy, x0 + w * dx, y0)
-    metric = local_metric_crs(gpd.GeoSeries([box], crs=crs).to_crs(4326))
+    if metric is None:
+        box = shapely.box(x0, y0 + h * dy, x0 + w * dx, y0)
+        metric = local_metric_crs(gpd.GeoSeries([box], crs=crs).to_crs(4326))
     r, c = np.array([h // 2, h // 2, h // 2 + 1]), np.array([w // 2, w // 2 + 1, w // 2])
     xy = grid_centres_m(origin, crs, r, c, metric)
     dx_m = float(np.hypot(*(xy[1] - xy[0])))
