@@ -199,7 +199,7 @@ def error_models(run_dir: str | Path) -> dict[str, Any]:
     path = run_dir / "metrics.json"
     try:
         metrics = json.loads(path.read_text())
-        return metrics["intervals"][metrics["primary_model"]]["area"]
+        models = metrics["intervals"][metrics["primary_model"]]["area"]
     except FileNotFoundError:
         raise EstimateError(
             f"{path} does not exist: {run_dir} is not a finished training run; finish it with "
@@ -213,6 +213,31 @@ def error_models(run_dir: str | Path) -> dict[str, Any]:
         ) from None
     except (OSError, ValueError) as err:
         raise EstimateError(f"{path} cannot be read ({one_line(err, 200)})") from None
+    if not _valid_models(models):
+        raise EstimateError(
+            f"{path}: its error model of area means (intervals → area) is damaged; "
+            f"`agbcube train CONFIG --output {run_dir} --resume` recomputes it"
+        )
+    return models
+
+
+_MODEL_KEYS = ("sill", "nugget", "psill", "constant", "range_m", "beta")
+
+
+def _valid_models(models: Any) -> bool:
+    """Whether ``models`` holds a pooled error model and per-site ones of numbers."""
+
+    def valid(m: Any) -> bool:
+        return (
+            isinstance(m, dict)
+            and all(isinstance(m.get(k), int | float) and np.isfinite(m[k]) for k in _MODEL_KEYS)
+            and m["range_m"] > 0
+            and min(m[k] for k in _MODEL_KEYS) >= 0
+        )
+
+    if not isinstance(models, dict) or not isinstance(models.get("per_site", {}), dict):
+        return False
+    return valid(models.get("pooled")) and all(map(valid, models.get("per_site", {}).values()))
 
 
 def _model_of(models: dict[str, Any], site: str) -> tuple[dict[str, Any], str]:

@@ -327,6 +327,11 @@ def test_a_run_without_an_error_model_or_maps_is_named(mapped_run, tmp_path):
     (run / "metrics.json").write_text(json.dumps({"primary_model": "cnn", "intervals": {}}))
     with pytest.raises(EstimateError, match="holds no error model of area means"):
         estimate_areas(run, areas)
+    area = {"pooled": {**MODEL, "range_m": "far"}, "per_site": {}}
+    damaged = {"primary_model": "cnn", "intervals": {"cnn": {"area": area}}}
+    (run / "metrics.json").write_text(json.dumps(damaged))
+    with pytest.raises(EstimateError, match="area means .intervals → area. is damaged"):
+        estimate_areas(run, areas)
     (run / "metrics.json").unlink()
     with pytest.raises(EstimateError, match="is not a finished training run"):
         estimate_areas(run, areas)

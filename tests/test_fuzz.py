@@ -159,6 +159,37 @@ def test_any_bytes_as_a_folds_file_are_one_line(demo_folds, tmp_path, blob, cut)
 
 
 @FUZZ
+@given(
+    blob=st.binary(max_size=2000),
+    suffix=st.sampled_from([".gpkg", ".geojson", ".parquet", ".shp", ".csv"]),
+)
+def test_any_bytes_as_an_areas_file_are_one_line(tmp_path, blob, suffix):
+    from agbcube.estimate import read_areas
+
+    path = tmp_path / f"areas{suffix}"
+    path.write_bytes(blob)
+    assert isinstance(_answer(read_areas, path), AgbcubeError)
+
+
+@FUZZ
+@given(data=st.data())
+def test_any_metrics_json_is_an_error_model_or_one_line(tmp_path, data):
+    from agbcube.estimate import error_models
+
+    model = dict.fromkeys(("sill", "nugget", "psill", "constant", "range_m", "beta"), 1.0)
+    area = {"pooled": model, "per_site": {"a": dict(model)}}
+    if data.draw(st.booleans()):  # a valid model with one value replaced
+        where = data.draw(st.sampled_from([area["pooled"], area["per_site"]["a"], area]))
+        where[data.draw(st.sampled_from(sorted(where)))] = data.draw(values)
+        metrics = {"primary_model": "m", "intervals": {"m": {"area": area}}}
+    else:
+        metrics = data.draw(values)
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    answer = _answer(error_models, tmp_path)
+    assert isinstance(answer, AgbcubeError | dict)
+
+
+@FUZZ
 @given(data=st.data())
 def test_any_run_json_is_a_plan_or_one_line(tmp_path, data):
     from agbcube.chips import ChipGeometry
