@@ -165,7 +165,7 @@ def _fit(sums: list[dict[str, Any]], edges: np.ndarray) -> dict[str, Any]:
     return {
         "model": how,
         "sill": float(sill),
-        "nugget": float(sill - b - c),
+        "nugget": max(float(sill - b - c), 0.0),  # not below 0 by rounding
         "psill": float(c),
         "constant": float(b),
         "range_m": float(r),
