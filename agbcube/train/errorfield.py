@@ -201,13 +201,18 @@ def fit_error_model(pixels: pd.DataFrame, beta: float, *, seed: int = 0) -> dict
         ``sill`` (σ²), ``nugget``, ``psill`` (c), ``constant`` (b), ``range_m`` (r, the
         practical range), ``beta``, and the empirical bins (``bins_m``, ``k``, ``n_pairs``).
     """
-    frame = _unique_pixels(pixels)
+    edges, sums = _sums_by_group(_unique_pixels(pixels), beta, seed)
+    return {**_fit(list(sums.values()), edges), "beta": float(beta)}
+
+
+def _sums_by_group(
+    frame: pd.DataFrame, beta: float, seed: int = 0
+) -> tuple[np.ndarray, dict[tuple, dict[str, Any]]]:
+    """The distance bins and each (site, fold)'s pair sums (`_pair_sums`) of unique pixels:
+    computed once, any subset of groups is fitted from them."""
     edges = _edges(frame)
-    sums = [
-        _pair_sums(g, beta, edges, seed + i)
-        for i, (_, g) in enumerate(frame.groupby(["site", "fold"]))
-    ]
-    return {**_fit(sums, edges), "beta": float(beta)}
+    groups = frame.groupby(["site", "fold"])
+    return edges, {key: _pair_sums(g, beta, edges, seed + i) for i, (key, g) in enumerate(groups)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,12 +308,14 @@ def block_coverage(
     """
     frame = _unique_pixels(pixels)
     z = float(norm.ppf(0.5 + level / 2))
-    models = {
-        (site, k): fit_error_model(g[g["fold"] != k], betas[str(site)])
-        for site, g in frame.groupby("site")
-        for k in np.unique(g["fold"])
-        if (g["fold"] != k).any()
-    }
+    models = {}
+    for site, g in frame.groupby("site"):
+        beta = betas[str(site)]
+        edges, sums = _sums_by_group(g, beta)  # once; each fold's model from the others'
+        for k in np.unique(g["fold"]):
+            others = [s for (_, fold), s in sums.items() if fold != k]
+            if others:
+                models[site, k] = {**_fit(others, edges), "beta": float(beta)}
     out: dict[str, Any] = {"level": level}
     for size in sizes_km2:
         side = 1000.0 * np.sqrt(size)

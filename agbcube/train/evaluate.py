@@ -203,7 +203,8 @@ def _intervals(run: RunData, predictions: pd.DataFrame, pixels: pd.DataFrame) ->
         pix = with_metric_xy(pixels[pixels["model"] == name], grids)
         cal = interval_metrics(pix, level)
         out[str(name)] = {"chip": interval_metrics(chips, level), "pixel": cal}
-        out[str(name)]["area"] = area_metrics(pix, cal, grids)
+        if name == run.tcfg.model:  # the model the maps are made with
+            out[str(name)]["area"] = area_metrics(pix, cal, grids)
     return out
 
 
