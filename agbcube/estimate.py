@@ -285,7 +285,8 @@ def _on_map(geom: Any, ds: xr.Dataset, model: dict[str, Any], metric: Any) -> di
     # the spread the run calibrated (maps from before agb_spread: the members' s.d.)
     spread = window[_SPREAD if _SPREAD in window else "agb_std"]
     std = np.nan_to_num(spread.values.astype(np.float64), nan=0.0)
-    scale = np.where(mapped, std + model["beta"], np.nan)
+    w = std + model["beta"] if model.get("scaled", True) else 1.0  # as the run fitted it
+    scale = np.where(mapped, w, np.nan)
     grid = metric_grid(
         (
             origin[0] + cols.start * origin[1],

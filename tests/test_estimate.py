@@ -369,3 +369,14 @@ def test_polygons_in_a_crs_that_cannot_reach_the_maps_are_one_error(mapped_run):
     )
     with pytest.raises(EstimateError, match="cannot be transformed to the maps'"):
         estimate_areas(run, local)
+
+
+def test_a_run_without_a_spread_gives_every_pixel_one_scale(mapped_run):
+    run, _ = mapped_run  # e.g. one member per fold: the CV's errors were not scaled
+    area = {"pooled": {**MODEL, "scaled": False}, "per_site": {"alpha": {**MODEL, "scaled": False}}}
+    metrics = {"primary_model": "cnn", "intervals": {"cnn": {"area": area}}}
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    got = estimate_areas(run, _box(500_200, 2_399_400, 500_600, 2_399_800)).iloc[0]
+    ones = area_mean_variance(np.ones((20, 20)), 20, 20, MODEL)
+    assert got["agb_mean_se"] == pytest.approx(np.sqrt(ones["variance"]), rel=0.01)
+    assert got["agb_mean_upper"] > got["agb_mean_mg_ha"]  # never a zero-width interval

@@ -539,3 +539,20 @@ def test_a_run_without_its_ensemble_or_readable_metrics_is_named(tmp_path):
     assert calibrated_interval(tmp_path, "m", "s")["q"] == 3.0  # the site's own
     new_area = calibrated_interval(tmp_path, "m", "elsewhere")
     assert new_area["q"] == 2.0 and new_area["calibrated_on"] == "pooled over the run's sites"
+
+
+def test_an_interval_calibrated_without_a_spread_has_one_width():
+    from agbcube.predict.stage import with_interval
+
+    maps = xr.Dataset(
+        {
+            "agb_mean": (("y", "x"), np.array([[100.0, np.nan]], np.float32)),
+            "agb_spread": (("y", "x"), np.zeros((1, 2), np.float32)),  # one member per fold
+        }
+    )
+    one = {"level": 0.9, "q": 30.0, "beta": 0.0, "scaled": False}
+    out = with_interval(maps, one)
+    assert out["agb_upper"].values[0, 0] == 130.0 and out["agb_lower"].values[0, 0] == 70.0
+    assert np.isnan(out["agb_upper"].values[0, 1])
+    scaled = with_interval(maps, {**one, "scaled": True})  # a spread of 0: no width
+    assert scaled["agb_upper"].values[0, 0] == 100.0

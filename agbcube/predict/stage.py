@@ -113,6 +113,8 @@ def calibrated_interval(run_dir: Path, model: str, site: str) -> dict[str, Any] 
         own = found.get("per_site", {}).get(site)
         chosen, source = (own, f"site '{site}'") if own else (found, "pooled over the run's sites")
         interval = {k: float(chosen[k]) for k in ("level", "q", "beta")}
+        # one width when the CV had no spread to scale (one member per fold, the baseline)
+        interval["scaled"] = chosen.get("scaled_by", "ensemble spread") == "ensemble spread"
     except KeyError:  # a run from before intervals
         return None
     except (OSError, ValueError, TypeError, AttributeError) as err:
@@ -132,7 +134,10 @@ def with_interval(maps: xr.Dataset, interval: dict[str, Any] | None) -> xr.Datas
     calibrated, the lower bound not below 0; ``attrs["interval"]`` records it."""
     if interval is None:
         return maps
-    half = interval["q"] * (maps["agb_spread"] + interval["beta"])
+    if interval.get("scaled", True):
+        half = interval["q"] * (maps["agb_spread"] + interval["beta"])
+    else:  # calibrated without a spread: one width, q
+        half = xr.full_like(maps["agb_spread"], interval["q"]).where(maps["agb_mean"].notnull())
     lower = np.maximum(maps["agb_mean"] - half, 0).astype(np.float32)
     upper = (maps["agb_mean"] + half).astype(np.float32)
     out = maps.assign(agb_lower=lower, agb_upper=upper)

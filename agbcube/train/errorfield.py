@@ -97,10 +97,9 @@ def metric_grid(
 
 
 def _scale(frame: pd.DataFrame, beta: float) -> np.ndarray:
-    std = frame["agb_std"].to_numpy(np.float64) if "agb_std" in frame else None
-    if std is None or not np.isfinite(std).any():
+    if not _scaled(frame):
         return np.ones(len(frame))
-    return np.nan_to_num(std, nan=0.0) + beta
+    return np.nan_to_num(frame["agb_std"].to_numpy(np.float64), nan=0.0) + beta
 
 
 def _unique_pixels(frame: pd.DataFrame) -> pd.DataFrame:
@@ -199,10 +198,17 @@ def fit_error_model(pixels: pd.DataFrame, beta: float, *, seed: int = 0) -> dict
     -------
     dict
         ``sill`` (σ²), ``nugget``, ``psill`` (c), ``constant`` (b), ``range_m`` (r, the
-        practical range), ``beta``, and the empirical bins (``bins_m``, ``k``, ``n_pairs``).
+        practical range), ``beta``, ``scaled`` (whether ``w`` is the spread + ``beta``, or 1
+        without a spread), and the empirical bins (``bins_m``, ``k``, ``n_pairs``).
     """
-    edges, sums = _sums_by_group(_unique_pixels(pixels), beta, seed)
-    return {**_fit(list(sums.values()), edges), "beta": float(beta)}
+    frame = _unique_pixels(pixels)
+    edges, sums = _sums_by_group(frame, beta, seed)
+    return {**_fit(list(sums.values()), edges), "beta": float(beta), "scaled": _scaled(frame)}
+
+
+def _scaled(frame: pd.DataFrame) -> bool:
+    """Whether the errors were scaled by a spread (else ``w = 1``: one member, the baseline)."""
+    return "agb_std" in frame and bool(np.isfinite(frame["agb_std"]).any())
 
 
 def _sums_by_group(
