@@ -23,6 +23,7 @@ __all__ = [
     "CHIP_COLUMNS",
     "ChipGeometry",
     "chip_origins",
+    "grid_box",
     "grid_centres_m",
     "grid_of",
     "local_metric_crs",
@@ -268,6 +269,15 @@ def grid_of(ds: xr.Dataset) -> tuple[float, float, float, float]:
     dx = float(x[1] - x[0]) if x.size > 1 else float(ds.rio.resolution()[0])
     dy = float(y[1] - y[0]) if y.size > 1 else float(ds.rio.resolution()[1])
     return float(x[0]) - dx / 2, dx, float(y[0]) - dy / 2, dy
+
+
+def grid_box(origin: tuple[float, float, float, float], shape: tuple[int, int]) -> Any:
+    """The footprint (a shapely box, in the grid's CRS) of a grid ``origin`` of ``shape``
+    rows and columns."""
+    x0, dx, y0, dy = origin
+    h, w = shape
+    (xmin, xmax), (ymin, ymax) = sorted((x0, x0 + w * dx)), sorted((y0, y0 + h * dy))
+    return shapely.box(xmin, ymin, xmax, ymax)
 
 
 def grid_centres_m(

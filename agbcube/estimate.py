@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from scipy.stats import norm
 
 from agbcube._io import atomic_path, check_outside_stores, check_replaceable
 from agbcube._store import cube_crs
-from agbcube.chips import grid_of, local_metric_crs
+from agbcube.chips import grid_box, grid_of, local_metric_crs
 from agbcube.errors import EstimateError, one_line
 from agbcube.train.errorfield import area_mean_variance, metric_grid
 
@@ -269,12 +270,36 @@ def _inside(geom: Any, origin: tuple[float, ...], rows: slice, cols: slice) -> n
     return shapely.contains_xy(geom, xx, yy)
 
 
-def _on_map(geom: Any, ds: xr.Dataset, model: dict[str, Any], metric: Any) -> dict[str, Any] | None:
-    """The mapped pixels of ``geom`` (in the map's CRS) on one map: their count and area, sums
-    of AGB and of the AOA, and the variance of their mean; None without any. ``metric``: the
-    map's metric CRS, in which the pixels are measured."""
-    origin, shape = grid_of(ds), (ds.sizes["y"], ds.sizes["x"])
-    rows, cols = _window(geom, origin, shape)
+@dataclass(frozen=True)
+class _Map:
+    """One site's maps and what every polygon on them needs, found once."""
+
+    ds: xr.Dataset
+    site: str
+    origin: tuple[float, float, float, float]  # `grid_of`
+    crs: str  # WKT
+    extent: Any  # in EPSG:4326
+    metric: Any  # the metric CRS its pixels are measured in
+
+    @classmethod
+    def of(cls, ds: xr.Dataset) -> _Map:
+        origin, crs = grid_of(ds), cube_crs(ds)
+        box = shapely.segmentize(grid_box(origin, (ds.sizes["y"], ds.sizes["x"])), _step(origin))
+        extent = gpd.GeoSeries([box], crs=crs).to_crs(4326)
+        site = str(ds.attrs.get("site", ""))
+        return cls(ds, site, origin, crs, extent.iloc[0], local_metric_crs(extent))
+
+
+def _step(origin: tuple[float, ...]) -> float:
+    """Vertices every 16 pixels along a map's edge (a reprojected edge bends)."""
+    return max(abs(origin[1]), abs(origin[3])) * 16
+
+
+def _on_map(geom: Any, m: _Map, model: dict[str, Any]) -> dict[str, Any] | None:
+    """The mapped pixels of ``geom`` (in the map's CRS) on map ``m``: their count and area,
+    sums of AGB and of the AOA, and the variance of their mean; None without any."""
+    ds, origin = m.ds, m.origin
+    rows, cols = _window(geom, origin, (ds.sizes["y"], ds.sizes["x"]))
     if rows.stop <= rows.start or cols.stop <= cols.start:
         return None
     window = ds.isel(y=rows, x=cols)
@@ -294,9 +319,9 @@ def _on_map(geom: Any, ds: xr.Dataset, model: dict[str, Any], metric: Any) -> di
             origin[2] + rows.start * origin[3],
             origin[3],
         ),
-        cube_crs(ds),
+        m.crs,
         mapped.shape,
-        metric,
+        m.metric,
     )
     var = area_mean_variance(scale, grid["dx_m"], grid["dy_m"], model)
     aoa = window["aoa"].values[mapped] if "aoa" in window else np.full(mapped.sum(), np.nan)
@@ -313,23 +338,13 @@ def _on_map(geom: Any, ds: xr.Dataset, model: dict[str, Any], metric: Any) -> di
 # the table
 
 
-def _extent_4326(ds: xr.Dataset) -> Any:
-    x0, dx, y0, dy = grid_of(ds)
-    box = shapely.box(x0, y0 + ds.sizes["y"] * dy, x0 + ds.sizes["x"] * dx, y0)
-    step = max(abs(dx), abs(dy)) * 16
-    return gpd.GeoSeries([shapely.segmentize(box, step)], crs=cube_crs(ds)).to_crs(4326).iloc[0]
-
-
 def _combine(parts: list[dict[str, Any]], z: float) -> dict[str, float]:
     """Mean AGB of several maps' parts (area-weighted), its standard errors and interval
     (NaN without any part)."""
     if not parts:
-        nan = float("nan")
         keys = ("aoa_fraction", "agb_mean_mg_ha", "agb_mean_se", "agb_mean_se_naive")
-        return {"mapped_ha": 0.0, "n_pixels": 0, **dict.fromkeys(keys, nan)} | {
-            "agb_mean_lower": nan,
-            "agb_mean_upper": nan,
-        }
+        keys += ("agb_mean_lower", "agb_mean_upper")
+        return {"mapped_ha": 0.0, "n_pixels": 0, **dict.fromkeys(keys, float("nan"))}
     ha = sum(p["ha"] for p in parts)
     mean = sum(p["agb_sum"] / p["n"] * p["ha"] for p in parts) / ha
     se = np.sqrt(sum((p["ha"] / ha) ** 2 * p["variance"] for p in parts))
@@ -407,18 +422,17 @@ def estimate_areas(
     areas = read_areas(areas) if not isinstance(areas, gpd.GeoDataFrame) else check_areas(areas)
     run_dir = Path(run_dir)
     models = error_models(run_dir)
-    datasets = _open_maps(run_dir, None if maps is None else Path(maps))
+    maps_ = [_Map.of(ds) for ds in _open_maps(run_dir, None if maps is None else Path(maps))]
     z = float(norm.ppf(0.5 + level / 2))
     in_4326 = _to_crs(areas, 4326)
-    extents = [_extent_4326(ds) for ds in datasets]
-    metric_crs = [local_metric_crs(gpd.GeoSeries([e], crs=4326)) for e in extents]
-    per_map = [_to_crs(areas, CRS.from_wkt(cube_crs(ds))) for ds in datasets]
+    extents = [m.extent for m in maps_]
+    per_map = [_to_crs(areas, CRS.from_wkt(m.crs)) for m in maps_]
     off = [i for i, g in enumerate(in_4326) if not any(g.intersects(e) for e in extents)]
     if off:  # before any work
-        _no_overlap(areas, off, datasets)
+        _no_overlap(areas, off, maps_)
     rows, unmapped = [], []
     for i in range(len(areas)):
-        parts = _parts([g.iloc[i] for g in per_map], datasets, models, metric_crs)
+        parts = _parts([g.iloc[i] for g in per_map], maps_, models)
         unmapped += [] if parts else [i]
         covered = shapely.union_all([in_4326.iloc[i].intersection(e) for e in extents])
         rows.append(_row(parts, in_4326.iloc[i], covered, z, carbon_fraction))
@@ -442,19 +456,15 @@ def estimate_areas(
     return out
 
 
-def _parts(
-    geoms: list[Any], datasets: list[xr.Dataset], models: dict[str, Any], metrics: list[Any]
-) -> list[dict[str, Any]]:
-    """A polygon's mapped pixels on each map it overlaps (``geoms``: it in each map's CRS;
-    ``metrics``: each map's metric CRS), each with the map's site and whose error model it
-    took."""
+def _parts(geoms: list[Any], maps: list[_Map], models: dict[str, Any]) -> list[dict[str, Any]]:
+    """A polygon's mapped pixels on each map it overlaps (``geoms``: it in each map's CRS),
+    each with the map's site and whose error model it took."""
     parts = []
-    for geom, ds, metric in zip(geoms, datasets, metrics, strict=True):
-        site = str(ds.attrs.get("site", ""))
-        model, source = _model_of(models, site)
-        part = _on_map(geom, ds, model, metric)
+    for geom, m in zip(geoms, maps, strict=True):
+        model, source = _model_of(models, m.site)
+        part = _on_map(geom, m, model)
         if part is not None:
-            parts.append({**part, "site": site, "model": source})
+            parts.append({**part, "site": m.site, "model": source})
     return parts
 
 
@@ -475,9 +485,9 @@ def _row(
     }
 
 
-def _no_overlap(areas: gpd.GeoDataFrame, outside: list[int], datasets: list[xr.Dataset]) -> None:
+def _no_overlap(areas: gpd.GeoDataFrame, outside: list[int], maps: list[_Map]) -> None:
     """Raise `EstimateError` naming the polygons ``outside`` every map."""
-    sites = ", ".join(str(ds.attrs.get("site", ds.attrs.get("folder"))) for ds in datasets)
+    sites = ", ".join(m.site or str(m.ds.attrs.get("folder")) for m in maps)
     raise EstimateError(
         f"{_labels(areas, outside)} of the areas lie{'s' if len(outside) == 1 else ''} outside "
         f"every map ({sites}); map those areas first (`agbcube predict RUN --config "

@@ -135,7 +135,7 @@ def test_atomic_path_never_replaces_a_foreign_file_or_a_folder(tmp_path, name):
 )
 @given(
     content=st.binary(max_size=300),
-    suffix=st.sampled_from([".parquet", ".json", ".png", ".txt", ""]),
+    suffix=st.sampled_from([".parquet", ".json", ".png", ".txt", ".csv", ".gpkg", ""]),
 )
 def test_no_content_of_a_users_file_makes_agbcube_replace_it(tmp_path, content, suffix):
     target = tmp_path / f"out{suffix}"

@@ -207,17 +207,21 @@ def predict_site(
         reach_px=reach_px,
         member_folds=None if member_folds is None else tuple(member_folds),
     )
-    if isinstance(models, str | Path):
-        members_d: Any = EnsembleFile.of(models)  # a few bytes in every tile's task
-    else:
-        members = [(m[0], m[1], m[2] if len(m) > 2 else _Decode(log_target)) for m in models]
-        # one graph key, so a cluster ships the models once per worker
-        members_d = dask.delayed(members, traverse=False)
+    members_d = _members_in_graph(models, log_target)
     # one graph key, so a cluster ships the AOA reference once per worker
     aoa_d = dask.delayed(aoa, traverse=False) if aoa is not None else None
     block_px = block_px or default_block(shape, window_px)
     tiles = _tiles(feats, spec, (members_d, aoa_d), block_px, str(ds.attrs.get("site", "site")))
     return _maps_dataset(ds, tiles, aoa)
+
+
+def _members_in_graph(models: Sequence[tuple[Any, ...]] | str | Path, log_target: bool) -> Any:
+    """The ensemble as the tile tasks carry it: its file (a few bytes in every task), or the
+    members as one graph key (a cluster ships them once per worker)."""
+    if isinstance(models, str | Path):
+        return EnsembleFile.of(models)
+    members = [(m[0], m[1], m[2] if len(m) > 2 else _Decode(log_target)) for m in models]
+    return dask.delayed(members, traverse=False)
 
 
 def _site_features(ds: xr.Dataset, bands: Sequence[str] | None) -> xr.DataArray:

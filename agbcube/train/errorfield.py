@@ -37,12 +37,12 @@ from typing import Any
 import geopandas as gpd
 import numpy as np
 import pandas as pd
-import shapely
 from scipy import fft
 from scipy.stats import norm
 
 from agbcube._store import cube_crs, open_cube
-from agbcube.chips import grid_centres_m, grid_of, local_metric_crs
+from agbcube.chips import grid_box, grid_centres_m, grid_of, local_metric_crs
+from agbcube.train.intervals import has_spread, row_scales
 
 __all__ = [
     "BLOCK_KM2",
@@ -80,10 +80,9 @@ def metric_grid(
     columns; the pixel size is measured at the grid's centre, in ``metric`` (default the UTM
     zone of the grid's centre).
     """
-    x0, dx, y0, dy = origin
     h, w = shape
     if metric is None:
-        box = shapely.box(x0, y0 + h * dy, x0 + w * dx, y0)
+        box = grid_box(origin, shape)
         metric = local_metric_crs(gpd.GeoSeries([box], crs=crs).to_crs(4326))
     r, c = np.array([h // 2, h // 2, h // 2 + 1]), np.array([w // 2, w // 2 + 1, w // 2])
     xy = grid_centres_m(origin, crs, r, c, metric)
@@ -96,12 +95,6 @@ def metric_grid(
 # the error model
 
 
-def _scale(frame: pd.DataFrame, beta: float) -> np.ndarray:
-    if not _scaled(frame):
-        return np.ones(len(frame))
-    return np.nan_to_num(frame["agb_std"].to_numpy(np.float64), nan=0.0) + beta
-
-
 def _unique_pixels(frame: pd.DataFrame) -> pd.DataFrame:
     """One row per pixel (overlapping test chips predict some twice: their mean)."""
     cols = ["site", "fold", "row", "col"]
@@ -112,7 +105,7 @@ def _unique_pixels(frame: pd.DataFrame) -> pd.DataFrame:
 def _pair_sums(frame: pd.DataFrame, beta: float, edges: np.ndarray, seed: int) -> dict[str, Any]:
     """Per distance bin, the sum of ``z_i z_j`` and the number of pairs among a sample of one
     (site, fold)'s test pixels; with their ``Σ z²`` and count (for ``σ²``)."""
-    z = (frame["agb_pred"] - frame["agb_true"]).to_numpy(np.float64) / _scale(frame, beta)
+    z = (frame["agb_pred"] - frame["agb_true"]).to_numpy(np.float64) / row_scales(frame, beta)
     xy = frame[["x_m", "y_m"]].to_numpy(np.float64)
     rng = np.random.default_rng(seed)
     pick = rng.choice(len(z), size=min(_PIXELS_PER_GROUP, len(z)), replace=False)
@@ -202,13 +195,24 @@ def fit_error_model(pixels: pd.DataFrame, beta: float, *, seed: int = 0) -> dict
         without a spread), and the empirical bins (``bins_m``, ``k``, ``n_pairs``).
     """
     frame = _unique_pixels(pixels)
+    return _site_models(frame, beta, seed)[0]
+
+
+def _site_models(
+    frame: pd.DataFrame, beta: float, seed: int = 0
+) -> tuple[dict[str, Any], dict[Any, dict[str, Any]]]:
+    """The error model of ``frame``'s unique pixels, and each fold's from the other folds'
+    pixels only (cross-fitted), all from one set of pair sums."""
     edges, sums = _sums_by_group(frame, beta, seed)
-    return {**_fit(list(sums.values()), edges), "beta": float(beta), "scaled": _scaled(frame)}
 
+    def model(groups: list[dict[str, Any]]) -> dict[str, Any]:
+        return {**_fit(groups, edges), "beta": float(beta), "scaled": has_spread(frame)}
 
-def _scaled(frame: pd.DataFrame) -> bool:
-    """Whether the errors were scaled by a spread (else ``w = 1``: one member, the baseline)."""
-    return "agb_std" in frame and bool(np.isfinite(frame["agb_std"]).any())
+    folds = {fold for _, fold in sums}
+    held_out = {
+        k: model([s for (_, fold), s in sums.items() if fold != k]) for k in folds if len(folds) > 1
+    }
+    return model(list(sums.values())), held_out
 
 
 def _sums_by_group(
@@ -292,7 +296,7 @@ def _block_error(block: pd.DataFrame, model: dict[str, Any], grid: dict[str, Any
     rows = block["row"].to_numpy() - block["row"].min()
     cols = block["col"].to_numpy() - block["col"].min()
     scale = np.full((rows.max() + 1, cols.max() + 1), np.nan)
-    scale[rows, cols] = _scale(block, model["beta"])
+    scale[rows, cols] = row_scales(block, model["beta"])
     v = area_mean_variance(scale, grid["dx_m"], grid["dy_m"], model)
     err = float((block["agb_pred"] - block["agb_true"]).mean())
     return err, v["variance"], v["naive_variance"]
@@ -313,15 +317,20 @@ def block_coverage(
     ``pixels`` as `fit_error_model` takes them; ``betas`` and ``grids`` (`metric_grid`) per site.
     """
     frame = _unique_pixels(pixels)
+    held_out = {site: _site_models(g, betas[str(site)])[1] for site, g in frame.groupby("site")}
+    return _coverage(frame, held_out, grids, level, sizes_km2)
+
+
+def _coverage(
+    frame: pd.DataFrame,
+    held_out: dict[Any, dict[Any, dict[str, Any]]],
+    grids: dict[str, dict[str, Any]],
+    level: float,
+    sizes_km2: tuple[float, ...],
+) -> dict[str, Any]:
+    """`block_coverage` of unique pixels, given each site's fold-out models."""
     z = float(norm.ppf(0.5 + level / 2))
-    models = {}
-    for site, g in frame.groupby("site"):
-        beta = betas[str(site)]
-        edges, sums = _sums_by_group(g, beta)  # once; each fold's model from the others'
-        for k in np.unique(g["fold"]):
-            others = [s for (_, fold), s in sums.items() if fold != k]
-            if others:
-                models[site, k] = {**_fit(others, edges), "beta": float(beta)}
+    models = {(site, k): m for site, folds in held_out.items() for k, m in folds.items()}
     out: dict[str, Any] = {"level": level}
     for size in sizes_km2:
         side = 1000.0 * np.sqrt(size)
@@ -385,11 +394,14 @@ def area_metrics(
     """The error model of an area's mean (pooled, as a new area's maps use it, and per site)
     and the cross-fitted coverage of its 95 % intervals on squares over the test folds."""
     betas = {site: float(c["beta"]) for site, c in cal["per_site"].items()}
+    frame = _unique_pixels(pixels)
+    # each site's model and its fold-out models (the check's) from one set of pair sums
+    sites = {site: _site_models(g, betas[str(site)]) for site, g in frame.groupby("site")}
     return {
-        "pooled": fit_error_model(pixels, float(cal["beta"])),
-        "per_site": {
-            str(site): fit_error_model(g, betas[str(site)]) for site, g in pixels.groupby("site")
-        },
+        "pooled": _site_models(frame, float(cal["beta"]))[0],
+        "per_site": {str(site): full for site, (full, _) in sites.items()},
         "pixel_m": {s: [round(g["dx_m"], 3), round(g["dy_m"], 3)] for s, g in grids.items()},
-        "blocks": block_coverage(pixels, betas, grids),
+        "blocks": _coverage(
+            frame, {s: held for s, (_, held) in sites.items()}, grids, 0.95, BLOCK_KM2
+        ),
     }

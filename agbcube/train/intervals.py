@@ -28,7 +28,15 @@ import numpy as np
 import pandas as pd
 from scipy.stats import norm
 
-__all__ = ["LEVELS", "calibrate", "conformal_quantile", "interval_metrics", "nominal_coverage"]
+__all__ = [
+    "LEVELS",
+    "calibrate",
+    "conformal_quantile",
+    "has_spread",
+    "interval_metrics",
+    "nominal_coverage",
+    "row_scales",
+]
 
 LEVELS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 """The levels of the reliability curve (nominal against observed coverage)."""
@@ -66,6 +74,18 @@ def _spread(frame: pd.DataFrame) -> np.ndarray | None:
     if "agb_std" not in frame or not np.isfinite(frame["agb_std"]).any():
         return None
     return frame["agb_std"].to_numpy(np.float64)
+
+
+def has_spread(frame: pd.DataFrame) -> bool:
+    """Whether ``frame``'s rows have an ensemble spread to scale (else one width)."""
+    return _spread(frame) is not None
+
+
+def row_scales(frame: pd.DataFrame, beta: float) -> np.ndarray:
+    """Each row's interval scale: its spread + ``beta`` (a missing spread counted as 0), or 1
+    for every row without a spread."""
+    spread = _spread(frame)
+    return np.ones(len(frame)) if spread is None else np.nan_to_num(spread, nan=0.0) + beta
 
 
 def _scaled_by(spread: np.ndarray | None) -> str:
