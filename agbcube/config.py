@@ -588,6 +588,15 @@ class TrainConfig(_Section):
         description="'auto', 'cpu', 'cuda' or 'cuda:N' ('gpu' is read as 'cuda').",
         **_DATA,
     )
+    compile: Literal["auto"] | bool = Field(
+        default="auto",
+        description="torch.compile the model's training steps (inductor; on the CPU it "
+        "generates C++ and needs a C++ compiler). The compile (10-25 s) is paid about once per "
+        "process; compiled steps round differently from eager ones, as another thread count "
+        "does. 'auto': on the CPU where a C++ compiler is found, for fits of at least "
+        "10 000 chip-steps (training chips × epochs); not on a GPU, where it is unmeasured.",
+        **_DATA,
+    )
     output: Path = Field(
         default=Path("runs/train"), validate_default=True, description="Run directory.", **_DATA
     )

@@ -9,12 +9,15 @@ reported apart):
 * ``eager``: the loop as it is (AdamW's default implementation on this device);
 * ``foreach`` / ``fused``: AdamW's multi-tensor and fused kernels;
 * ``compile``: ``torch.compile`` of the model (inductor; C++/OpenMP on the CPU), with fused AdamW;
-* ``eval no_grad`` / ``eval inference_mode``: a validation pass (batch 512) under each mode.
+* ``eval no_grad`` / ``eval inference_mode``: a validation pass (batch 512) under each mode;
+* ``eval inference_mode, batch N``: the same pass in batches of N (``--eval-batches``).
 
 Usage::
 
-    python bench/step_levers.py [--device cpu] [--seconds 8] [--repeats 2] [--only eager fused]
-        [--results bench/results/step_levers.json]
+    python bench/step_levers.py [--config configs/fast.yaml] [--device cpu] [--seconds 8]
+        [--repeats 2] [--only eager fused] [--results bench/results/step_levers.json]
+
+``--config``: the model of a config's ``train`` section (default: the defaults').
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import machine
 
-from agbcube.config import TrainConfig
+from agbcube.config import TrainConfig, load_config
 from agbcube.train.loop import build_model
 from agbcube.train.plan import resolve_device
 
@@ -87,8 +90,11 @@ def train_rate(variant: dict, cfg: TrainConfig, device: torch.device, args: Any)
     return {"chips_per_s": round(rate, 1), "warmup_s": round(warmup, 2)}
 
 
-def eval_rate(mode: str, cfg: TrainConfig, device: torch.device, args: Any) -> dict:
-    """Chips/s of a validation pass (batch 512) under ``torch.no_grad`` or ``inference_mode``."""
+def eval_rate(
+    mode: str, cfg: TrainConfig, device: torch.device, args: Any, batch: int = 512
+) -> dict:
+    """Chips/s of a validation pass over 512 chips in batches of ``batch``, under
+    ``torch.no_grad`` or ``inference_mode``."""
     torch.manual_seed(0)
     size = CHIP + 2 * cfg.reach_px
     model = build_model(cfg, BANDS, size).to(device).eval()
@@ -97,7 +103,8 @@ def eval_rate(mode: str, cfg: TrainConfig, device: torch.device, args: Any) -> d
 
     def step() -> None:
         with context():
-            model(x)
+            for start in range(0, 512, batch):
+                model(x[start : start + batch])
 
     step()
     return {"chips_per_s": round(_timed(step, device, args.seconds, args.repeats) * 512, 1)}
@@ -105,14 +112,16 @@ def eval_rate(mode: str, cfg: TrainConfig, device: torch.device, args: Any) -> d
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--only", nargs="*", default=None)
+    parser.add_argument("--eval-batches", nargs="*", type=int, default=[16, 64, 128])
     parser.add_argument("--results", type=Path, default=Path("bench/results/step_levers.json"))
     args = parser.parse_args()
     device = resolve_device(args.device)
-    cfg = TrainConfig()
+    cfg = load_config(args.config).train if args.config else TrainConfig()
     results: dict[str, Any] = {}
     for name, variant in TRAIN_VARIANTS.items():
         if args.only is None or name in args.only:
@@ -122,7 +131,16 @@ def main() -> None:
         if args.only is None or f"eval_{mode}" in args.only:
             results[f"eval {mode}"] = eval_rate(mode, cfg, device, args)
             print(f"eval {mode}", results[f"eval {mode}"], flush=True)
-    out = {"machine": machine(device=str(device), torch=torch.__version__), "results": results}
+    for batch in args.eval_batches:
+        name = f"eval inference_mode, batch {batch}"
+        if args.only is None or "eval_batch" in args.only:
+            results[name] = eval_rate("inference_mode", cfg, device, args, batch)
+            print(name, results[name], flush=True)
+    out = {
+        "machine": machine(device=str(device), torch=torch.__version__),
+        "config": str(args.config) if args.config else "defaults",
+        "results": results,
+    }
     args.results.write_text(json.dumps(out, indent=1))
 
 

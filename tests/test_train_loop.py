@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 import numpy as np
 import pytest
@@ -197,3 +198,95 @@ def test_a_damaged_checkpoint_is_named_with_what_to_do(tmp_path):
     _fit(other, x, y, checkpoint=tmp_path / "b.pt")
     with pytest.raises(TrainingError, match=r"b.pt cannot be resumed from \(RuntimeError"):
         _fit(cfg, x, y, checkpoint=tmp_path / "b.pt", resume=True)
+
+
+def _stop_at_epoch(cfg, x, y, checkpoint, epoch):
+    logger = logging.getLogger("agbcube.train.loop")
+    handler, level = _StopAtEpoch(epoch), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        with pytest.raises(_Stop):
+            _fit(cfg, x, y, checkpoint=checkpoint)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def test_a_compiled_fit_trains_compiled_learns_as_eager_and_resumes_bit_for_bit(
+    tmp_path, monkeypatch
+):
+    """`compile: true` runs the full batches through torch.compile (the smaller last batch
+    eagerly, so one shape compiles once); its losses follow the eager fit's (dropout draws
+    and sums round differently), and a
+    compiled fit stopped and resumed ends with the weights of one that was not. Without
+    dropout (which draws from inductor's own stream when compiled) the compiled fit follows
+    the eager one up to rounding."""
+    import agbcube.train.loop as loop
+
+    calls = {"compiled": 0}
+    real = torch.compile
+
+    def counting(model):
+        compiled = real(model)
+
+        def forward(x):
+            calls["compiled"] += 1
+            return compiled(x)
+
+        return forward
+
+    monkeypatch.setattr(loop.torch, "compile", counting)
+    x, y = _toy(n=46)  # 32 training chips in batches of 10: 3 full, one of 2
+    cfg = _cfg(epochs=4, batch_size=10, compile=True)
+    full, _, _ = _fit(cfg, x, y, checkpoint=tmp_path / "a.pt")
+    assert calls["compiled"] == 4 * 3
+    plain = dict(epochs=4, batch_size=10, dropout=0.0)
+    _, compiled, _ = _fit(_cfg(**plain, compile=True), x, y)
+    _, eager, _ = _fit(_cfg(**plain, compile=False), x, y)
+    assert calls["compiled"] == 2 * 4 * 3
+    for a, b in zip(compiled.history, eager.history, strict=True):
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4)
+    _stop_at_epoch(cfg, x, y, tmp_path / "b.pt", 2)
+    resumed, result, _ = _fit(cfg, x, y, checkpoint=tmp_path / "b.pt", resume=True)
+    assert len(result.history) == 4
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_compile_auto_compiles_long_cpu_fits_where_a_compiler_is(monkeypatch):
+    import agbcube.train.loop as loop
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(loop, "_has_cxx", lambda: True)
+    big, small = loop.COMPILE_MIN_STEPS, loop.COMPILE_MIN_STEPS - 1
+    assert loop.uses_compile("auto", cpu, big) is (sys.platform != "win32")
+    assert not loop.uses_compile("auto", cpu, small)
+    assert not loop.uses_compile("auto", gpu, big)  # unmeasured there: only when asked
+    assert loop.uses_compile(True, gpu, 1) and not loop.uses_compile(False, cpu, big)
+    monkeypatch.setattr(loop, "_has_cxx", lambda: False)
+    assert not loop.uses_compile("auto", cpu, big)
+
+
+def test_a_failing_compile_trains_eagerly_under_auto_and_stops_under_true(monkeypatch, caplog):
+    import agbcube.train.loop as loop
+
+    def broken(model):
+        def forward(x):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+
+        return forward
+
+    monkeypatch.setattr(loop.torch, "compile", broken)
+    monkeypatch.setattr(loop, "COMPILE_MIN_STEPS", 0)
+    monkeypatch.setattr(loop, "_has_cxx", lambda: True)
+    x, y = _toy()
+    with caplog.at_level("WARNING", logger="agbcube.train.loop"):
+        auto, _, _ = _fit(_cfg(epochs=2, compile="auto"), x, y)
+    failed = "torch.compile failed (RuntimeError: Invalid"
+    assert sum(failed in r.getMessage() for r in caplog.records) == 1
+    eager, _, _ = _fit(_cfg(epochs=2, compile=False), x, y)
+    for (name, a), b in zip(auto.state_dict().items(), eager.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    with pytest.raises(TrainingError, match=r"train.compile: true, but torch.compile failed"):
+        _fit(_cfg(epochs=2, compile=True), x, y)

@@ -7,6 +7,8 @@ import logging
 import math
 import os
 import pickle
+import shutil
+import sys
 import time
 import warnings
 import zipfile
@@ -29,9 +31,13 @@ from agbcube.train.model import (
     per_sample_loss,
 )
 
-__all__ = ["FitResult", "build_model", "fit", "predict"]
+__all__ = ["FitResult", "build_model", "eval_batch", "fit", "predict", "uses_compile"]
 
 log = logging.getLogger(__name__)
+
+#: Fits of fewer chip-steps (training chips × epochs) train eagerly under ``compile: auto``:
+#: the compile (10-25 s on a 2-core CPU, once per process) would not be repaid.
+COMPILE_MIN_STEPS = 10_000
 
 
 def build_model(
@@ -81,15 +87,24 @@ class FitResult:
     bad_steps: int = 0
 
 
+def eval_batch(device: torch.device) -> int:
+    """Chips per forward pass without gradients: 512 on a GPU; 64 on the CPU, where larger
+    batches fall out of the caches (batches of 16-64 ran 1.4-1.8x as fast as 512 on the
+    default model, BENCHMARKS.md "Faster steps for the same model")."""
+    return 512 if device.type == "cuda" else 64
+
+
 @torch.inference_mode()
 def predict(
-    model: torch.nn.Module, x: torch.Tensor, *, tta: int = 1, batch_size: int = 512
+    model: torch.nn.Module, x: torch.Tensor, *, tta: int = 1, batch_size: int | None = None
 ) -> torch.Tensor:
     """Predictions for standardised inputs, averaged over ``tta`` dihedral transforms.
 
-    Returns ``(n,)`` for the chip head and ``(n, h, w)`` for the dense head.
+    Returns ``(n,)`` for the chip head and ``(n, h, w)`` for the dense head; ``batch_size``
+    defaults to `eval_batch`.
     """
     model.eval()
+    batch_size = batch_size or eval_batch(x.device)
     outs = []
     for start in range(0, x.shape[0], batch_size):
         xb = x[start : start + batch_size]
@@ -109,22 +124,73 @@ def _autocast(device: torch.device, amp: bool):
     return torch.autocast("cpu", enabled=False)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def _per_sample(model: torch.nn.Module, data: Any, kind: str, delta: float, amp: bool):
     """Loss of every chip in one batched pass (for hard-negative mining and validation)."""
     model.eval()
     losses = torch.full((len(data),), float("nan"), device=data.device)
-    for x, y, idx in data.iterate(torch.arange(len(data)), 512):  # any order: idx says which
+    order = torch.arange(len(data))
+    for x, y, idx in data.iterate(order, eval_batch(data.device)):  # idx says which
         with _autocast(x.device, amp):
             pred = model(x.contiguous()).float()
         losses[idx] = per_sample_loss(pred, y, kind=kind, delta=delta)
     return losses
 
 
+def _has_cxx() -> bool:
+    return any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c)
+
+
+def uses_compile(setting: str | bool, device: torch.device, steps: int) -> bool:
+    """Whether a fit of ``steps`` chip-steps on ``device`` trains compiled under
+    ``train.compile`` = ``setting`` (see `TrainConfig`; ``"auto"``: on a CPU with a C++
+    compiler, not on Windows, from `COMPILE_MIN_STEPS`)."""
+    if setting != "auto":
+        return bool(setting)
+    return (
+        device.type == "cpu"
+        and sys.platform != "win32"
+        and steps >= COMPILE_MIN_STEPS
+        and _has_cxx()
+    )
+
+
+class _Forward:
+    """The training forward: ``torch.compile``'d for full batches where `uses_compile` says
+    so, eager for a pass's last, smaller batch (one batch shape, one compile; the compiled and
+    the eager module share their weights). Where compiling fails, ``compile: auto`` warns once
+    and trains eagerly; ``compile: true`` stops with the reason."""
+
+    def __init__(self, model: torch.nn.Module, cfg: Any, device: torch.device, steps: int):
+        self.model, self.batch, self.setting = model, cfg.batch_size, cfg.compile
+        compiled = uses_compile(cfg.compile, device, steps)
+        self.compiled = torch.compile(model) if compiled else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.compiled is None or x.shape[0] != self.batch:
+            return self.model(x)
+        try:
+            return self.compiled(x)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as err:  # a compiler missing or failing: not the model's fault
+            why = f"{type(err).__name__}: {one_line(err, 240)}"
+            if self.setting is True:
+                raise TrainingError(
+                    f"train.compile: true, but torch.compile failed ({why}); install a C++ "
+                    "compiler (CPU) or set train.compile: auto or false"
+                ) from err
+            log.warning("torch.compile failed (%s); training eagerly (train.compile)", why)
+            self.compiled = None
+            return self.model(x)
+
+
 class _Fit:
     """One model's training state: optimiser, schedule, generators and early stopping."""
 
-    def __init__(self, model: torch.nn.Module, cfg: Any, n_epochs: int, seed: int) -> None:
+    def __init__(
+        self, model: torch.nn.Module, cfg: Any, n_epochs: int, seed: int, train: Any
+    ) -> None:
         self.model, self.cfg, self.n_epochs = model, cfg, n_epochs
         self.opt = torch.optim.AdamW(
             model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay
@@ -136,6 +202,7 @@ class _Fit:
         self.result = FitResult()
         self.best, self.wait, self.start = math.inf, 0, 0
         self.bad_run = 0  # consecutive non-finite losses, across epochs
+        self.forward = _Forward(model, cfg, train.device, len(train) * n_epochs)
 
     def state(self, epoch: int, device: torch.device) -> dict[str, Any]:
         return {
@@ -253,7 +320,7 @@ def _train_epoch(
         xb = xb.contiguous()
         try:
             with _autocast(device, cfg.amp):
-                pred = model(xb).float()
+                pred = fit_.forward(xb).float()
         except torch.OutOfMemoryError as err:
             raise TrainingError(
                 f"{label}: out of {device.type} memory at train.batch_size={cfg.batch_size} "
@@ -336,7 +403,7 @@ def fit(
         ``cfg.max_bad_steps`` consecutive non-finite losses before any good epoch.
     """
     device = train.device
-    fit_ = _Fit(model, cfg, int(epochs if epochs is not None else cfg.epochs), seed)
+    fit_ = _Fit(model, cfg, int(epochs if epochs is not None else cfg.epochs), seed, train)
     if resume and checkpoint is not None and checkpoint.exists():
         fit_.restore(checkpoint, device)
     augment = fit_.augmenter(n_spectral)
