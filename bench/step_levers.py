@@ -10,7 +10,10 @@ reported apart):
 * ``foreach`` / ``fused``: AdamW's multi-tensor and fused kernels;
 * ``compile``: ``torch.compile`` of the model (inductor; C++/OpenMP on the CPU), with fused AdamW;
 * ``eval no_grad`` / ``eval inference_mode``: a validation pass (batch 512) under each mode;
-* ``eval inference_mode, batch N``: the same pass in batches of N (``--eval-batches``).
+* ``eval inference_mode, batch N``: the same pass in batches of N (``--eval-batches``);
+* ``tta loop`` / ``tta stacked``: test-time augmentation over 4 dihedral transforms of 512
+  chips, as `agbcube.train.loop.predict` runs it (a forward pass per transform, batches of
+  64) or with the transforms stacked into one forward pass (batches of 16 chips × 4).
 
 Usage::
 
@@ -36,6 +39,7 @@ from _harness import machine
 
 from agbcube.config import TrainConfig, load_config
 from agbcube.train.loop import build_model
+from agbcube.train.model import dihedral
 from agbcube.train.plan import resolve_device
 
 BANDS, CHIP = 108 + 2, 24
@@ -110,6 +114,28 @@ def eval_rate(
     return {"chips_per_s": round(_timed(step, device, args.seconds, args.repeats) * 512, 1)}
 
 
+def tta_rate(stacked: bool, cfg: TrainConfig, device: torch.device, args: Any) -> dict:
+    """Chips/s of 4-transform test-time augmentation over 512 chips (see the module doc)."""
+    torch.manual_seed(0)
+    size = CHIP + 2 * cfg.reach_px
+    model = build_model(cfg, BANDS, size).to(device).eval()
+    x = torch.randn(512, BANDS, size, size, device=device)
+    batch = 16 if stacked else 64
+
+    def step() -> None:
+        with torch.inference_mode():
+            for start in range(0, 512, batch):
+                xb = x[start : start + batch]
+                if stacked:
+                    model(torch.cat([dihedral(xb, k) for k in range(4)]))
+                else:
+                    for k in range(4):
+                        model(dihedral(xb, k))
+
+    step()
+    return {"chips_per_s": round(_timed(step, device, args.seconds, args.repeats) * 512, 1)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=None)
@@ -135,6 +161,11 @@ def main() -> None:
         name = f"eval inference_mode, batch {batch}"
         if args.only is None or "eval_batch" in args.only:
             results[name] = eval_rate("inference_mode", cfg, device, args, batch)
+            print(name, results[name], flush=True)
+    for stacked in (False, True):
+        name = "tta stacked" if stacked else "tta loop"
+        if args.only is None or "tta" in args.only:
+            results[name] = tta_rate(stacked, cfg, device, args)
             print(name, results[name], flush=True)
     out = {
         "machine": machine(device=str(device), torch=torch.__version__),

@@ -12,7 +12,10 @@ Usage::
 
     python bench/train_cv.py [--configs configs/benchmark.yaml configs/original.yaml]
         [--device cpu] [--seeds 0] [--output /tmp/agbcube-bench-train] [--rate-only]
-        [--scheduler local --threads-per-task 1]
+        [--scheduler local --threads-per-task 1] [--train compile=false ...]
+
+``--train KEY=VALUE``: a ``train`` setting for every configuration (the value read as YAML),
+e.g. ``--train compile=true`` to time the compiled steps on a GPU.
 
 Writes ``bench/results/train_cv_<device>.json`` (or ``--results``).
 """
@@ -26,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from agbcube.config import TrainConfig, load_config, with_overrides
 from agbcube.train import run_cv
@@ -85,9 +89,11 @@ def time_config(
     epochs: int | None = None,
     scheduler: str | None = None,
     threads_per_task: int | None = None,
+    train: dict | None = None,
 ) -> dict:
     cfg = load_config(path)
-    cfg = cfg.model_copy(update={"train": with_overrides(cfg.train, "train", seed=seed)})
+    tcfg = with_overrides(cfg.train, "train", **{**(train or {}), "seed": seed})
+    cfg = cfg.model_copy(update={"train": tcfg})
     t0 = time.perf_counter()
     metrics = run_cv(
         cfg,
@@ -111,6 +117,7 @@ def time_config(
     tasks = sorted(output.glob("fold_*/*.npz"))
     return {
         "config": str(path),
+        "train": train or {},
         "seed": seed,
         "scheduler": scheduler or "sequential",
         "wall_s": round(wall, 1),
@@ -137,7 +144,9 @@ def main() -> None:
     parser.add_argument("--rate-only", action="store_true", help="only the original's rate")
     parser.add_argument("--scheduler", default=None, help="agbcube train --scheduler")
     parser.add_argument("--threads-per-task", type=int, default=None)
+    parser.add_argument("--train", nargs="*", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
+    train = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.train)}
     device = resolve_device(args.device)
     rate = original_rate(device)
     anchor = ORIGINAL_CPU_S * ORIGINAL_RATE / rate
@@ -155,7 +164,14 @@ def main() -> None:
         for seed in args.seeds:
             out = args.output / f"{Path(path).stem}-{seed}"
             run = time_config(
-                path, args.device, seed, out, args.epochs, args.scheduler, args.threads_per_task
+                path,
+                args.device,
+                seed,
+                out,
+                args.epochs,
+                args.scheduler,
+                args.threads_per_task,
+                train,
             )
             run["vs_original"] = round(run["wall_s"] / anchor, 2)
             if device.type == "cuda":

@@ -278,11 +278,13 @@ def test_a_failing_compile_trains_eagerly_under_auto_and_stops_under_true(monkey
         return forward
 
     monkeypatch.setattr(loop.torch, "compile", broken)
+    monkeypatch.setattr(loop, "_compile_failed", [])
     monkeypatch.setattr(loop, "COMPILE_MIN_STEPS", 0)
     monkeypatch.setattr(loop, "_has_cxx", lambda: True)
     x, y = _toy()
     with caplog.at_level("WARNING", logger="agbcube.train.loop"):
         auto, _, _ = _fit(_cfg(epochs=2, compile="auto"), x, y)
+        _fit(_cfg(epochs=2, compile="auto"), x, y)  # the process's next fit: not tried again
     failed = "torch.compile failed (RuntimeError: Invalid"
     assert sum(failed in r.getMessage() for r in caplog.records) == 1
     eager, _, _ = _fit(_cfg(epochs=2, compile=False), x, y)

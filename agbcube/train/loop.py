@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 #: Fits of fewer chip-steps (training chips × epochs) train eagerly under ``compile: auto``:
 #: the compile (10-25 s on a 2-core CPU, once per process) would not be repaid.
 COMPILE_MIN_STEPS = 10_000
+_compile_failed: list[str] = []  # why torch.compile failed in this process (auto: not again)
 
 
 def build_model(
@@ -144,11 +145,13 @@ def _has_cxx() -> bool:
 def uses_compile(setting: str | bool, device: torch.device, steps: int) -> bool:
     """Whether a fit of ``steps`` chip-steps on ``device`` trains compiled under
     ``train.compile`` = ``setting`` (see `TrainConfig`; ``"auto"``: on a CPU with a C++
-    compiler, not on Windows, from `COMPILE_MIN_STEPS`)."""
+    compiler, not on Windows, from `COMPILE_MIN_STEPS`, and not again in a process where
+    it failed)."""
     if setting != "auto":
         return bool(setting)
     return (
-        device.type == "cpu"
+        not _compile_failed
+        and device.type == "cpu"
         and sys.platform != "win32"
         and steps >= COMPILE_MIN_STEPS
         and _has_cxx()
@@ -159,7 +162,8 @@ class _Forward:
     """The training forward: ``torch.compile``'d for full batches where `uses_compile` says
     so, eager for a pass's last, smaller batch (one batch shape, one compile; the compiled and
     the eager module share their weights). Where compiling fails, ``compile: auto`` warns once
-    and trains eagerly; ``compile: true`` stops with the reason."""
+    and trains eagerly (this fit and the process's next ones); ``compile: true`` stops with
+    the reason."""
 
     def __init__(self, model: torch.nn.Module, cfg: Any, device: torch.device, steps: int):
         self.model, self.batch, self.setting = model, cfg.batch_size, cfg.compile
@@ -181,6 +185,7 @@ class _Forward:
                     "compiler (CPU) or set train.compile: auto or false"
                 ) from err
             log.warning("torch.compile failed (%s); training eagerly (train.compile)", why)
+            _compile_failed.append(why)
             self.compiled = None
             return self.model(x)
 

@@ -8,7 +8,8 @@
 #
 # 1. batches ready for the model against the device-to-device copy rate (bench/streaming.py);
 # 2. the 5-fold CV of train's defaults and of the original protocol, each seed timed and
-#    scored, beside the original pipeline's anchors (bench/train_cv.py).
+#    scored, beside the original pipeline's anchors (bench/train_cv.py);
+# 3. the compiled training step (bench/step_levers.py) and the defaults' CV compiled.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-device-results}
@@ -36,3 +37,13 @@ cp "bench/results/streaming_${DEVICE%%:*}.json" "$OUT/" || true
     "$PY" ../bench/train_cv.py --device "$DEVICE" --configs benchmark.yaml original.yaml \
         --seeds $SEEDS ${EPOCHS:+--epochs $EPOCHS} --output runs --results "$OUT/train_cv.json"
 ) 2>&1 | tee "$OUT/train_cv.log"
+# 3. the training step under torch.compile against eager (compile time apart), then the
+#    defaults' CV with train.compile: true (compile counted in its wall time)
+"$PY" bench/step_levers.py --device "$DEVICE" --seconds 4 --repeats 2 --only eager compile \
+    --results "$OUT/step_levers.json" 2>&1 | tee "$OUT/step_levers.log"
+(
+    cd .device
+    "$PY" ../bench/train_cv.py --device "$DEVICE" --configs benchmark.yaml --seeds 0 \
+        ${EPOCHS:+--epochs $EPOCHS} --train compile=true --output runs-compiled \
+        --results "$OUT/train_cv_compiled.json"
+) 2>&1 | tee "$OUT/train_cv_compiled.log"
