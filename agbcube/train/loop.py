@@ -89,10 +89,10 @@ class FitResult:
 
 
 def eval_batch(device: torch.device) -> int:
-    """Chips per forward pass without gradients: 512 on a GPU; 64 on the CPU, where larger
-    batches fall out of the caches (batches of 16-64 ran 1.4-1.8x as fast as 512 on the
-    default model, BENCHMARKS.md "Faster steps for the same model")."""
-    return 512 if device.type == "cuda" else 64
+    """Chips per forward pass without gradients: 512 on a GPU; 16 on the CPU, where larger
+    batches fall out of the caches (the default model's validation pass ran 1.9x as fast in
+    batches of 16 as of 512, 1.3x as of 64: BENCHMARKS.md "Faster steps for the same model")."""
+    return 512 if device.type == "cuda" else 16
 
 
 @torch.inference_mode()
