@@ -500,6 +500,24 @@ class TrainConfig(_Section):
         "the ensemble's members, so `ensemble: 3` trains it and 2 refits (one refit fewer).",
         **_OPTIM,
     )
+    members: Literal["refit", "branch"] = Field(
+        default="refit",
+        description="With refit: how the members after the first are trained. 'refit': each a "
+        "fresh model for the selected number of epochs (the ensemble costs `ensemble` refits); "
+        "'branch': each continues from member 0's weights with its own seed (sampling, "
+        "augmentation, dropout) for `branch_fraction` of those epochs, the learning rate "
+        "restarted and annealed again (a snapshot of one trajectory per member: a fraction of "
+        "a refit's cost).",
+        **_OPTIM,
+    )
+    branch_fraction: float = Field(
+        default=0.25,
+        gt=0,
+        le=1,
+        description="members: branch: a branch's epochs as a fraction of the selected number "
+        "of epochs (at least one).",
+        **_OPTIM,
+    )
     label_buffer: Literal["chip", "pixel"] = Field(
         default="pixel",
         description="'pixel': also train on the pixels of buffer-ring chips whose centres lie "

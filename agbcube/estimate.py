@@ -38,6 +38,7 @@ from agbcube._store import cube_crs
 from agbcube.chips import grid_box, grid_of, local_metric_crs
 from agbcube.errors import EstimateError, one_line
 from agbcube.train.errorfield import area_mean_variance, metric_grid
+from agbcube.train.intervals import spread_scales
 
 __all__ = [
     "CARBON_FRACTION",
@@ -309,8 +310,8 @@ def _on_map(geom: Any, m: _Map, model: dict[str, Any]) -> dict[str, Any] | None:
         return None
     # the spread the run calibrated (maps from before agb_spread: the members' s.d.)
     spread = window[_SPREAD if _SPREAD in window else "agb_std"]
-    std = np.nan_to_num(spread.values.astype(np.float64), nan=0.0)
-    w = std + model["beta"] if model.get("scaled", True) else 1.0  # as the run fitted it
+    std = spread.values.astype(np.float64) if model.get("scaled", True) else None
+    w = spread_scales(std, model["beta"])  # as the run fitted it
     scale = np.where(mapped, w, np.nan)
     grid = metric_grid(
         (

@@ -24,7 +24,8 @@ Command line
 
     python bench/scaling.py --factors 1,2,4,8,16 --epochs 3
 
-``--stages build`` runs build-cube only. Results go to ``--results`` (default
+``--stages build`` runs build-cube only; ``--plot PNG`` draws each stage's time against the
+chips beside proportional growth. Results go to ``--results`` (default
 ``bench/results/scaling.json``) and a Markdown table is printed.
 """
 
@@ -41,6 +42,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 SITES = ("achanakmar", "betul", "khaoyai")
@@ -185,6 +188,26 @@ def run_factors(bench: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def plot(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Each stage's wall time against the chips, beside the line through the smallest run
+    and the origin (proportional growth: a stage under its line grows less than linearly)."""
+    from agbcube._plot import new_figure, save_figure
+
+    rows = [r for r in rows if "chips" in r]
+    chips = np.array([r["chips"] for r in rows], dtype=float)
+    fig = new_figure((5.5, 4))
+    ax = fig.add_subplot()
+    for stage, colour in (("build_cube", "C0"), ("folds", "C1"), ("train", "C2")):
+        secs = np.array([r[stage]["wall_s"] for r in rows], dtype=float)
+        ax.plot(chips, secs, "o-", color=colour, label=stage.replace("_", "-"))
+        line = np.array([0.0, chips.max()])
+        ax.plot(line, line * secs[0] / chips[0], ":", color=colour, lw=1)
+    ax.set(xlabel="chips", ylabel="wall time (s)", xlim=(0, None), ylim=(0, None))
+    ax.set_title("Stage time against chips (dotted: proportional)", fontsize=10)
+    ax.legend(frameon=False)
+    return save_figure(fig, path, tight=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--factors", default="1,2,4,8,16")
@@ -193,9 +216,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workdir", type=Path, default=Path("/tmp/agbcube-bench-scaling"))
     p.add_argument("--keep", action="store_true")
     p.add_argument("--results", type=Path, default=REPO / "bench" / "results" / "scaling.json")
+    p.add_argument("--plot", type=Path, default=None, help="a PNG of time against chips")
     args = p.parse_args(argv)
     rows = run_factors(bench_factor, args)
     print(table(rows))
+    if args.plot and args.stages == "all":
+        print(f"plot: {plot(rows, args.plot)}")
     print(f"\nresults: {args.results}")
 
 

@@ -164,6 +164,51 @@ def test_the_ensemble_is_the_mean_of_its_members_in_mg_ha(demo_config, demo_fold
     np.testing.assert_allclose(got["agb_pred"].to_numpy(), expect, rtol=1e-5)
 
 
+def test_branch_members_continue_from_member_0_for_a_fraction_of_its_epochs(
+    demo_config, tmp_path, monkeypatch
+):
+    import agbcube.train.tasks as tasks
+    from agbcube.train.modelfile import read_record
+
+    starts, real_fit = {}, tasks.fit
+
+    def fit(model, *args, label, epochs, **kwargs):
+        starts[label] = (copy_state(model), epochs, args[2].hnm_start_epoch)
+        return real_fit(model, *args, label=label, epochs=epochs, **kwargs)
+
+    def copy_state(model):
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    monkeypatch.setattr(tasks, "fit", fit)
+    cfg = _small(
+        demo_config,
+        epochs=6,
+        ensemble=3,
+        baseline="none",
+        members="branch",
+        branch_fraction=0.5,
+        hnm_start_epoch=2,
+    )
+    out = tmp_path / "b"
+    run_cv(cfg, output=out, device="cpu", plots=False)
+    metrics = json.loads((out / "metrics.json").read_text())
+    for k, info in metrics["folds"].items():
+        root = read_record(out / f"fold_{k}" / "model_0.pt")
+        for m in (1, 2):
+            state, epochs, mining_from = starts[f"fold {k} branch_{m} on {info['n_refit']} chips"]
+            for name, value in root["state_dict"].items():  # member 0's final weights
+                torch.testing.assert_close(state[name], value, rtol=0, atol=0)
+            assert epochs == max(1, round(0.5 * info["refit_epochs"])) == info["branch_epochs"]
+            assert mining_from == (0 if info["refit_epochs"] > 2 else 2)  # as member 0 ended
+            branch = read_record(out / f"fold_{k}" / f"model_{m}.pt")
+            assert branch["train"] == root["train"]  # the run's settings, not the branch's
+            assert any(  # trained on from there with its own seed
+                not torch.equal(branch["state_dict"][n], v) for n, v in root["state_dict"].items()
+            )
+        _, fresh, _ = starts[f"fold {k} refit on {info['n_refit']} chips"]
+        assert fresh == info["refit_epochs"] and info["ensemble"] == 3
+
+
 def test_resume_runs_only_missing_tasks_and_ends_identical(demo_config, tmp_path, caplog):
     cfg = _small(demo_config, baseline="none")
     run_cv(cfg, output=tmp_path / "a", device="cpu", plots=False)

@@ -165,6 +165,8 @@ def _cnn_info(
             chosen = load_result(task.result_path(run.run_dir))[0]
             seconds += chosen["seconds"]
         info.update(n_refit=results[-1][0]["n_chips"], refit_epochs=chosen["best_epoch"] + 1)
+        if tcfg.members == "branch" and len(results) > 1:
+            info.update(branch_epochs=results[-1][0]["epochs_run"])
     info.update(
         ensemble=len(results),
         best_epoch=chosen["best_epoch"],

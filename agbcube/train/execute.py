@@ -27,7 +27,7 @@ from agbcube._io import remove_path
 from agbcube._progress import Bar
 from agbcube.errors import AgbcubeError, TrainingError
 from agbcube.train.data import ONE_FIT, run_data
-from agbcube.train.plan import Task, deterministic, is_refit, selection
+from agbcube.train.plan import Task, deterministic, prerequisites
 from agbcube.train.tasks import run_task
 
 __all__ = ["Executor", "InProcess", "describe", "execute", "remove_temporaries"]
@@ -96,10 +96,10 @@ def execute(tasks: list[Task], run_dir: Path, executor: Any, *, tcfg: Any, bar: 
     bar.advance(n_done)
     failures: dict[Task, BaseException] = {}
     with executor.running(run_dir):
+        needed = {t for task in pending for t in prerequisites(tcfg, task)}
         for task in pending:
-            sel = selection(tcfg, task.fold)
-            after = [sel] if is_refit(tcfg, task) and sel in pending else []
-            executor.submit(task, after=after, first=task == sel)
+            after = [t for t in prerequisites(tcfg, task) if t in pending]
+            executor.submit(task, after=after, first=task in needed)
         for task, outcome in executor.outcomes():
             bar.advance()
             if isinstance(outcome, BaseException):
@@ -142,9 +142,9 @@ def _failure(failures: dict[Task, BaseException], tcfg: Any, out: Path, n_tasks:
     """One error naming every failed task and its cause; a bug's stays a bug (exit 1)."""
     parts = []
     for task in sorted(failures):
-        sel = selection(tcfg, task.fold)
-        if is_refit(tcfg, task) and sel in failures:
-            parts.append(f"{describe(task)}: not run, {describe(sel)} failed")
+        failed = [t for t in prerequisites(tcfg, task) if t in failures]
+        if failed:
+            parts.append(f"{describe(task)}: not run, {describe(failed[0])} failed")
         else:
             parts.append(f"{describe(task)}: {cause(failures[task])}")
     message = (

@@ -36,6 +36,7 @@ __all__ = [
     "interval_metrics",
     "nominal_coverage",
     "row_scales",
+    "spread_scales",
 ]
 
 LEVELS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
@@ -81,11 +82,15 @@ def has_spread(frame: pd.DataFrame) -> bool:
     return _spread(frame) is not None
 
 
+def spread_scales(spread: np.ndarray | None, beta: float) -> np.ndarray | float:
+    """The interval scale of values with ``spread``: spread + ``beta`` (a missing spread
+    counted as 0), or 1 without a spread (a model calibrated with one width)."""
+    return 1.0 if spread is None else np.nan_to_num(spread, nan=0.0) + beta
+
+
 def row_scales(frame: pd.DataFrame, beta: float) -> np.ndarray:
-    """Each row's interval scale: its spread + ``beta`` (a missing spread counted as 0), or 1
-    for every row without a spread."""
-    spread = _spread(frame)
-    return np.ones(len(frame)) if spread is None else np.nan_to_num(spread, nan=0.0) + beta
+    """Each row's interval scale (`spread_scales` of its ``agb_std``)."""
+    return np.broadcast_to(spread_scales(_spread(frame), beta), (len(frame),)).copy()
 
 
 def _scaled_by(spread: np.ndarray | None) -> str:

@@ -31,8 +31,10 @@ __all__ = [
     "RunPlan",
     "Task",
     "auto_data_path",
+    "branch_root",
     "make_plan",
     "plan_tasks",
+    "prerequisites",
     "resolve_device",
     "run_folds",
 ]
@@ -97,6 +99,24 @@ def is_refit(tcfg: Any, task: Task) -> bool:
 def selection(tcfg: Any, fold: int) -> Task:
     """The task whose early-stopped fit picks fold ``fold``'s number of refit epochs."""
     return Task(fold, "member", 0) if tcfg.early_stopped_member else Task(fold, "select")
+
+
+def branch_root(tcfg: Any, task: Task) -> Task | None:
+    """The member whose weights a member continues from (``train.members: branch``: member 0
+    of its fold, for members 1 and up), or ``None`` for a member trained from scratch."""
+    if tcfg.members != "branch" or not is_refit(tcfg, task) or task.member == 0:
+        return None
+    return Task(task.fold, "member", 0)
+
+
+def prerequisites(tcfg: Any, task: Task) -> list[Task]:
+    """The tasks whose results a task reads: a refit member's selection (the number of
+    epochs), and a branch member's root (its starting weights)."""
+    if not is_refit(tcfg, task):
+        return []
+    root = branch_root(tcfg, task)
+    needs = [selection(tcfg, task.fold)]
+    return [*needs, root] if root is not None and root not in needs else needs
 
 
 def task_seed(tcfg: Any, task: Task) -> int:

@@ -8,7 +8,9 @@ settings, seed):
   (with ``train.early_stopped_member`` it is member 0 instead, and writes what members do);
 * ``member`` m: one model of fold k's ensemble: with ``train.refit`` a fresh model trained on
   every chip beyond the test buffer for the selected number of epochs, else an early-stopped
-  fit from its own seed. It writes its model file and its test chips' predictions;
+  fit from its own seed; with ``train.members: branch`` members 1 and up continue from member
+  0's weights for a fraction of the epochs (see `TrainConfig`). It writes its model file and
+  its test chips' predictions;
 * ``baseline``: the ``hgb-pixel`` model of fold k, on the same chips;
 * ``random``: the ``hgb-pixel`` model on fold k of a random K-fold of the same chips
   (``train.random_cv``: the leaky figure).
@@ -36,8 +38,8 @@ from agbcube.errors import TrainingError, one_line
 from agbcube.train.baseline import baseline_fold, random_cv_fold
 from agbcube.train.data import FoldData, RunData
 from agbcube.train.loop import build_model, chip_centres_km, fit, predict
-from agbcube.train.modelfile import model_record, save_model
-from agbcube.train.plan import Task, is_refit, selection, task_seed
+from agbcube.train.modelfile import model_record, read_record, save_model
+from agbcube.train.plan import Task, branch_root, is_refit, selection, task_seed
 
 __all__ = ["checkpoint_path", "load_result", "run_task", "test_agb"]
 
@@ -91,26 +93,28 @@ def load_result(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
 
 def _cnn(run: RunData, task: Task, *, resume: bool) -> tuple[dict, dict]:
     """An early-stopped fit (``select``, or a member without refit) or a refit member."""
-    tcfg, dev, k = run.tcfg, run.device, task.fold
+    dev, k = run.device, task.fold
     data = run.fold(k)
-    refit = is_refit(tcfg, task)
+    refit = is_refit(run.tcfg, task)
     if refit:
-        chosen = load_result(selection(tcfg, k).result_path(run.run_dir))[0]
         positions, source, val = data.roles.pool, data.source("pool"), None
-        epochs = int(chosen["best_epoch"]) + 1
+        tcfg, epochs, start = _refit_schedule(run, task)
     else:
         positions, source, val = data.roles.train, data.source("train"), None
         val = data.source("val") if data.roles.val.size else None
-        epochs = run.plan.epochs
+        tcfg, epochs, start = run.tcfg, run.plan.epochs, None
     centres = torch.from_numpy(chip_centres_km(run.folds.iloc[positions])).to(dev)
     seed = task_seed(tcfg, task)
-    label = f"fold {k}" + (f" refit{_suffix(task)} on {positions.size} chips" if refit else "")
+    kind = "branch" if start is not None else "refit"
+    label = f"fold {k}" + (f" {kind}{_suffix(task)} on {positions.size} chips" if refit else "")
     if task.kind == "member" and not refit and task.member:
         label = f"fold {k} member {task.member}"
     checkpoint = checkpoint_path(run.run_dir, task)
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(seed)
         model = build_model(tcfg, data.prep.n_channels, run.geometry.window_px).to(dev)
+        if start is not None:
+            model.load_state_dict(start)
         result = fit(
             model,
             source,
@@ -147,9 +151,28 @@ def _cnn(run: RunData, task: Task, *, resume: bool) -> tuple[dict, dict]:
         return data.prep.target.decode(predict(model, x, tta=tta).cpu().numpy())
 
     pred = data.in_test_order(mg_ha)
-    record = model_record(model, data.prep, tcfg, bands=run.bands, fold=k, member=task.member)
+    record = model_record(model, data.prep, run.tcfg, bands=run.bands, fold=k, member=task.member)
     save_model(task.model_path(run.run_dir), record)
     return {"pred": pred}, summary
+
+
+def _refit_schedule(run: RunData, task: Task) -> tuple[Any, int, dict | None]:
+    """A refit member's settings, epochs and starting weights (``None``: from scratch).
+
+    A branch (``train.members: branch``) starts from its root member's weights and trains
+    ``branch_fraction`` of the selected epochs under a cosine schedule restarted at the
+    learning rate; mining runs from its first epoch where the root's last epochs mined.
+    """
+    tcfg, k = run.tcfg, task.fold
+    chosen = load_result(selection(tcfg, k).result_path(run.run_dir))[0]
+    epochs = int(chosen["best_epoch"]) + 1
+    root = branch_root(tcfg, task)
+    if root is None:
+        return tcfg, epochs, None
+    start = read_record(root.model_path(run.run_dir))["state_dict"]
+    mined = tcfg.hard_negative_mining and epochs > tcfg.hnm_start_epoch
+    branch = tcfg.model_copy(update={"hnm_start_epoch": 0 if mined else tcfg.hnm_start_epoch})
+    return branch, max(1, round(tcfg.branch_fraction * epochs)), start
 
 
 def _suffix(task: Task) -> str:
