@@ -506,8 +506,8 @@ class TrainConfig(_Section):
         "fresh model for the selected number of epochs (the ensemble costs `ensemble` refits); "
         "'branch': each continues from member 0's weights with its own seed (sampling, "
         "augmentation, dropout) for `branch_fraction` of those epochs, the learning rate "
-        "restarted and annealed again (a snapshot of one trajectory per member: a fraction of "
-        "a refit's cost).",
+        "restarted and annealed again (on the benchmark: two thirds of a CV's time, Khaoyai's "
+        "chip R² 0.03 lower; BENCHMARKS.md, 'Ensemble members without extra fits').",
         **_OPTIM,
     )
     branch_fraction: float = Field(
