@@ -17,7 +17,7 @@ generator). Usage::
 
     python bench/streaming.py [--cube cubes/benchmark.zarr] [--site betul] [--bands 59]
 
-Writes ``bench/results/streaming_<device>.json``.
+Writes ``bench/results/streaming_<device>.json`` (or ``--results``).
 """
 
 from __future__ import annotations
@@ -72,6 +72,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=24)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--results", default=None, help="default: bench/results/streaming_<device>.json"
+    )
     args = parser.parse_args()
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -187,7 +190,7 @@ def main() -> None:
     if device.type == "cuda":
         report["share_of_gpu_copy"] = gpu_share
         report["gpu_copy_GB_per_s"] = 2 * gpu_limit * bytes_per_chip / 1e9  # read + write
-    out = ROOT / "bench" / "results" / f"streaming_{device.type}.json"
+    out = Path(args.results or ROOT / "bench" / "results" / f"streaming_{device.type}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     print("| path | chips/s | % of memcpy | × xbatcher in RAM |\n|---|---|---|---|")

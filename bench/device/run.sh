@@ -30,8 +30,8 @@ fi
 export PYTHONUNBUFFERED=1
 { nvidia-smi || true; "$PY" -c "import torch; print(torch.__version__, torch.cuda.is_available())"; } \
     > "$OUT/machine.txt" 2>&1
-"$PY" bench/streaming.py --cube .device/cube.zarr --device "$DEVICE" 2>&1 | tee "$OUT/streaming.log"
-cp "bench/results/streaming_${DEVICE%%:*}.json" "$OUT/" || true
+"$PY" bench/streaming.py --cube .device/cube.zarr --device "$DEVICE" \
+    --results "$OUT/streaming_${DEVICE%%:*}.json" 2>&1 | tee "$OUT/streaming.log"
 (
     cd .device
     "$PY" ../bench/train_cv.py --device "$DEVICE" --configs benchmark.yaml original.yaml \
