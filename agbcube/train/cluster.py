@@ -381,7 +381,7 @@ class ClusterTasks:
             *waits,
             key=f"{task.name}-{self.token}",
             resources=self.resources,
-            priority=1 if first else 0,  # selections first: refits wait on them
+            priority=1 if first else 0,  # what others wait on first (selections, branch roots)
         )
 
     def outcomes(self) -> Iterator[tuple[Any, Any]]:

@@ -1,10 +1,11 @@
 """Running a run's tasks: what is pending and what waits on what, decided in one place.
 
 `execute` takes the plan's tasks, keeps those already done (their result files), submits the
-others to an executor, each with the tasks it waits for (a refit member waits for its fold's
-selection), and follows them as they end: one progress bar, one log line per task, one error
-naming every failed task. Two executors run the same submissions, as scikit-learn runs its fits
-through joblib whatever the backend:
+others to an executor, each with the tasks it waits for (`agbcube.train.plan.prerequisites`:
+a refit member waits for its fold's selection, a branch also for member 0), and follows them
+as they end: one progress bar, one log line per task, one error naming every failed task. Two
+executors run the same submissions, as scikit-learn runs its fits through joblib whatever the
+backend:
 
 * `InProcess`: here, one task after another in plan order; the first failure stops the run
   with the task's own error;
