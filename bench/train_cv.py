@@ -17,7 +17,8 @@ Usage::
 ``--train KEY=VALUE``: a ``train`` setting for every configuration (the value read as YAML),
 e.g. ``--train compile=true`` to time the compiled steps on a GPU.
 
-Writes ``bench/results/train_cv_<device>.json`` (or ``--results``).
+Writes ``bench/results/train_cv_<device>.json`` (or ``--results``), again after each CV, so a
+benchmark stopped part-way keeps the CVs it finished.
 """
 
 from __future__ import annotations
@@ -129,6 +130,13 @@ def time_config(
     }
 
 
+def write_results(path: Path, result: dict) -> None:
+    """Write the results through a temporary file and a rename: never half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -160,6 +168,8 @@ def main() -> None:
         "runs": [],
     }
     print(f"original CNN here: {rate:.0f} samples/s at batch 16 → its CV ≈ {anchor:.0f} s")
+    results = args.results or ROOT / "bench" / "results" / f"train_cv_{device.type}.json"
+    results.parent.mkdir(parents=True, exist_ok=True)
     for path in [] if args.rate_only else args.configs:
         for seed in args.seeds:
             out = args.output / f"{Path(path).stem}-{seed}"
@@ -178,9 +188,8 @@ def main() -> None:
                 run["vs_original_h100"] = round(run["wall_s"] / ORIGINAL_H100_S, 3)
             result["runs"].append(run)
             print(json.dumps(run), flush=True)
-    out = args.results or ROOT / "bench" / "results" / f"train_cv_{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+            write_results(results, result)  # after each CV: a stopped benchmark keeps them
+    write_results(results, result)
     print(json.dumps(result, indent=2))
 
 
