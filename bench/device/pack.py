@@ -44,6 +44,8 @@ WHEELS = [
     "typing-inspection",
 ]
 
+CARRY_LIMIT = 64 * 2**20  # bytes the device tool carries in one call
+
 
 def pack_cube(src: Path, dst: Path) -> None:
     import numcodecs
@@ -120,7 +122,9 @@ def main() -> None:
     parser.add_argument("--no-wheels", action="store_true")
     args = parser.parse_args()
     out = ROOT / ".device"
-    out.mkdir(exist_ok=True)
+    if out.exists():  # a fresh pack: nothing an earlier dry run left adds to the carry
+        shutil.rmtree(out)
+    out.mkdir()
     pack_cube(args.cube, out / "cube.zarr")
     shutil.copyfile(args.folds, out / "folds.parquet")
     write_configs(out)
@@ -128,6 +132,9 @@ def main() -> None:
         download_wheels(ROOT / ".whl")
     size = sum(p.stat().st_size for d in (out, ROOT / ".whl") for p in d.rglob("*") if p.is_file())
     print(f"packed {size / 2**20:.1f} MiB into .device/ and .whl/")
+    if size > CARRY_LIMIT:
+        limit = CARRY_LIMIT // 2**20
+        raise SystemExit(f"that is over the {limit} MiB the device tool carries in one call")
 
 
 if __name__ == "__main__":

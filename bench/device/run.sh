@@ -2,7 +2,8 @@
 # Issue 21's GPU checks in one run on the device machine; results under $OUT.
 #
 # Prepare here (CPU): build the benchmark cube and folds, then `python bench/device/pack.py`
-# (writes .device/ and .whl/, ~60 MiB). Run there with the device tool:
+# (writes .device/ and .whl/, ~56 MiB; it stops if they pass the 64 MiB the device tool
+# carries). Run there with the device tool:
 #   run(command="bash bench/device/run.sh", carry=[".device", ".whl"], timeout_s=540)
 # Test here first, on the CPU and short: `DEVICE=cpu EPOCHS=2 SEEDS=0 bash bench/device/run.sh`.
 #
@@ -20,6 +21,12 @@ PY=${PYTHON:-python3}
 case $PY in */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esac  # the CV runs in .device/
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"  # absolute: the CV runs in .device/
+# the CVs' run folders go outside .device/, so a dry run here leaves nothing to carry there
+# (set RUNS to keep them; a temporary folder is removed at the end)
+if [ -z "${RUNS:-}" ]; then
+    RUNS="$(mktemp -d)"
+    trap 'rm -rf "$RUNS"' EXIT
+fi
 if [ -d .whl ] && [ "$DEVICE" != cpu ]; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl
@@ -35,7 +42,7 @@ export PYTHONUNBUFFERED=1
 (
     cd .device
     "$PY" ../bench/train_cv.py --device "$DEVICE" --configs benchmark.yaml original.yaml \
-        --seeds $SEEDS ${EPOCHS:+--epochs $EPOCHS} --output runs --results "$OUT/train_cv.json"
+        --seeds $SEEDS ${EPOCHS:+--epochs $EPOCHS} --output "$RUNS/runs" --results "$OUT/train_cv.json"
 ) 2>&1 | tee "$OUT/train_cv.log"
 # 3. the training step under torch.compile against eager (compile time apart), then the
 #    defaults' CV with train.compile: true (compile counted in its wall time)
@@ -44,6 +51,6 @@ export PYTHONUNBUFFERED=1
 (
     cd .device
     "$PY" ../bench/train_cv.py --device "$DEVICE" --configs benchmark.yaml --seeds 0 \
-        ${EPOCHS:+--epochs $EPOCHS} --train compile=true --output runs-compiled \
+        ${EPOCHS:+--epochs $EPOCHS} --train compile=true --output "$RUNS/runs-compiled" \
         --results "$OUT/train_cv_compiled.json"
 ) 2>&1 | tee "$OUT/train_cv_compiled.log"
