@@ -498,7 +498,7 @@ class TrainConfig(_Section):
         default=False,
         description="With refit: the early-stopped model that picks the epochs is also one of "
         "the ensemble's members, so `ensemble: 3` trains it and 2 refits (one refit fewer; on "
-        "the benchmark: three quarters of a CV's time, Achanakmar's R² 0.01-0.03 lower; "
+        "the benchmark: three quarters of a CV's time, R² 0.01-0.02 lower at two sites; "
         "BENCHMARKS.md, 'The early-stopping fit as a member').",
         **_OPTIM,
     )
